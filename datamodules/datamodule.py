@@ -1,0 +1,232 @@
+"""``RelevanceDataModule``: one LightningDataModule for the teacher and every student.
+
+It loads a :class:`~datamodules.validation.DataSource` once (validated, split, bucketed), serves
+train/val/test/predict loaders, and tokenizes in the collator with dynamic padding (each batch is
+padded to its own longest sequence, not to ``max_seq_length``).
+
+The tokenizer is bound late with :meth:`RelevanceDataModule.connect`, because it belongs to the
+model: the LightningCLI builds the data module from config, then the model calls
+``datamodule.connect(tokenizer=..., inputs=...)`` in its ``setup``. One data module thus serves a
+cross-encoder (``inputs="pair"``), a two-tower student (``inputs="towers"``) and a causal-LM
+teacher (``inputs="text"``: strings only; the teacher builds its own prompts).
+
+Every batch carries, besides token ids:
+
+=================  ========================  ==============================================
+key                type                      meaning
+=================  ========================  ==============================================
+``example_id``     list[str]                 stable ids (join key for teacher caches)
+``query``          list[str]                 query text
+``item_text``      list[str]                 rendered item (``datamodules.text``)
+``labels``         LongTensor [B]            level, ``-100`` when unlabelled
+``grades``         FloatTensor [B]           raw grade (RMSE target), NaN when unlabelled
+``gains``          FloatTensor [B]           nDCG gain, NaN when unlabelled
+``bucket_ids``     LongTensor [B]            index into ``schema.BUCKETS``
+``query_ids``      LongTensor [B]            dense id of the normalised query (nDCG groups)
+``dim_targets``    LongTensor [B, 5]         verdict index per CoT dimension, ``-100`` unknown
+=================  ========================  ==============================================
+
+``extra_fields`` is the seam for per-example signals joined later (teacher caches): any row key
+named there is collated by stacking into a tensor of the given dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
+from .splits import select_split
+from .text import DEFAULT_ITEM_FIELDS, check_item_fields, render_item
+from .validation import DataSource, LoadReport, load_examples
+
+log = logging.getLogger(__name__)
+
+Inputs = Literal["pair", "towers", "text"]
+_VERDICT_INDEX = {v: i for i, v in enumerate(VERDICTS)}
+_BUCKET_INDEX = {b: i for i, b in enumerate(BUCKETS)}
+
+
+class RelevanceDataset(Dataset):
+    """Rows of one split as plain dicts (picklable, so ``num_workers > 0`` works)."""
+
+    def __init__(self, table: pa.Table, item_fields: Sequence[str], query_index: dict[str, int]):
+        cols = table.to_pydict()
+        self.rows: list[dict[str, Any]] = []
+        for i in range(table.num_rows):
+            r = {k: cols[k][i] for k in cols}
+            item_text, _ = render_item(r, item_fields)
+            self.rows.append({
+                "example_id": r["example_id"],
+                "query": r["query"],
+                "item_text": item_text,
+                "label": r["label"],
+                "grade": r["grade"],
+                "gain": r["gain"],
+                "bucket": r["query_bucket"],
+                "query_id": query_index[normalize_text(r["query"])],
+                "dims": [r.get(f"dim_{d}") for d in DIMENSIONS],
+            })
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+class Collator:
+    """Rows -> batch dict, tokenizing with dynamic padding."""
+
+    def __init__(self, tokenizer: Any = None, max_seq_length: int = 128, inputs: Inputs = "pair",
+                 extra_fields: dict[str, torch.dtype] | None = None):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.inputs = inputs
+        self.extra_fields = dict(extra_fields or {})
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        nan = float("nan")
+        batch: dict[str, Any] = {
+            "example_id": [r["example_id"] for r in rows],
+            "query": [r["query"] for r in rows],
+            "item_text": [r["item_text"] for r in rows],
+            "labels": torch.tensor([-100 if r["label"] is None else r["label"] for r in rows], dtype=torch.long),
+            "grades": torch.tensor([nan if r["grade"] is None else r["grade"] for r in rows], dtype=torch.float32),
+            "gains": torch.tensor([nan if r["gain"] is None else r["gain"] for r in rows], dtype=torch.float32),
+            "bucket_ids": torch.tensor([_BUCKET_INDEX[r["bucket"]] for r in rows], dtype=torch.long),
+            "query_ids": torch.tensor([r["query_id"] for r in rows], dtype=torch.long),
+            "dim_targets": torch.tensor([[_VERDICT_INDEX.get(v, -100) if v else -100 for v in r["dims"]] for r in rows],
+                                        dtype=torch.long),
+        }
+        for name, dtype in self.extra_fields.items():
+            batch[name] = torch.as_tensor([r[name] for r in rows], dtype=dtype)
+        tok = self.tokenizer
+        if tok is None or self.inputs == "text":
+            return batch
+        kw = dict(truncation=True, max_length=self.max_seq_length, padding=True, return_tensors="pt")
+        if self.inputs == "pair":
+            enc = tok(batch["query"], batch["item_text"], **{**kw, "truncation": "only_second"})
+            batch.update({k: v for k, v in enc.items()})
+        elif self.inputs == "towers":
+            q = tok(batch["query"], **kw)
+            d = tok(batch["item_text"], **kw)
+            batch.update({f"query_{k}": v for k, v in q.items()})
+            batch.update({f"item_{k}": v for k, v in d.items()})
+        else:
+            raise ValueError(f"inputs must be pair, towers or text, got {self.inputs!r}")
+        return batch
+
+
+class RelevanceDataModule(L.LightningDataModule):
+    """Relevance examples for every model; see the module docstring for the batch contract.
+
+    Args:
+        source: the dataset: path, preset (mapping + label scheme), reading and error policy, split.
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test/predict batch size (default: ``2 * batch_size``).
+        num_workers: DataLoader worker processes.
+        max_seq_length: token budget of one model input (truncation; padding is dynamic).
+        item_fields: item fields rendered into the item text, in order.
+        inputs: ``pair`` (cross-encoder), ``towers`` (two-tower), ``text`` (no tokenization).
+        predict_split: the split ``predict`` runs over.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_seq_length: int = 128,
+        item_fields: Sequence[str] = DEFAULT_ITEM_FIELDS,
+        inputs: Inputs = "pair",
+        predict_split: Literal["train", "val", "test"] = "test",
+    ):
+        super().__init__()
+        if isinstance(source, dict):
+            source = DataSource(**source)
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        self.source = source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.max_seq_length = max_seq_length
+        self.item_fields = check_item_fields(item_fields)
+        self.inputs = inputs
+        self.predict_split = predict_split
+        self.tokenizer: Any = None
+        self.extra_fields: dict[str, torch.dtype] = {}
+        self.scheme = source.resolved_scheme()
+        self.table: pa.Table | None = None
+        self.report: LoadReport | None = None
+        self.datasets: dict[str, RelevanceDataset] = {}
+
+    # Late binding -----------------------------------------------------------------------------
+    def connect(self, tokenizer: Any = None, batch_size: int | None = None, max_seq_length: int | None = None,
+                inputs: Inputs | None = None) -> None:
+        """Bind what the model knows and the config does not: its tokenizer and input layout."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if batch_size is not None:
+            self.batch_size = batch_size
+        if max_seq_length is not None:
+            self.max_seq_length = max_seq_length
+        if inputs is not None:
+            self.inputs = inputs
+
+    @property
+    def num_levels(self) -> int:
+        return self.scheme.num_levels
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return self.scheme.level_names
+
+    # Lifecycle ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is None:
+            self.table, self.report = load_examples(self.source)
+            for w in self.report.warnings:
+                log.warning(w)
+            queries = sorted({normalize_text(q) for q in self.table.column("query").to_pylist()})
+            self._query_index = {q: i for i, q in enumerate(queries)}
+        for split in ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index)
+
+    def collator(self) -> Collator:
+        return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        ds = self.datasets[split]
+        if len(ds) == 0:
+            raise ValueError(f"{self.source.path}: the {split} split is empty; check split fractions")
+        bs = self.batch_size if train else (self.eval_batch_size or 2 * self.batch_size)
+        return DataLoader(ds, batch_size=bs, shuffle=train, num_workers=self.num_workers, collate_fn=self.collator(),
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, False)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
