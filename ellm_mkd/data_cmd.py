@@ -52,7 +52,7 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def check(argv: list[str]) -> int:
     parser = _check_parser()
     cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     src_kwargs = {f.name: init[f.name] for f in dataclasses.fields(DataSource) if f.name != "path" and f.name in init}
     source = DataSource(path=cfg.path, **src_kwargs)
     try:
@@ -92,7 +92,7 @@ def synth(argv: list[str]) -> int:
 
     parser = _synth_parser()
     cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     config = SynthConfig(**{f.name: init[f.name] for f in dataclasses.fields(SynthConfig) if f.name in init})
     try:
         summary = write(cfg.out, config, overwrite=cfg.overwrite)

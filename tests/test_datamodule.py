@@ -1,0 +1,93 @@
+"""RelevanceDataModule: late-bound tokenizer, dynamic padding, input layouts, workers, batch contract."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from datamodules.datamodule import RelevanceDataModule
+from datamodules.schema import BUCKETS, DIMENSIONS, VERDICTS
+from datamodules.text import render_item
+from datamodules.validation import DataSource
+
+
+def make_dm(synth_dir, **kw) -> RelevanceDataModule:
+    dm = RelevanceDataModule(DataSource(path=str(synth_dir)), batch_size=8, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_setup_reads_example_dir_with_its_splits(synth_dir):
+    dm = make_dm(synth_dir)
+    assert dm.num_levels == 4 and dm.level_names[-1] == "exact"
+    for split in ("train", "val", "test"):
+        ids = set(pq.read_table(synth_dir / f"{split}.parquet").column("example_id").to_pylist())
+        assert {r["example_id"] for r in dm.datasets[split].rows} == ids
+    assert len(dm.datasets["train"]) > len(dm.datasets["test"]) > 0
+
+
+def test_batch_without_tokenizer_carries_the_contract(synth_dir):
+    dm = make_dm(synth_dir)
+    batch = next(iter(dm.val_dataloader()))
+    n = len(batch["example_id"])
+    assert n == 16  # eval batch = 2 x batch_size
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (n,)
+    assert batch["grades"].dtype == torch.float32 and torch.equal(batch["grades"], batch["labels"].float())
+    assert batch["dim_targets"].shape == (n, len(DIMENSIONS))
+    assert ((batch["dim_targets"] >= 0) & (batch["dim_targets"] < len(VERDICTS))).all()  # synth knows every dim
+    assert ((batch["bucket_ids"] >= 0) & (batch["bucket_ids"] < len(BUCKETS))).all()
+    assert "input_ids" not in batch
+    # the rows of the batch are the rows of the file, with item text rendered from their fields
+    table = {r["example_id"]: r for r in pq.read_table(synth_dir / "val.parquet").to_pylist()}
+    for eid, q, text, lab in zip(batch["example_id"], batch["query"], batch["item_text"], batch["labels"].tolist()):
+        assert table[eid]["query"] == q and table[eid]["label"] == lab
+        assert text == render_item(table[eid], dm.item_fields)[0]
+
+
+def test_pair_inputs_are_dynamically_padded(synth_dir, minilm_tokenizer):
+    dm = make_dm(synth_dir, max_seq_length=256)
+    dm.connect(tokenizer=minilm_tokenizer, inputs="pair")
+    batch = next(iter(dm.train_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    longest = int(mask.sum(1).max())
+    assert ids.shape[1] == longest < 256  # padded to the batch's longest, not to max_seq_length
+    assert (batch["token_type_ids"].max() == 1)  # query and item segments
+    dm.connect(max_seq_length=24)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[1] <= 24
+    # truncation cut the item, never the query
+    first = minilm_tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert first.startswith(minilm_tokenizer.decode(minilm_tokenizer(batch["query"][0])["input_ids"], skip_special_tokens=True))
+
+
+def test_tower_and_text_inputs(synth_dir, minilm_tokenizer):
+    dm = make_dm(synth_dir)
+    dm.connect(tokenizer=minilm_tokenizer, inputs="towers")
+    b = next(iter(dm.test_dataloader()))
+    assert {"query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask"} <= set(b)
+    assert b["query_input_ids"].shape[0] == b["item_input_ids"].shape[0] == len(b["example_id"])
+    dm.connect(inputs="text")
+    b = next(iter(dm.test_dataloader()))
+    assert "input_ids" not in b and "query_input_ids" not in b
+
+
+def test_workers_and_extra_fields(synth_dir, minilm_tokenizer):
+    dm = make_dm(synth_dir, num_workers=2)
+    dm.connect(tokenizer=minilm_tokenizer)
+    for r in dm.datasets["train"].rows:
+        r["teacher_probs"] = [0.1, 0.2, 0.3, 0.4]
+    dm.extra_fields["teacher_probs"] = torch.float32
+    seen = 0
+    for batch in dm.train_dataloader():
+        assert batch["teacher_probs"].shape == (len(batch["example_id"]), 4)
+        seen += len(batch["example_id"])
+    assert seen == len(dm.datasets["train"])
+
+
+def test_empty_split_and_bad_fields_are_clear(synth_dir):
+    with pytest.raises(ValueError, match="unknown item field"):
+        RelevanceDataModule(DataSource(path=str(synth_dir)), item_fields=["title", "price"])
+    dm = RelevanceDataModule(DataSource(path=str(synth_dir)))
+    with pytest.raises(RuntimeError, match="setup"):
+        dm.train_dataloader()
