@@ -29,7 +29,8 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     data_dir = Path(out) / "data"
     print(f"[1/2] synthetic catalog -> {data_dir}  (scale {scale}, seed {seed})", flush=True)
     summary = write(data_dir, SynthConfig(seed=seed, **SCALES[scale]), overwrite=True)
-    print(f"      {summary.get('rows', summary.get('num_examples', '?'))} examples written", flush=True)
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"      {counts}", flush=True)
     print(f"[2/2] data check {data_dir}", flush=True)
     rc = check([str(data_dir), "--json", str(Path(out) / "data_check.json")])
     print(f"\ndemo finished in {time.time() - t0:.1f} s; outputs under {out}/ (data/, data_check.json)")
