@@ -137,6 +137,8 @@ class RelevanceDataModule(L.LightningDataModule):
         item_fields: item fields rendered into the item text, in order.
         inputs: ``pair`` (cross-encoder), ``towers`` (two-tower), ``text`` (no tokenization).
         predict_split: the split ``predict`` runs over.
+        relevant_level: first level that counts as relevant for AUC (default: the top level).
+            Home Depot with cut points (2.0, 2.5): level 2, i.e. mean grade >= 2.5.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class RelevanceDataModule(L.LightningDataModule):
         item_fields: Sequence[str] = DEFAULT_ITEM_FIELDS,
         inputs: Inputs = "pair",
         predict_split: Literal["train", "val", "test"] = "test",
+        relevant_level: int | None = None,
     ):
         super().__init__()
         if isinstance(source, dict):
@@ -166,6 +169,10 @@ class RelevanceDataModule(L.LightningDataModule):
         self.tokenizer: Any = None
         self.extra_fields: dict[str, torch.dtype] = {}
         self.scheme = source.resolved_scheme()
+        k = self.scheme.num_levels
+        self.relevant_level = k - 1 if relevant_level is None else relevant_level
+        if not 0 < self.relevant_level < k:
+            raise ValueError(f"relevant_level must be in 1..{k - 1} for a {k}-level scheme, got {relevant_level}")
         self.table: pa.Table | None = None
         self.report: LoadReport | None = None
         self.datasets: dict[str, RelevanceDataset] = {}
@@ -190,6 +197,17 @@ class RelevanceDataModule(L.LightningDataModule):
     @property
     def level_names(self) -> tuple[str, ...]:
         return self.scheme.level_names
+
+    def level_grade_means(self) -> list[float]:
+        """Mean raw grade of each level in the training split (a level with no rows: its index)."""
+        self.setup("fit")
+        sums = [0.0] * self.num_levels
+        counts = [0] * self.num_levels
+        for r in self.datasets["train"].rows:
+            if r["label"] is not None and r["grade"] is not None:
+                sums[r["label"]] += r["grade"]
+                counts[r["label"]] += 1
+        return [sums[k] / counts[k] if counts[k] else float(k) for k in range(self.num_levels)]
 
     # Lifecycle ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -1,0 +1,303 @@
+"""What every relevance student shares: heads, loss terms, optimisation, evaluation, logging.
+
+A student subclass implements :meth:`RelevanceStudent.encode_batch`, which returns the pair
+representation ``[B, H]`` (plus optional extras such as token scores); this class turns it into
+
+* ``level_logits [B, K]`` through the level head,
+* ``expected_grade [B]`` = sum_k p_k * g_k, with ``g_k`` the mean raw grade of level ``k`` in the
+  training data (a buffer, so it travels with the checkpoint),
+* ``dim_logits [B, D, V]`` through one small head per chain-of-thought dimension
+  (D = 5 dimensions, V = 4 verdicts), so the served model can say *why*.
+
+Loss terms (each logged on its own as ``train/loss/<name>``), summed with their weights:
+
+``hard``   cross-entropy of the level head against the labels (``w_hard``);
+``grade``  squared error of the expected grade against the raw grade, scaled to [0, 1] by the
+           grade range (``w_grade``): the term that makes RMSE an objective, not a side effect;
+``dim``    cross-entropy of each dimension head against the known verdicts (``w_dim``);
+           rows whose verdict is unknown (-100) do not count.
+
+Callbacks that define ``loss_terms(pl_module, batch, output) -> dict[str, Tensor]`` (weighted
+already) add their terms to the same sum; this is how distillation plugs in without the student
+knowing the teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.schema import DIMENSIONS, VERDICTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudentOutput:
+    """What a student computes for a batch."""
+
+    level_logits: Tensor  # [B, K]
+    expected_grade: Tensor  # [B]
+    dim_logits: Tensor  # [B, D, V]
+    pair_embedding: Tensor  # [B, H]
+    extras: dict[str, Tensor] = field(default_factory=dict)  # e.g. token scores, pooling weights
+
+    @property
+    def probs(self) -> Tensor:
+        return self.level_logits.float().softmax(-1)
+
+
+class RelevanceStudent(L.LightningModule):
+    """Base class of the students (not used directly). See the module docstring.
+
+    Args:
+        encoder: bundled name (``minilm-l6``), local Hugging Face directory, or hub id.
+        num_levels: relevance levels K (linked from the data module by the CLI).
+        relevant_level: first level counted as relevant for AUC (linked from the data module).
+        level_grades: raw grade of each level for the expected grade; default: the mean grade of
+            each level in the training split, measured at fit start.
+        head_dropout: dropout before the heads.
+        lr: peak learning rate of the encoder.
+        head_lr: peak learning rate of the heads (default: ``lr``).
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        warmup_ratio: share of training steps of linear warm-up.
+        scheduler: decay after warm-up: ``linear``, ``cosine`` or ``constant``.
+        w_hard, w_grade, w_dim: weights of the loss terms.
+        max_seq_length: token budget of one input (passed to the data module).
+        trust_remote_code: allow model code from the model directory (off unless you trust it).
+        log_figures: log confusion matrix, reliability diagram and PR curve images to TensorBoard.
+    """
+
+    inputs: str = "pair"
+
+    def __init__(
+        self,
+        encoder: str = "minilm-l6",
+        num_levels: int = 4,
+        relevant_level: int | None = None,
+        level_grades: list[float] | None = None,
+        head_dropout: float = 0.1,
+        lr: float = 5e-5,
+        head_lr: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        w_hard: float = 1.0,
+        w_grade: float = 1.0,
+        w_dim: float = 0.3,
+        max_seq_length: int = 128,
+        trust_remote_code: bool = False,
+        log_figures: bool = True,
+    ):
+        super().__init__()
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        if relevant_level is None:
+            relevant_level = num_levels - 1
+        if not 0 < relevant_level < num_levels:
+            raise ValueError(f"relevant_level must be in 1..{num_levels - 1}, got {relevant_level}")
+        if level_grades is not None and len(level_grades) != num_levels:
+            raise ValueError(f"level_grades has {len(level_grades)} values for {num_levels} levels")
+        self.save_hyperparameters()
+        self.num_levels = num_levels
+        self.relevant_level = relevant_level
+        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
+        self.register_buffer("level_grades", grades)
+        self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
+        self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
+
+    # -- to implement ------------------------------------------------------------------------
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pair representation ``[B, H]`` and extras."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _drop_pooler(encoder: nn.Module) -> nn.Module:
+        """The students pool for themselves; an encoder's own pooler (BERT's) would be a parameter
+        without gradient, which DDP rejects."""
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        return encoder
+
+    # -- heads ---------------------------------------------------------------------------------
+    def _build_heads(self, hidden: int) -> None:
+        """Create the level head and one head per CoT dimension on a ``hidden``-wide representation."""
+        self.dropout = nn.Dropout(self.hparams.head_dropout)
+        self.level_head = nn.Linear(hidden, self.num_levels)
+        self.dim_heads = nn.ModuleDict({d: nn.Linear(hidden, len(VERDICTS)) for d in DIMENSIONS})
+        self.train()  # from_pretrained returns encoders in eval mode; dropout must be on for fit
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.level_head.parameters(), *self.dim_heads.parameters()]
+
+    def forward(self, batch: dict[str, Any]) -> StudentOutput:
+        h, extras = self.encode_batch(batch)
+        z = self.dropout(h)
+        level_logits = self.level_head(z).float()
+        dim_logits = torch.stack([self.dim_heads[d](z) for d in DIMENSIONS], dim=1).float()
+        expected = level_logits.softmax(-1) @ self.level_grades
+        return StudentOutput(level_logits, expected, dim_logits, h, extras)
+
+    # -- losses --------------------------------------------------------------------------------
+    def loss_terms(self, batch: dict[str, Any], out: StudentOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        labels = batch["labels"]
+        terms: dict[str, Tensor] = {}
+        labelled = labels != -100
+        zero = out.level_logits.sum() * 0.0  # keeps every term in the graph (DDP: no unused parameters)
+        if hp.w_hard:
+            terms["hard"] = hp.w_hard * (F.cross_entropy(out.level_logits, labels, ignore_index=-100)
+                                         if labelled.any() else zero)
+        if hp.w_grade:
+            grades = batch["grades"]
+            ok = ~torch.isnan(grades)
+            span = (self.level_grades.max() - self.level_grades.min()).clamp_min(1e-6)
+            terms["grade"] = hp.w_grade * (F.mse_loss(out.expected_grade[ok] / span, grades[ok] / span)
+                                           if ok.any() else zero)
+        if hp.w_dim:
+            tgt = batch["dim_targets"]
+            known = tgt != -100
+            terms["dim"] = hp.w_dim * (F.cross_entropy(out.dim_logits[known], tgt[known]) if known.any()
+                                       else out.dim_logits.sum() * 0.0)
+        trainer = self._trainer
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                fn = getattr(cb, "loss_terms", None)
+                if callable(fn):
+                    terms.update(fn(self, batch, out))
+        return terms
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            self._build_metrics()
+            return
+        dm.connect(tokenizer=self.tokenizer, inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
+        if getattr(dm, "num_levels", self.num_levels) != self.num_levels:
+            raise ValueError(f"the data has {dm.num_levels} levels but the model was built for {self.num_levels}")
+        self.level_names = tuple(dm.level_names)
+        self._build_metrics()
+        if stage == "fit" and not bool(self.level_grades_set):
+            grades = dm.level_grade_means()
+            self.level_grades.copy_(torch.tensor(grades, dtype=torch.float32))
+            self.level_grades_set.fill_(True)
+            log.info("expected grade uses level grades %s (train means)", [round(g, 3) for g in grades])
+
+    def _build_metrics(self) -> None:
+        """Evaluation state per stage: relevance metrics and per-dimension head accuracy (torchmetrics,
+        so DDP ranks are reduced by the library)."""
+        from torchmetrics import SumMetric
+        from torchmetrics.classification import MulticlassAccuracy
+
+        from ellm_mkd.metrics import RelevanceMetrics
+
+        self.eval_metrics = nn.ModuleDict({
+            s: RelevanceMetrics(self.num_levels, self.level_names, self.relevant_level) for s in ("val", "test")})
+        self.dim_metrics = nn.ModuleDict({
+            s: nn.ModuleDict({d: MulticlassAccuracy(len(VERDICTS), average="micro", ignore_index=-100) for d in DIMENSIONS})
+            for s in ("val", "test")})
+        self.dim_known = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self(batch)
+        terms = self.loss_terms(batch, out)
+        loss = torch.stack(list(terms.values())).sum()
+        bs = len(batch["example_id"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"train/loss/{k}", v, batch_size=bs)
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        out = self(batch)
+        terms = self.loss_terms(batch, out)
+        bs = len(batch["example_id"])
+        self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), batch_size=bs, sync_dist=True)
+        self.eval_metrics[stage].update(out.probs, out.expected_grade.float(), batch["labels"], batch["grades"],
+                                        batch["gains"], batch["query_ids"], batch["bucket_ids"])
+        tgt = batch["dim_targets"]
+        for i, d in enumerate(DIMENSIONS):
+            self.dim_metrics[stage][d].update(out.dim_logits[:, i], tgt[:, i])
+        self.dim_known[stage].update((tgt != -100).sum().float())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        m = self.eval_metrics[stage]
+        results = m.compute()
+        if float(self.dim_known[stage].compute()) > 0:
+            for d in DIMENSIONS:
+                results[f"dim_acc/{d}"] = float(self.dim_metrics[stage][d].compute())
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items() if not math.isnan(v)}, sync_dist=False)
+        self.last_results = {**getattr(self, "last_results", {}), stage: results}
+        self._log_figures(stage, m)
+        m.reset()
+        self.dim_known[stage].reset()
+        for d in DIMENSIONS:
+            self.dim_metrics[stage][d].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._eval_epoch_end("val")
+        else:
+            self.eval_metrics["val"].reset()
+            self.dim_known["val"].reset()
+            for d in DIMENSIONS:
+                self.dim_metrics["val"][d].reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _log_figures(self, stage: str, m) -> None:
+        if not self.hparams.log_figures or self.trainer.global_rank != 0:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        exp = loggers[0].experiment
+        step = self.global_step
+        for name, fig in m.figures().items():
+            exp.add_figure(f"{stage}/{name}", fig, global_step=step, close=True)
+        targets, scores = m.pr_curve_data()
+        if targets.numel():
+            exp.add_pr_curve(f"{stage}/pr_relevant", targets.int(), scores.float(), global_step=step)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self(batch)
+        return {"example_id": batch["example_id"], "probs": out.probs.cpu(),
+                "expected_grade": out.expected_grade.float().cpu(),
+                "dim_probs": out.dim_logits.float().softmax(-1).cpu()}
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        head_ids = {id(p) for p in self.head_parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+            groups.setdefault((id(p) in head_ids, no_decay), []).append(p)
+        param_groups = [{"params": ps, "lr": (hp.head_lr or hp.lr) if head else hp.lr,
+                         "weight_decay": 0.0 if nd else hp.weight_decay} for (head, nd), ps in groups.items()]
+        opt = torch.optim.AdamW(param_groups, lr=hp.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[hp.scheduler]
+        sched = get_scheduler(name, opt, num_warmup_steps=int(hp.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,146 @@
+"""Students on a tiny random encoder: shapes, loss terms, training, checkpoints, serving paths."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.datamodule import RelevanceDataModule
+from datamodules.validation import DataSource
+from lightning_modules import CrossEncoderStudent, TwoTowerStudent
+from lightning_modules.two_tower import in_batch_negatives_loss
+
+STUDENTS = {"cross_encoder": (CrossEncoderStudent, {}),
+            "two_tower": (TwoTowerStudent, {"pooling": "weighted", "w_in_batch": 0.1, "scorer_hidden": 32})}
+
+
+def build(kind, encoder, synth_dir, **kw):
+    cls, extra = STUDENTS[kind]
+    dm = RelevanceDataModule(DataSource(path=str(synth_dir)), batch_size=16)
+    model = cls(encoder=encoder, num_levels=dm.num_levels, relevant_level=dm.relevant_level, lr=1e-3,
+                max_seq_length=64, log_figures=False, **{**extra, **kw})
+    return model, dm
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("kind", list(STUDENTS))
+def test_forward_and_loss_terms(kind, tiny_encoder, synth_dir, tmp_path):
+    model, dm = build(kind, tiny_encoder, synth_dir)
+    dm.setup("fit")
+    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    model.level_grades.copy_(torch.tensor(dm.level_grade_means()))
+    batch = next(iter(dm.train_dataloader()))
+    out = model(batch)
+    b = len(batch["example_id"])
+    assert out.level_logits.shape == (b, 4) and out.dim_logits.shape == (b, 5, 4) and out.expected_grade.shape == (b,)
+    assert torch.allclose(out.probs.sum(-1), torch.ones(b))
+    lo, hi = model.level_grades.min(), model.level_grades.max()
+    assert ((out.expected_grade >= lo - 1e-5) & (out.expected_grade <= hi + 1e-5)).all()
+    terms = model.loss_terms(batch, out)
+    expected = {"hard", "grade", "dim"} | ({"in_batch"} if kind == "two_tower" else set())
+    assert set(terms) == expected and all(torch.isfinite(v) for v in terms.values())
+    # every parameter receives a gradient (DDP needs no find_unused_parameters)
+    sum(terms.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    # unlabelled rows and unknown verdicts do not count
+    batch["labels"][:] = -100
+    batch["grades"][:] = float("nan")
+    batch["dim_targets"][:] = -100
+    terms = model.loss_terms(batch, model(batch))
+    assert all(float(v.detach()) == 0.0 for v in terms.values())
+
+
+def test_level_grades_are_train_means(tiny_encoder, synth_dir, tmp_path):
+    model, dm = build("cross_encoder", tiny_encoder, synth_dir)
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    t.fit(model, dm)
+    assert model.level_grades.tolist() == pytest.approx(dm.level_grade_means())
+    assert bool(model.level_grades_set)
+
+
+@pytest.mark.parametrize("kind", list(STUDENTS))
+def test_training_lowers_loss_and_checkpoint_reloads(kind, tiny_encoder, synth_dir, tmp_path):
+    L.seed_everything(0)
+    model, dm = build(kind, tiny_encoder, synth_dir, warmup_ratio=0.0, scheduler="constant", head_dropout=0.0)
+    dm.setup("fit")
+    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    batch = next(iter(dm.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        before = float(sum(model.loss_terms(batch, model(batch)).values()))
+    t = trainer(tmp_path, max_epochs=3, limit_val_batches=2, num_sanity_val_steps=0)
+    model.train()
+    t.fit(model, dm)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        after = float(sum(model.loss_terms(batch, out).values()))
+    assert after < before
+    assert {"val/auc", "val/rmse", "val/ndcg10", "val/dim_acc/category"} <= set(t.callback_metrics)
+    ckpt = tmp_path / "m.ckpt"
+    t.save_checkpoint(ckpt)
+    cls = STUDENTS[kind][0]
+    loaded = cls.load_from_checkpoint(ckpt)
+    loaded.eval()
+    with torch.no_grad():
+        again = loaded(batch)
+    assert torch.allclose(again.level_logits, out.level_logits, atol=1e-5)
+    assert torch.equal(loaded.level_grades, model.level_grades)
+
+
+def test_test_metrics_per_bucket(tiny_encoder, synth_dir, tmp_path):
+    model, dm = build("cross_encoder", tiny_encoder, synth_dir)
+    t = trainer(tmp_path)
+    t.test(model, dm)
+    res = model.last_results["test"]
+    for key in ("rmse", "auc", "spearman", "ndcg10", "macro_f1", "ece", "unseen/auc", "tail/rmse"):
+        assert key in res and not math.isnan(res[key]), key
+
+
+def test_two_tower_precomputed_vectors_match_forward(tiny_encoder, synth_dir, tmp_path):
+    model, dm = build("two_tower", tiny_encoder, synth_dir)
+    dm.setup("fit")
+    dm.connect(tokenizer=model.tokenizer, inputs="towers", max_seq_length=64)
+    model.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        q = model.embed_texts(batch["query"], "query")
+        d = model.embed_texts(batch["item_text"], "item")
+        rep = model.score_vectors(q, d)
+        logits = model.level_head(rep)
+    assert torch.allclose(logits, out.level_logits, atol=1e-4)
+    w = out.extras["item_pool_weights"]
+    assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-5)
+
+
+def test_in_batch_negatives_loss_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    pos = torch.tensor([True, True, False])
+    qid = torch.tensor([0, 1, 1])
+    t = 0.5
+    loss = in_batch_negatives_loss(q, d, pos, qid, t)
+    qn, dn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    s = qn @ dn.T / t
+    # row 0: all three items are candidates; row 1: item 2 is the same query's other item -> masked
+    l0 = -torch.log_softmax(s[0], -1)[0]
+    l1 = -torch.log_softmax(s[1, :2], -1)[1]
+    assert float(loss) == pytest.approx(float((l0 + l1) / 2), rel=1e-6)
+    assert float(in_batch_negatives_loss(q, d, torch.zeros(3, dtype=torch.bool), qid, t)) == 0.0
+
+
+def test_bad_arguments(tiny_encoder):
+    with pytest.raises(ValueError, match="relevant_level"):
+        CrossEncoderStudent(encoder=tiny_encoder, num_levels=3, relevant_level=3)
+    with pytest.raises(ValueError, match="level_grades has 2"):
+        CrossEncoderStudent(encoder=tiny_encoder, num_levels=3, level_grades=[1.0, 2.0])
