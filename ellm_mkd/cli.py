@@ -18,6 +18,7 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
+    "bench": "bench students: train and evaluate the students (and reference models) on real data; writes docs/results",
     "data": "data check PATH: validate a dataset and print its counts; data synth --out DIR: generate the embedded catalog",
 }
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data_cmd import data_main
 
         return data_main(rest)
+    if cmd == "bench":
+        from .bench import bench_main
+
+        return bench_main(rest)
     if cmd == "demo":
         from .demo import demo_main
 
