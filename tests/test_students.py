@@ -144,3 +144,28 @@ def test_bad_arguments(tiny_encoder):
         CrossEncoderStudent(encoder=tiny_encoder, num_levels=3, relevant_level=3)
     with pytest.raises(ValueError, match="level_grades has 2"):
         CrossEncoderStudent(encoder=tiny_encoder, num_levels=3, level_grades=[1.0, 2.0])
+
+
+def test_cli_fit_test_predict_with_checkpoint(tmp_path, tiny_encoder, synth_dir):
+    """fit -> test --ckpt_path -> predict through the real LightningCLI entry (two-tower config)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parent.parent / "configs" / "students" / "two_tower.yaml"
+    common = ["--config", str(cfg), "--model.init_args.encoder", tiny_encoder, "--data.source.path", str(synth_dir),
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"),
+              "--trainer.enable_progress_bar", "false", "--data.batch_size", "16"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "ellm_mkd", *args], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    run("fit", *common, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2")
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    r = run("test", *common, "--ckpt_path", str(ckpt))
+    assert "test/auc" in r.stdout and "test/unseen/auc" in r.stdout
+    run("predict", *common, "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches", "2")
+    loaded = TwoTowerStudent.load_from_checkpoint(ckpt)
+    assert loaded.hparams.pooling == "weighted" and loaded.hparams.encoder == tiny_encoder
