@@ -1,0 +1,154 @@
+"""The ELLM-rele chain of thought: schema, one renderer, one strict parser.
+
+A relevance judgement is decomposed into fixed dimensions, judged in order, then concluded::
+
+    category: query "cordless drill" | item "Cordless Drill" => match
+    brand: query "voltara" | item "Voltara" => match
+    model: query - | item "VX-2041" => absent
+    attributes: query "red" | item "Blue" => mismatch
+    usage: query "cordless drill" | item "Cordless Drill" => match
+    level: substitute
+
+Each dimension line carries *extractive evidence*: the words of the query and of the item text
+it rests on, as JSON strings (so quotes and backslashes inside product text are escaped, never
+ambiguous), or ``-`` when that side says nothing about the dimension. The verdict is one of
+``match``, ``partial``, ``mismatch``, ``absent``. The last line names the relevance level.
+
+:func:`parse` is strict: every line must be present, in order, well formed; evidence must be a
+substring of the query / item text it claims to quote (so a model cannot invent evidence); the
+level must be one of the scheme's level names. Any deviation raises :class:`CoTParseError` saying
+which line and why; the parser never guesses a label.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from datamodules.schema import DIMENSIONS, VERDICTS
+
+SCHEMA_VERSION = 1
+_LINE = re.compile(
+    r'^(?P<dim>[a-z]+): query (?P<q>-|"(?:[^"\\]|\\.)*") \| item (?P<i>-|"(?:[^"\\]|\\.)*") => (?P<verdict>[a-z]+)$')
+_LEVEL = re.compile(r"^level: (?P<level>[a-z0-9_ -]+)$")
+
+
+class CoTParseError(ValueError):
+    """A chain of thought that does not follow the schema; ``line`` is 1-based (0: whole text)."""
+
+    def __init__(self, reason: str, line: int = 0, text: str = ""):
+        self.reason, self.line, self.text = reason, line, text
+        where = f"line {line}: " if line else ""
+        shown = f" ({text!r})" if text else ""
+        super().__init__(f"{where}{reason}{shown}")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One dimension: evidence from each side (None: that side is silent) and a verdict."""
+
+    dimension: str
+    query_evidence: str | None
+    item_evidence: str | None
+    verdict: str
+
+    def __post_init__(self) -> None:
+        if self.dimension not in DIMENSIONS:
+            raise ValueError(f"unknown dimension {self.dimension!r}; dimensions: {list(DIMENSIONS)}")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {self.verdict!r}; verdicts: {list(VERDICTS)}")
+
+
+@dataclass(frozen=True)
+class ChainOfThought:
+    """Judgements for every dimension, in :data:`~datamodules.schema.DIMENSIONS` order, and a level."""
+
+    judgements: tuple[Judgement, ...]
+    level: str
+
+    def __post_init__(self) -> None:
+        dims = tuple(j.dimension for j in self.judgements)
+        if dims != DIMENSIONS:
+            raise ValueError(f"judgements must cover {list(DIMENSIONS)} in that order, got {list(dims)}")
+
+    def verdicts(self) -> dict[str, str]:
+        return {j.dimension: j.verdict for j in self.judgements}
+
+
+def _quote(evidence: str | None) -> str:
+    return "-" if evidence is None else json.dumps(evidence, ensure_ascii=False)
+
+
+def render(chain: ChainOfThought) -> str:
+    """Compact text of a chain (what the teacher learns to write)."""
+    lines = [f"{j.dimension}: query {_quote(j.query_evidence)} | item {_quote(j.item_evidence)} => {j.verdict}"
+             for j in chain.judgements]
+    lines.append(f"level: {chain.level}")
+    return "\n".join(lines)
+
+
+def parse(text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str],
+          require_level: bool = True) -> ChainOfThought:
+    """Text -> :class:`ChainOfThought`, or :class:`CoTParseError` naming the line and the reason.
+
+    Leading/trailing blank space is ignored; anything after the level line is an error (a model
+    that keeps talking has not followed the schema). With ``require_level=False`` a text that
+    stops after the dimension lines is accepted with ``level=""`` (direct-readout prompts end there).
+    """
+    lines = text.strip().splitlines()
+    n_dims = len(DIMENSIONS)
+    if not lines:
+        raise CoTParseError("empty chain of thought")
+    judgements = []
+    for k, dim in enumerate(DIMENSIONS):
+        if k >= len(lines):
+            raise CoTParseError(f"missing the {dim!r} line (the chain stops after {len(lines)} line(s))", k + 1)
+        line = lines[k].strip()
+        m = _LINE.match(line)
+        if not m:
+            raise CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+        if m["dim"] != dim:
+            raise CoTParseError(f"expected the {dim!r} line here, found {m['dim']!r}", k + 1, line)
+        if m["verdict"] not in VERDICTS:
+            raise CoTParseError(f"verdict {m['verdict']!r} is not one of {list(VERDICTS)}", k + 1, line)
+        ev = {}
+        for side, raw, source in (("query", m["q"], query), ("item", m["i"], item_text)):
+            if raw == "-":
+                ev[side] = None
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                raise CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line) from None
+            if not value:
+                raise CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
+            if value not in source:
+                raise CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+            ev[side] = value
+        judgements.append(Judgement(dim, ev["query"], ev["item"], m["verdict"]))
+    rest = [ln.strip() for ln in lines[n_dims:]]
+    if not rest:
+        if require_level:
+            raise CoTParseError("missing the final 'level: ...' line", n_dims + 1)
+        return ChainOfThought(tuple(judgements), "")
+    m = _LEVEL.match(rest[0])
+    if not m:
+        raise CoTParseError("expected 'level: <name>'", n_dims + 1, rest[0])
+    level = m["level"].strip()
+    if level not in level_names:
+        raise CoTParseError(f"level {level!r} is not one of {list(level_names)}", n_dims + 1, rest[0])
+    if len(rest) > 1:
+        raise CoTParseError("text after the level line", n_dims + 2, rest[1])
+    return ChainOfThought(tuple(judgements), level)
+
+
+def evidence_spans(chain: ChainOfThought, query: str, item_text: str) -> list[tuple[str, str, int, int]]:
+    """``(dimension, side, start, end)`` character offsets of each piece of evidence (first occurrence)."""
+    out = []
+    for j in chain.judgements:
+        for side, ev, source in (("query", j.query_evidence, query), ("item", j.item_evidence, item_text)):
+            if ev is not None:
+                start = source.find(ev)
+                out.append((j.dimension, side, start, start + len(ev)))
+    return out
