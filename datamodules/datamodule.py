@@ -57,7 +57,8 @@ _BUCKET_INDEX = {b: i for i, b in enumerate(BUCKETS)}
 class RelevanceDataset(Dataset):
     """Rows of one split as plain dicts (picklable, so ``num_workers > 0`` works)."""
 
-    def __init__(self, table: pa.Table, item_fields: Sequence[str], query_index: dict[str, int]):
+    def __init__(self, table: pa.Table, item_fields: Sequence[str], query_index: dict[str, int],
+                 sort_by_length: bool = False):
         cols = table.to_pydict()
         self.rows: list[dict[str, Any]] = []
         for i in range(table.num_rows):
@@ -74,6 +75,9 @@ class RelevanceDataset(Dataset):
                 "query_id": query_index[normalize_text(r["query"])],
                 "dims": [r.get(f"dim_{d}") for d in DIMENSIONS],
             })
+        if sort_by_length:
+            # evaluation order does not change any metric; similar lengths share a batch, so less padding
+            self.rows.sort(key=lambda r: len(r["query"]) + len(r["item_text"]))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -137,6 +141,8 @@ class RelevanceDataModule(L.LightningDataModule):
         item_fields: item fields rendered into the item text, in order.
         inputs: ``pair`` (cross-encoder), ``towers`` (two-tower), ``text`` (no tokenization).
         predict_split: the split ``predict`` runs over.
+        sort_eval_by_length: serve val/test/predict rows ordered by text length (less padding,
+            faster evaluation; predictions carry their ``example_id``).
         relevant_level: first level that counts as relevant for AUC (default: the top level).
             Home Depot with cut points (2.0, 2.5): level 2, i.e. mean grade >= 2.5.
     """
@@ -152,6 +158,7 @@ class RelevanceDataModule(L.LightningDataModule):
         inputs: Inputs = "pair",
         predict_split: Literal["train", "val", "test"] = "test",
         relevant_level: int | None = None,
+        sort_eval_by_length: bool = True,
     ):
         super().__init__()
         if isinstance(source, dict):
@@ -166,6 +173,7 @@ class RelevanceDataModule(L.LightningDataModule):
         self.item_fields = check_item_fields(item_fields)
         self.inputs = inputs
         self.predict_split = predict_split
+        self.sort_eval_by_length = sort_eval_by_length
         self.tokenizer: Any = None
         self.extra_fields: dict[str, torch.dtype] = {}
         self.scheme = source.resolved_scheme()
@@ -219,7 +227,8 @@ class RelevanceDataModule(L.LightningDataModule):
             self._query_index = {q: i for i, q in enumerate(queries)}
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                self.datasets[split] = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index)
+                self.datasets[split] = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index,
+                                                        sort_by_length=self.sort_eval_by_length and split != "train")
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields)

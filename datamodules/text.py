@@ -6,7 +6,8 @@ place that decides how item fields are laid out.
 
 Layout: one ``Name: value`` segment per non-empty field, in the configured order, joined by
 ``" | "`` — e.g. ``Title: Voltara 20V Drill | Brand: Voltara | Color: red``. The field markers let
-an encoder tell title words from brand or attribute words.
+an encoder tell title words from brand or attribute words; with a single configured field there is
+nothing to tell apart, so its value is the whole item text (no marker tokens to pay for).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def render_item(row: Mapping[str, Any], fields: Sequence[str] = DEFAULT_ITEM_FIE
     parts: list[str] = []
     spans: dict[str, tuple[int, int]] = {}
     pos = 0
+    labelled = len(fields) > 1
     for f in fields:
         value = row.get(f)
         if not value:
@@ -44,7 +46,7 @@ def render_item(row: Mapping[str, Any], fields: Sequence[str] = DEFAULT_ITEM_FIE
         value = " ".join(str(value).split())[:max_chars_per_field]
         if parts:
             pos += len(SEPARATOR)
-        prefix = f"{FIELD_LABELS[f]}: "
+        prefix = f"{FIELD_LABELS[f]}: " if labelled else ""
         spans[f] = (pos + len(prefix), pos + len(prefix) + len(value))
         parts.append(prefix + value)
         pos += len(prefix) + len(value)

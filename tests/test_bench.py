@@ -1,0 +1,124 @@
+"""``ellm-mkd bench students`` end to end on the synthetic catalog and a tiny random encoder.
+
+The student configs are the real benchmark configs with the data, encoder and output directories
+pointed at test fixtures, so the benchmark's own YAML is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ellm_mkd.bench import bench_main, limit_training_rows, update_markdown
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_CONFIGS = ("homedepot_cross_encoder", "homedepot_two_tower")
+
+
+def _tiny_configs(tmp_path: Path, synth_dir: Path, encoder: str) -> list[str]:
+    out = []
+    for name in BENCH_CONFIGS:
+        cfg = yaml.safe_load((REPO / "configs" / "benchmarks" / f"{name}.yaml").read_text())
+        cfg["data"]["source"] = {"path": str(synth_dir)}
+        cfg["data"]["batch_size"] = 16
+        args = cfg["model"]["init_args"]
+        args.update(encoder=encoder, log_figures=False)
+        if "scorer_hidden" in args:
+            args["scorer_hidden"] = 32
+        root = str(tmp_path / "runs" / name)
+        cfg["trainer"].update(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False)
+        cfg["trainer"]["logger"]["init_args"]["save_dir"] = root
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out.append(str(path))
+    return out
+
+
+def _finite_numbers(d) -> bool:
+    return all((v is None and k == "spearman") or (isinstance(v, (int, float)) and math.isfinite(v))
+               for k, v in d.items())
+
+
+def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
+    configs = _tiny_configs(tmp_path, synth_dir, tiny_encoder)
+    out_json, out_md = tmp_path / "results" / "first.json", tmp_path / "benchmarks.md"
+    common = ["--configs", json.dumps(configs), "--train_limit", "240", "--out_md", str(out_md),
+              "--work_dir", str(tmp_path / "work")]
+    assert bench_main(["students", *common, "--name", "first", "--out_json", str(out_json)]) == 0
+
+    res = json.loads(out_json.read_text())
+    assert {"benchmark", "command", "machine", "date", "rows", "targets"} <= set(res)
+    assert res["benchmark"] == "first" and res["command"].startswith("ellm-mkd bench students --configs")
+    assert "cores" in res["machine"] and "torch" in res["machine"] and len(res["date"]) == 10
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["cross_encoder", "two_tower", "st_cross_encoder", "global_mean", "tfidf_char_3_5"]
+    split = res["split"]
+    assert 0 < split["train_pairs"] <= 240 and split["test_pairs"] > 0
+    for r in res["rows"]:
+        assert {"name", "seed", "metrics", "by_bucket", "config"} <= set(r), r["name"]
+        assert r["seed"] == 0
+        assert _finite_numbers(r["metrics"]) and r["metrics"]["rmse"] >= 0, r
+        assert r["by_bucket"] and set(r["by_bucket"]) <= {"head", "torso", "tail", "unseen"}
+        for b in r["by_bucket"].values():
+            assert b["count"] > 0 and _finite_numbers(b)
+        assert r["config"]["train_pairs"] == split["train_pairs"] and r["config"]["test_pairs"] == split["test_pairs"]
+        if r["kind"] == "reference":
+            assert "throughput" not in r
+        else:
+            tp = r["throughput"]
+            assert tp["train_pairs_per_s"] > 0 and tp["infer_pairs_per_s"] > 0
+            assert {"rmse", "auc", "spearman", "ndcg10", "macro_f1"} <= set(r["metrics"])
+            assert r["config"]["epochs"] == 1 and r["config"]["max_seq_length"] == 64
+    rows = {r["name"]: r for r in res["rows"]}
+    assert "ece" in rows["cross_encoder"]["metrics"] and "ece" not in rows["st_cross_encoder"]["metrics"]
+    assert set(rows["global_mean"]["metrics"]) == {"rmse"}
+    assert rows["cross_encoder"]["config"]["train_pairs_processed"] == split["train_pairs"]
+    assert rows["st_cross_encoder"]["config"]["optimizer_steps"] == math.ceil(split["train_pairs"] / 16)
+    assert rows["cross_encoder"]["throughput"]["test_loop_pairs_per_s"] > 0
+    assert rows["cross_encoder"]["config"]["optimizer"].startswith("AdamW")
+    assert set(res["targets"]) == {"ce_rmse_matches_baseline", "ce_auc_matches_baseline", "ce_train_throughput",
+                                   "two_tower_auc_within_3_points"}
+    assert all(isinstance(t["met"], bool) for t in res["targets"].values())
+
+    md = out_md.read_text()
+    assert "<!-- bench:first -->" in md and "<!-- /bench:first -->" in md and res["command"] in md
+    printed = capsys.readouterr().out
+    assert "st_cross_encoder" in printed and str(out_json) in printed
+
+    # a second benchmark keeps the first one's section; rerunning the first replaces it in place
+    assert bench_main(["students", *common, "--name", "second", "--baseline", "false", "--references", "false",
+                       "--configs", json.dumps(configs[:1]), "--seed", "[0, 1]",
+                       "--out_json", str(tmp_path / "results" / "second.json")]) == 0
+    md2 = out_md.read_text()
+    assert md2.count("<!-- bench:first -->") == 1 and md2.count("<!-- bench:second -->") == 1
+    first_section = md[md.index("<!-- bench:first -->"):md.index("<!-- /bench:first -->")]
+    assert first_section in md2
+    second = json.loads((tmp_path / "results" / "second.json").read_text())
+    assert [r["name"] for r in second["rows"]] == ["cross_encoder"]
+    row = second["rows"][0]  # two seeds: mean figures, the seeds, and their standard deviation
+    assert row["seeds"] == [0, 1] and set(row["metrics"]) <= set(row["std"]) and "train_pairs_per_s" in row["std"]
+    assert row["metrics"]["rmse"] != rows["cross_encoder"]["metrics"]["rmse"]  # seed 1 trained differently
+    assert second["targets"]["ce_auc_matches_baseline"]["met"] is None
+
+
+def test_update_markdown_replaces_only_its_section(tmp_path):
+    md = tmp_path / "b.md"
+    update_markdown(md, "a", "<!-- bench:a -->\nA1\n<!-- /bench:a -->")
+    update_markdown(md, "b", "<!-- bench:b -->\nB1\n<!-- /bench:b -->")
+    update_markdown(md, "a", "<!-- bench:a -->\nA2\n<!-- /bench:a -->")
+    text = md.read_text()
+    assert text.startswith("# Benchmarks") and "A2" in text and "A1" not in text and "B1" in text
+    assert text.index("A2") < text.index("B1")
+
+
+def test_train_limit_keeps_whole_queries_in_hash_order():
+    rows = [{"query": f"q{i % 7}", "example_id": str(i)} for i in range(70)]  # 7 queries x 10 pairs
+    kept = limit_training_rows(rows, 35, seed=0)
+    assert len(kept) == 30 and len({r["query"] for r in kept}) == 3
+    assert kept == limit_training_rows(rows, 35, seed=0)  # deterministic
+    with pytest.raises(ValueError):
+        limit_training_rows(rows, 5, seed=0)
