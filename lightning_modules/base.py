@@ -243,7 +243,10 @@ class RelevanceStudent(L.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in results.items() if not math.isnan(v)}, sync_dist=False)
         self.last_results = {**getattr(self, "last_results", {}), stage: results}
         self._log_figures(stage, m)
-        m.reset()
+        self._reset_stage(stage)
+
+    def _reset_stage(self, stage: str) -> None:
+        self.eval_metrics[stage].reset()
         self.dim_known[stage].reset()
         for d in DIMENSIONS:
             self.dim_metrics[stage][d].reset()
@@ -252,10 +255,7 @@ class RelevanceStudent(L.LightningModule):
         if not self.trainer.sanity_checking:
             self._eval_epoch_end("val")
         else:
-            self.eval_metrics["val"].reset()
-            self.dim_known["val"].reset()
-            for d in DIMENSIONS:
-                self.dim_metrics["val"][d].reset()
+            self._reset_stage("val")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
