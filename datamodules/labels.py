@@ -24,7 +24,7 @@ Schemes (``scheme:`` in config, by name or as ``{name: ..., <options>}``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -35,9 +35,9 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .labels import ESCI_GAINS, LabelError, LabelScheme, LevelScheme, make_scheme
+from .labels import ESCI_GAINS, LabelError, LabelScheme, make_scheme
 from .readers import DataError, Problem, Source, iter_records, open_source
-from .schema import DIMENSIONS, EXAMPLE_SCHEMA, VERDICTS, conform, make_example_id, rows_to_table
+from .schema import DIMENSIONS, VERDICTS, make_example_id, rows_to_table
 from .splits import assign_splits
 
 log = logging.getLogger(__name__)

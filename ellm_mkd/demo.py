@@ -76,7 +76,7 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     print("\ntest metrics (overall and per query bucket)")
     print(format_table({"cross_encoder": ce["test"]}))
     print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs under {out_dir}/:")
-    print(f"  data/ (catalog), data_check.json, metrics.json (test metrics and checkpoint paths),")
+    print("  data/ (catalog), data_check.json, metrics.json (test metrics and checkpoint paths),")
     print(f"  tensorboard/ (loss terms, metrics, figures, checkpoints: tensorboard --logdir {out_dir / 'tensorboard'})")
     return 0
 

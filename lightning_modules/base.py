@@ -24,8 +24,6 @@ knowing the teacher.
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,7 +34,8 @@ from torch import Tensor, nn
 
 from datamodules.schema import DIMENSIONS, VERDICTS
 
-log = logging.getLogger(__name__)
+from .evaluation import RelevanceEvaluation
+
 
 
 @dataclass
@@ -54,7 +53,7 @@ class StudentOutput:
         return self.level_logits.float().softmax(-1)
 
 
-class RelevanceStudent(L.LightningModule):
+class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
     """Base class of the students (not used directly). See the module docstring.
 
     Args:
@@ -177,34 +176,10 @@ class RelevanceStudent(L.LightningModule):
     # -- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            self._build_metrics()
-            return
-        dm.connect(tokenizer=self.tokenizer, inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
-        if getattr(dm, "num_levels", self.num_levels) != self.num_levels:
-            raise ValueError(f"the data has {dm.num_levels} levels but the model was built for {self.num_levels}")
-        self.level_names = tuple(dm.level_names)
+        if dm is not None:
+            dm.connect(tokenizer=self.tokenizer, inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
+            self.connect_levels(dm, stage)
         self._build_metrics()
-        if stage == "fit" and not bool(self.level_grades_set):
-            grades = dm.level_grade_means()
-            self.level_grades.copy_(torch.tensor(grades, dtype=torch.float32))
-            self.level_grades_set.fill_(True)
-            log.info("expected grade uses level grades %s (train means)", [round(g, 3) for g in grades])
-
-    def _build_metrics(self) -> None:
-        """Evaluation state per stage: relevance metrics and per-dimension head accuracy (torchmetrics,
-        so DDP ranks are reduced by the library)."""
-        from torchmetrics import SumMetric
-        from torchmetrics.classification import MulticlassAccuracy
-
-        from ellm_mkd.metrics import RelevanceMetrics
-
-        self.eval_metrics = nn.ModuleDict({
-            s: RelevanceMetrics(self.num_levels, self.level_names, self.relevant_level) for s in ("val", "test")})
-        self.dim_metrics = nn.ModuleDict({
-            s: nn.ModuleDict({d: MulticlassAccuracy(len(VERDICTS), average="micro", ignore_index=-100) for d in DIMENSIONS})
-            for s in ("val", "test")})
-        self.dim_known = nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self(batch)
@@ -219,62 +194,15 @@ class RelevanceStudent(L.LightningModule):
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         out = self(batch)
         terms = self.loss_terms(batch, out)
-        bs = len(batch["example_id"])
-        self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), batch_size=bs, sync_dist=True)
-        self.eval_metrics[stage].update(out.probs, out.expected_grade.float(), batch["labels"], batch["grades"],
-                                        batch["gains"], batch["query_ids"], batch["bucket_ids"])
-        tgt = batch["dim_targets"]
-        for i, d in enumerate(DIMENSIONS):
-            self.dim_metrics[stage][d].update(out.dim_logits[:, i], tgt[:, i])
-        self.dim_known[stage].update((tgt != -100).sum().float())
+        self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), batch_size=len(batch["example_id"]),
+                 sync_dist=True)
+        self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("test", batch)
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        m = self.eval_metrics[stage]
-        results = m.compute()
-        if float(self.dim_known[stage].compute()) > 0:
-            for d in DIMENSIONS:
-                results[f"dim_acc/{d}"] = float(self.dim_metrics[stage][d].compute())
-        self.log_dict({f"{stage}/{k}": v for k, v in results.items() if not math.isnan(v)}, sync_dist=False)
-        self.last_results = {**getattr(self, "last_results", {}), stage: results}
-        self._log_figures(stage, m)
-        self._reset_stage(stage)
-
-    def _reset_stage(self, stage: str) -> None:
-        self.eval_metrics[stage].reset()
-        self.dim_known[stage].reset()
-        for d in DIMENSIONS:
-            self.dim_metrics[stage][d].reset()
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._eval_epoch_end("val")
-        else:
-            self._reset_stage("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    def _log_figures(self, stage: str, m) -> None:
-        if not self.hparams.log_figures or self.trainer.global_rank != 0:
-            return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        exp = loggers[0].experiment
-        step = self.global_step
-        for name, fig in m.figures().items():
-            exp.add_figure(f"{stage}/{name}", fig, global_step=step, close=True)
-        targets, scores = m.pr_curve_data()
-        if targets.numel():
-            exp.add_pr_curve(f"{stage}/pr_relevant", targets.int(), scores.float(), global_step=step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         out = self(batch)
