@@ -24,7 +24,14 @@ key                type                      meaning
 ``bucket_ids``     LongTensor [B]            index into ``schema.BUCKETS``
 ``query_ids``      LongTensor [B]            dense id of the normalised query (nDCG groups)
 ``dim_targets``    LongTensor [B, 5]         verdict index per CoT dimension, ``-100`` unknown
+``rationale``      list[str | None]          the annotated chain of thought (only with
+                                             ``annotations``; ``None`` where a row has none)
 =================  ========================  ==============================================
+
+``annotations`` joins the output of ``ellm-mkd annotate`` by ``example_id``: the teacher learns to
+write those chains. The store's manifest must agree with this data module (same level names and
+item fields, since the chains quote the rendered item text); training rows without a kept chain
+are an error or left out of training, by ``missing_annotations``.
 
 ``extra_fields`` is the seam for per-example signals joined later (teacher caches): any row key
 named there is collated by stacking into a tensor of the given dtype.
@@ -110,6 +117,8 @@ class Collator:
             "dim_targets": torch.tensor([[_VERDICT_INDEX.get(v, -100) if v else -100 for v in r["dims"]] for r in rows],
                                         dtype=torch.long),
         }
+        if rows and "rationale" in rows[0]:
+            batch["rationale"] = [r.get("rationale") for r in rows]
         for name, dtype in self.extra_fields.items():
             batch[name] = torch.as_tensor([r[name] for r in rows], dtype=dtype)
         tok = self.tokenizer
@@ -145,6 +154,9 @@ class RelevanceDataModule(L.LightningDataModule):
             faster evaluation; predictions carry their ``example_id``).
         relevant_level: first level that counts as relevant for AUC (default: the top level).
             Home Depot with cut points (2.0, 2.5): level 2, i.e. mean grade >= 2.5.
+        annotations: directory written by ``ellm-mkd annotate``; adds ``rationale`` to the batches.
+        missing_annotations: a training row without a kept chain is an ``error`` (listing the first
+            ids) or is left out of training (``skip``, counted in the log).
     """
 
     def __init__(
@@ -159,6 +171,8 @@ class RelevanceDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test"] = "test",
         relevant_level: int | None = None,
         sort_eval_by_length: bool = True,
+        annotations: str | None = None,
+        missing_annotations: Literal["error", "skip"] = "error",
     ):
         super().__init__()
         if isinstance(source, dict):
@@ -174,6 +188,8 @@ class RelevanceDataModule(L.LightningDataModule):
         self.inputs = inputs
         self.predict_split = predict_split
         self.sort_eval_by_length = sort_eval_by_length
+        self.annotations = annotations
+        self.missing_annotations = missing_annotations
         self.tokenizer: Any = None
         self.extra_fields: dict[str, torch.dtype] = {}
         self.scheme = source.resolved_scheme()
@@ -225,10 +241,50 @@ class RelevanceDataModule(L.LightningDataModule):
                 log.warning(w)
             queries = sorted({normalize_text(q) for q in self.table.column("query").to_pylist()})
             self._query_index = {q: i for i, q in enumerate(queries)}
+        rationales = self._load_annotations() if self.annotations else None
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                self.datasets[split] = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index,
-                                                        sort_by_length=self.sort_eval_by_length and split != "train")
+                ds = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index,
+                                      sort_by_length=self.sort_eval_by_length and split != "train")
+                if rationales is not None:
+                    self._join_rationales(ds, split, rationales)
+                self.datasets[split] = ds
+
+    def _load_annotations(self) -> dict[str, str]:
+        from ellm_mkd.annotation_store import read_annotations, read_manifest
+
+        manifest = read_manifest(self.annotations)
+        for key, ours in (("level_names", list(self.level_names)), ("item_fields", list(self.item_fields))):
+            theirs = manifest.get(key)
+            if theirs is not None and list(theirs) != ours:
+                raise ValueError(f"{self.annotations}: the annotations were made with {key}={theirs}, this data "
+                                 f"module uses {ours}; the chains quote the item text, so annotate again with "
+                                 "the same data settings (or set item_fields to match)")
+        table = read_annotations(self.annotations)
+        if table.num_rows == 0:
+            raise ValueError(f"{self.annotations}: the annotation store has no rows")
+        cols = table.select([c for c in ("example_id", "rationale") if c in table.column_names]).to_pydict()
+        if "rationale" not in cols:
+            raise ValueError(f"{self.annotations}: annotation rows have no 'rationale' field")
+        return {e: r for e, r in zip(cols["example_id"], cols["rationale"]) if r}
+
+    def _join_rationales(self, ds: RelevanceDataset, split: str, rationales: dict[str, str]) -> None:
+        missing = []
+        for r in ds.rows:
+            r["rationale"] = rationales.get(r["example_id"])
+            if r["rationale"] is None:
+                missing.append(r["example_id"])
+        if split != "train" or not missing:
+            return
+        if self.missing_annotations == "error":
+            raise ValueError(f"{self.annotations}: {len(missing)} of {len(ds.rows)} training examples have no kept "
+                             f"chain of thought (first: {missing[:5]}); run ellm-mkd annotate over the training "
+                             "split, or set data.missing_annotations: skip to train on the annotated rows only")
+        ds.rows = [r for r in ds.rows if r["rationale"] is not None]
+        log.info("%s: %d training examples have no kept chain and are left out (%d remain)",
+                 self.annotations, len(missing), len(ds.rows))
+        if not ds.rows:
+            raise ValueError(f"{self.annotations}: no training example has a kept chain of thought")
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields)

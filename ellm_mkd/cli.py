@@ -19,6 +19,7 @@ COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
     "bench": "bench students: train and evaluate the students (and reference models) on real data; writes docs/results",
+    "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
     "data": "data check PATH: validate a dataset and print its counts; data synth --out DIR: generate the embedded catalog",
 }
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data_cmd import data_main
 
         return data_main(rest)
+    if cmd == "annotate":
+        from .annotate import annotate_main
+
+        return annotate_main(rest)
     if cmd == "bench":
         from .bench import bench_main
 

@@ -57,10 +57,13 @@ class RelevanceEvaluation:
         self.dim_known = nn.ModuleDict({s: SumMetric() for s in STAGES})
 
     def update_eval_metrics(self, stage: str, batch: dict[str, Any], probs: Tensor, expected_grade: Tensor,
-                            dim_scores: Tensor) -> None:
-        """``probs [B, K]``, ``expected_grade [B]``, ``dim_scores [B, D, V]`` (logits or probabilities)."""
+                            dim_scores: Tensor, dims: bool = True) -> None:
+        """``probs [B, K]``, ``expected_grade [B]``, ``dim_scores [B, D, V]`` (logits or probabilities;
+        ``dims=False``: the model gave no verdicts for this batch, so dimension accuracy is not updated)."""
         self.eval_metrics[stage].update(probs, expected_grade, batch["labels"], batch["grades"], batch["gains"],
                                         batch["query_ids"], batch["bucket_ids"])
+        if not dims:
+            return
         tgt = batch["dim_targets"]
         for i, d in enumerate(DIMENSIONS):
             self.dim_metrics[stage][d].update(dim_scores[:, i], tgt[:, i])

@@ -22,6 +22,14 @@ def test_config_parses(path: Path):
         parser = _check_parser()
         cfg = parser.parse_args(["--config", str(path), "some/file.csv"])
         parser.instantiate(cfg)
+    elif path.parent.name == "annotate":
+        from ellm_mkd.annotate import _parser
+
+        parser = _parser()
+        cfg = parser.parse_args(["--config", str(path)])
+        assert cfg.out and cfg.annotator in ("rules", "llm")
+        if cfg.annotator == "llm":
+            assert cfg.llm.backend.class_path.startswith("ellm_mkd.backends.")
     elif path.parent.name == "synth":
         from ellm_mkd.data_cmd import _synth_parser
 

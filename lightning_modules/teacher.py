@@ -1,0 +1,328 @@
+"""ELLM-rele, the teacher: a causal LM with LoRA that writes the chain of thought, and its readout.
+
+Training (``ellm-mkd fit --config configs/teacher/smollm2_135m_lora.yaml``): for each annotated
+example (``data.annotations``, written by ``ellm-mkd annotate``) the teacher reads the prompt of
+:class:`~ellm_mkd.prompts.PromptTemplate` and learns the response; the loss counts the response
+tokens only (prompt and padding are masked). ``train_modes`` says which responses it learns:
+
+``cot``     the whole chain (dimension lines, then ``level: <name>``);
+``direct``  the answer-first response ``level: <name>`` to the direct prompt, so the cheap
+            one-pass readout is trained too.
+
+Only the output-layer rows of response positions are computed (``lm_head`` over a 49k vocabulary at
+every prompt position would dominate time and memory). LoRA (peft) adapts the attention and MLP
+projections named in ``lora_target_modules``; ``use_lora: false`` trains every weight.
+
+Evaluation (``validate`` / ``test``) reads the relevance distribution with
+:class:`~ellm_mkd.readout.TeacherReadout` in ``val_mode`` / ``test_mode`` and reports exactly the
+students' metrics (:mod:`lightning_modules.evaluation`) plus, in ``cot`` mode, the parse-failure
+rate and the dimension verdict accuracy on data that knows the true verdicts.
+``predict`` returns, per example, the level and verdict distributions and the rationale (what the
+teacher cache stores).
+
+Checkpoints hold the trainable weights only (the LoRA adapter, a few MB), plus the base model's
+name; loading one rebuilds the base model from ``model`` and restores the adapter. At the end of
+``fit`` the adapter and a merged model directory (base + adapter, loadable by any transformers
+code as a plain causal LM) are written under ``export_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
+from ellm_mkd.prompts import PromptTemplate
+from ellm_mkd.readout import TeacherReadout, ensure_pad_token, lm_parts
+
+from .evaluation import STAGES, RelevanceEvaluation
+
+log = logging.getLogger(__name__)
+Mode = Literal["cot", "direct"]
+
+
+class TeacherLM(RelevanceEvaluation, L.LightningModule):
+    """The ELLM-rele teacher; see the module docstring.
+
+    Args:
+        model: bundled name (``smollm2-135m-instruct``), local Hugging Face directory, or hub id.
+        num_levels: relevance levels K (linked from the data module by the CLI).
+        relevant_level: first relevant level for AUC (linked from the data module).
+        level_grades: raw grade of each level for the expected grade (default: train means).
+        use_lora: train a LoRA adapter (else every weight).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
+        lora_target_modules: module names that get adapters (Llama-style projections by default).
+        lr, weight_decay, warmup_ratio, scheduler: AdamW and its schedule.
+        max_seq_length: token budget of prompt + response; longer pairs lose the end of the response
+            (counted in ``train/truncated``).
+        train_modes: responses learned per example (``cot``, ``direct``).
+        val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``).
+        max_new_tokens: generation budget of one chain in ``cot`` readout.
+        gradient_checkpointing: recompute activations in the backward pass (memory for time).
+        weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory on GPUs).
+        template: the prompt template (system and user messages, answer prefix).
+        export_dir: where ``fit`` writes ``adapter/`` and ``merged/`` (default: ``<log dir>/teacher``).
+        save_merged: also write the merged model directory.
+        trust_remote_code: allow model code from the model directory.
+        log_figures: log confusion matrix, reliability diagram and PR curve images.
+    """
+
+    inputs = "text"
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        num_levels: int = 4,
+        relevant_level: int | None = None,
+        level_grades: list[float] | None = None,
+        use_lora: bool = True,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        max_seq_length: int = 512,
+        train_modes: list[Mode] = ("cot", "direct"),
+        val_mode: Mode = "direct",
+        test_mode: Mode = "cot",
+        max_new_tokens: int = 160,
+        gradient_checkpointing: bool = False,
+        weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        template: PromptTemplate | None = None,
+        export_dir: str | None = None,
+        save_merged: bool = True,
+        trust_remote_code: bool = False,
+        log_figures: bool = True,
+    ):
+        super().__init__()
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        relevant_level = num_levels - 1 if relevant_level is None else relevant_level
+        if not 0 < relevant_level < num_levels:
+            raise ValueError(f"relevant_level must be in 1..{num_levels - 1}, got {relevant_level}")
+        if level_grades is not None and len(level_grades) != num_levels:
+            raise ValueError(f"level_grades has {len(level_grades)} values for {num_levels} levels")
+        train_modes = list(train_modes)
+        if not train_modes or set(train_modes) - {"cot", "direct"}:
+            raise ValueError(f"train_modes must be a non-empty subset of ['cot', 'direct'], got {train_modes}")
+        if isinstance(template, dict):
+            template = PromptTemplate(**template)
+        self.save_hyperparameters(ignore=["template"])
+        self.template = template or PromptTemplate()
+        self.num_levels = num_levels
+        self.relevant_level = relevant_level
+        self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
+        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
+        self.register_buffer("level_grades", grades)
+        self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
+
+        self.model_path = resolve_model(model)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
+        ensure_pad_token(self.tokenizer)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[weights_dtype]
+        lm = load_causal_lm(self.model_path, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.config.use_cache = False
+        if use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
+            lm = get_peft_model(lm, cfg)
+        self.model = lm
+        self._readout: TeacherReadout | None = None
+        self.train()
+
+    # -- data ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            dm.connect(inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
+            self.connect_levels(dm, stage)
+            if stage == "fit" and not getattr(dm, "annotations", None):
+                raise ValueError("the teacher learns from annotated chains of thought: set data.annotations to the "
+                                 "directory written by ellm-mkd annotate")
+        from torchmetrics import SumMetric
+
+        self._build_metrics()
+        self.parse_failed = torch.nn.ModuleDict({s: SumMetric() for s in STAGES})
+        self.parse_total = torch.nn.ModuleDict({s: SumMetric() for s in STAGES})
+        self._readout = None
+
+    @property
+    def readout(self) -> TeacherReadout:
+        if self._readout is None:
+            self._readout = TeacherReadout(self.model, self.tokenizer, self.level_names, self.template,
+                                           self.hparams.max_new_tokens)
+        return self._readout
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build_training_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int]:
+        """``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and the number of
+        truncated sequences, for every example x every ``train_modes`` response."""
+        eos = self.readout.stop_ids[:1] or [self.tokenizer.eos_token_id]
+        seqs: list[tuple[list[int], int]] = []
+        for q, d, lab, rationale, eid in zip(batch["query"], batch["item_text"], batch["labels"].tolist(),
+                                             batch.get("rationale") or [None] * len(batch["query"]), batch["example_id"]):
+            for mode in self.hparams.train_modes:
+                if mode == "cot":
+                    if not rationale:
+                        raise ValueError(f"example {eid} has no annotated chain of thought to learn")
+                    response = rationale.strip()
+                else:
+                    if lab < 0:
+                        continue
+                    response = f"{self.template.answer_prefix} {self.level_names[lab]}"
+                prompt = self.template.prompt(self.tokenizer, q, d, self.level_names, mode)
+                p_ids = self._ids(prompt)
+                seqs.append((p_ids + self._ids(response) + eos, len(p_ids)))
+        limit = self.hparams.max_seq_length
+        truncated = sum(len(s) > limit for s, _ in seqs)
+        width = min(max(len(s) for s, _ in seqs), limit)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (s, n_prompt) in enumerate(seqs):
+            s = s[:limit]
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+            labels[i, n_prompt:len(s)] = ids[i, n_prompt:len(s)]
+        dev = self.device
+        return ids.to(dev), mask.to(dev), labels.to(dev), truncated
+
+    def response_loss(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of the response tokens (next-token prediction, prompt masked)."""
+        backbone, head = lm_parts(self.model)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        sel = target != -100
+        if not sel.any():
+            return hidden.sum() * 0.0
+        logits = head(hidden[:, :-1][sel]).float()
+        return F.cross_entropy(logits, target[sel])
+
+    # -- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        ids, mask, labels, truncated = self.build_training_batch(batch)
+        loss = self.response_loss(ids, mask, labels)
+        bs = len(batch["example_id"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/truncated", float(truncated), batch_size=bs, reduce_fx="sum")
+        return loss
+
+    def read(self, batch: dict[str, Any], mode: Mode):
+        if mode == "direct":
+            return self.readout.direct(batch["query"], batch["item_text"])
+        return self.readout.cot(batch["query"], batch["item_text"])
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        mode = self.hparams.val_mode if stage == "val" else self.hparams.test_mode
+        if batch.get("rationale") is not None and all(batch["rationale"]) and "cot" in self.hparams.train_modes:
+            ids, mask, labels, _ = self.build_training_batch(batch)
+            self.log(f"{stage}/loss", self.response_loss(ids, mask, labels), batch_size=len(batch["example_id"]),
+                     sync_dist=True)
+        r = self.read(batch, mode)
+        dev = self.device
+        probs = r.level_probs.to(dev)
+        expected = probs.float() @ self.level_grades
+        if mode == "cot" and r.parse_failures:
+            # a chain that did not parse gave no verdicts: dimension accuracy is over parsed chains
+            failed = torch.tensor([e is not None for e in r.errors], device=batch["dim_targets"].device)
+            batch = {**batch, "dim_targets": batch["dim_targets"].masked_fill(failed[:, None], -100)}
+        self.update_eval_metrics(stage, batch, probs, expected, r.verdict_probs.to(dev), dims=mode == "cot")
+        if mode == "cot":
+            self.parse_failed[stage].update(torch.tensor(float(r.parse_failures), device=dev))
+            self.parse_total[stage].update(torch.tensor(float(len(r.errors)), device=dev))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def extra_epoch_results(self, stage: str) -> dict[str, float]:
+        total = float(self.parse_total[stage].compute())
+        out = {"parse_failure_rate": float(self.parse_failed[stage].compute()) / total} if total else {}
+        self.parse_failed[stage].reset()
+        self.parse_total[stage].reset()
+        return out
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        mode = self.hparams.test_mode
+        r = self.read(batch, mode)
+        return {"example_id": batch["example_id"], "probs": r.level_probs, "expected_grade": r.level_probs @ self.level_grades.cpu(),
+                "dim_probs": r.verdict_probs, "rationale": r.rationales, "parse_error": r.errors, "mode": mode}
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, fused=fused)
+        total = int(self.trainer.estimated_stepping_batches)
+        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[hp.scheduler]
+        sched = get_scheduler(name, opt, num_warmup_steps=int(hp.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints and export ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the trainable weights and buffers only: the frozen base model is rebuilt from ``model``."""
+        if not self.hparams.use_lora:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        buffers = {n for n, _ in self.named_buffers() if not n.startswith("model.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or k in buffers}
+        checkpoint["teacher_base_model"] = self.hparams.model
+        checkpoint["prompt_template"] = self.template.__dict__
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "prompt_template" in checkpoint:
+            self.template = PromptTemplate(**checkpoint["prompt_template"])
+        if self.hparams.use_lora:
+            state = self.state_dict()
+            missing = {k: v for k, v in state.items() if k not in checkpoint["state_dict"]}
+            checkpoint["state_dict"] = {**missing, **checkpoint["state_dict"]}
+
+    def export(self, out_dir: str | Path, merged: bool = True) -> Path:
+        """Write ``adapter/`` (peft) and ``merged/`` (plain causal LM + tokenizer) under ``out_dir``."""
+        out = Path(out_dir)
+        info = {"base_model": self.hparams.model, "base_model_path": self.model_path, "level_names": list(self.level_names),
+                "template": self.template.__dict__, "template_fingerprint": self.template.fingerprint()}
+        if self.hparams.use_lora:
+            self.model.save_pretrained(out / "adapter")
+            self.tokenizer.save_pretrained(out / "adapter")
+        if merged or not self.hparams.use_lora:
+            lm = copy.deepcopy(self.model)
+            if self.hparams.use_lora:
+                lm = lm.merge_and_unload()
+            lm.save_pretrained(out / "merged")
+            self.tokenizer.save_pretrained(out / "merged")
+        (out / "teacher.json").write_text(json.dumps(info, indent=2))
+        return out
+
+    def on_fit_end(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        out = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "teacher")
+        self.export(out, merged=self.hparams.save_merged)
+        log.info("teacher written to %s (adapter/, merged/, teacher.json)", out)
+

@@ -1,0 +1,225 @@
+"""The teacher: word-level readout, response-only loss, LoRA checkpoints and export, CLI fit/test.
+
+Unit tests use a tiny random Llama with SmolLM2's tokenizer; the integration tests the bundled SmolLM2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.schema import DIMENSIONS, VERDICTS
+from ellm_mkd.readout import CandidateSet, ReadoutPoint, TeacherReadout, score_points
+
+LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
+CHAIN = "\n".join([
+    'category: query "drill" | item "Drill" => match',
+    "brand: query - | item - => absent",
+    "model: query - | item - => absent",
+    'attributes: query "red" | item "Red" => match',
+    'usage: query "drill" | item "Drill" => partial',
+    "level: partially relevant",
+])
+QUERY, ITEM = "red drill", "Title: Red Drill | Brand: Voltara"
+
+
+def _brute(model, prefix_ids, cands):
+    """log p(candidate | prefix), one full forward per candidate, renormalised over the set."""
+    out = []
+    with torch.no_grad():
+        for c in cands:
+            lp = model(input_ids=torch.tensor([prefix_ids + c])).logits[0].float().log_softmax(-1)
+            out.append(sum(lp[len(prefix_ids) - 1 + j, t] for j, t in enumerate(c)))
+    return torch.stack(out).log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama):
+    from ellm_mkd.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(tiny_llama).eval(), load_tokenizer(tiny_llama)
+
+
+def test_candidate_sets_handle_multi_token_and_prefix_words(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    cs = CandidateSet(tok, LEVELS, "level:", [tok.eos_token_id])
+    assert [len(t) for t in cs.token_ids] == [1, 2, 1, 1]  # " partially relevant" is two tokens
+    assert not cs.ambiguous
+    amb = CandidateSet(tok, ("relevant", "relevant enough"), "level:", [tok.eos_token_id])
+    assert amb.ambiguous and all(t[-1] == tok.eos_token_id for t in amb.token_ids)
+    with pytest.raises(ValueError, match="prefixes"):
+        CandidateSet(tok, ("relevant", "relevant enough"), "level:")
+
+
+def test_score_points_equals_sequence_probabilities(tiny_lm):
+    model, tok = tiny_lm
+    cs = CandidateSet(tok, LEVELS, "level:", [tok.eos_token_id])
+    prefix = tok("The answer, level:", add_special_tokens=False)["input_ids"]
+    # the text continues with the two-token candidate: its second token is read from the same pass
+    written = prefix + cs.token_ids[1]
+    other = tok("Something else entirely, level:", add_special_tokens=False)["input_ids"]
+    pts = [ReadoutPoint(0, len(prefix), cs), ReadoutPoint(1, len(other), cs)]
+    got = score_points(model, [written, other], pts, tok.pad_token_id)
+    for p, seq in zip(got, (prefix, other)):
+        assert torch.allclose(p, _brute(model, seq, cs.token_ids), atol=1e-4)
+        assert abs(float(p.exp().sum()) - 1.0) < 1e-5
+
+
+def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
+    model, tok = tiny_lm
+    ro = TeacherReadout(model, tok, LEVELS)
+    r = ro.cot([QUERY, QUERY], [ITEM, ITEM], responses=[CHAIN, "not a chain"])
+    assert r.chains[0] is not None and r.chains[0].level == "partially relevant"
+    assert r.errors[0] is None and "line 1" in r.errors[1] and r.parse_failures == 1
+    assert torch.allclose(r.level_probs.sum(-1), torch.ones(2), atol=1e-5)
+    assert r.verdict_probs.shape == (2, len(DIMENSIONS), len(VERDICTS))
+    assert torch.allclose(r.verdict_probs[1], torch.full((len(DIMENSIONS), len(VERDICTS)), 0.25))
+    # the level distribution is the one after "level:" at the end of the chain
+    prompt = ro.prompts([QUERY], [ITEM], "cot")[0]
+    cut = CHAIN[:CHAIN.rindex("level:") + len("level:")]
+    ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(cut, add_special_tokens=False)["input_ids"]
+    assert torch.allclose(r.level_probs[0].log(), _brute(model, ids, ro.levels.token_ids), atol=1e-4)
+    # the usage verdict is read after its "=>"
+    usage_cut = CHAIN[:CHAIN.index("=> partial") + 2]
+    ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(usage_cut, add_special_tokens=False)["input_ids"]
+    assert torch.allclose(r.verdict_probs[0, DIMENSIONS.index("usage")].log(),
+                          _brute(model, ids, ro.verdicts.token_ids), atol=1e-4)
+    d = ro.direct([QUERY], [ITEM])
+    assert d.level_probs.shape == (1, 4) and abs(float(d.level_probs.sum()) - 1) < 1e-5
+
+
+def _teacher(path, **kw):
+    from lightning_modules import TeacherLM
+
+    m = TeacherLM(model=path, num_levels=4, lora_r=4, lora_alpha=8, lora_dropout=0.0, **kw)
+    m.level_names = LEVELS
+    return m
+
+
+def _batch():
+    return {"query": [QUERY, "blue paint"], "item_text": [ITEM, "Title: Paint"], "labels": torch.tensor([1, 0]),
+            "rationale": [CHAIN, CHAIN.replace("red", "blue").replace("Red", "Paint").replace('"drill"', '"paint"')
+                          .replace('"Drill"', '"Paint"').replace("partially relevant", "irrelevant")],
+            "example_id": ["a", "b"]}
+
+
+def test_training_batch_masks_everything_but_the_responses(tiny_llama):
+    m = _teacher(tiny_llama)
+    ids, mask, labels, truncated = m.build_training_batch(_batch())
+    assert ids.shape[0] == 4 and truncated == 0  # two examples x (cot, direct)
+    tok = m.tokenizer
+    texts = [tok.decode(ids[i][labels[i] != -100]) for i in range(4)]
+    assert texts[0] == CHAIN + tok.eos_token
+    assert texts[1] == "level: partially relevant" + tok.eos_token
+    assert texts[3] == "level: irrelevant" + tok.eos_token
+    assert bool((labels[mask == 0] == -100).all())
+    short = _teacher(tiny_llama, max_seq_length=64).build_training_batch(_batch())
+    assert short[0].shape[1] == 64 and short[3] == 4
+
+
+def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
+    m = _teacher(tiny_llama)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids, mask, labels, _ = m.build_training_batch(_batch())
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = m.response_loss(ids, mask, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_checkpoint_holds_the_adapter_only_and_restores_it(tiny_llama, tmp_path):
+    m = _teacher(tiny_llama)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained adapter (lora_B starts at zero)
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and all("lora_" in k or not k.startswith("model.") for k in ckpt["state_dict"])
+    assert "level_grades" in ckpt["state_dict"]
+    fresh = _teacher(tiny_llama)
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    m.eval(), fresh.eval()
+    b = _batch()
+    assert torch.allclose(m.readout.direct(b["query"], b["item_text"]).level_probs,
+                          fresh.readout.direct(b["query"], b["item_text"]).level_probs, atol=1e-6)
+
+    out = m.export(tmp_path / "teacher")
+    from ellm_mkd.models import load_causal_lm
+
+    merged = load_causal_lm(str(out / "merged")).eval()
+    x = torch.tensor([m.tokenizer("red drill level: exact")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, m.model(input_ids=x).logits, atol=1e-4)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    info = json.loads((out / "teacher.json").read_text())
+    assert info["level_names"] == list(LEVELS) and info["template_fingerprint"]
+
+
+def _annotate(synth_dir: Path, out: Path, fields: str = "[title,brand]") -> None:
+    from ellm_mkd.annotate import annotate_main
+
+    assert annotate_main(["--data.source.path", str(synth_dir), "--data.item_fields", fields, "--out", str(out),
+                          "--progress", "false"]) == 0
+
+
+def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_path):
+    ann = tmp_path / "ann"
+    _annotate(synth_dir, ann)
+    run = tmp_path / "run"
+    common = ["--config", "configs/teacher/smollm2_135m_lora.yaml", f"--model.init_args.model={tiny_llama}",
+              f"--data.source.path={synth_dir}", f"--data.annotations={ann}", "--data.item_fields=[title,brand]",
+              "--data.batch_size=2", "--data.eval_batch_size=8", "--trainer.accelerator=cpu",
+              f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+              f"--model.init_args.export_dir={run}/teacher", "--model.init_args.max_new_tokens=8"]
+    subprocess.run([sys.executable, "-m", "ellm_mkd", "fit", *common, "--trainer.max_steps=3",
+                    "--trainer.limit_val_batches=1"], check=True, cwd=Path(__file__).parent.parent)
+    ckpt = run / "tb" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists() and ckpt.stat().st_size < 5_000_000  # the adapter, not the base model
+    assert (run / "teacher" / "merged" / "config.json").exists()
+    from ellm_mkd.lightning_cli import cli_main
+
+    cli = cli_main(["test", *common, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1",
+                    "--trainer.logger=false"])
+    res = cli.model.last_results["test"]
+    # a random model writes no valid chain: every pair is a parse failure, read by the fallback
+    assert res["parse_failure_rate"] == 1.0
+    assert res["count"] == 8 and res["rmse"] > 0 and 0.0 <= res["macro_f1"] <= 1.0
+    assert not any(k.startswith("dim_acc/") for k in res)  # no parsed chain, no verdicts to score
+
+
+@pytest.mark.integration
+def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
+    from lightning_modules import TeacherLM
+
+    m = TeacherLM(model="smollm2-135m-instruct", num_levels=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    m.level_names = LEVELS
+    ids, mask, labels, _ = m.build_training_batch(_batch())
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.response_loss(ids, mask, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    m.eval()
+    b = _batch()
+    r = m.readout.cot(b["query"], b["item_text"], responses=b["rationale"])
+    assert r.parse_failures == 0
+    assert torch.allclose(r.level_probs.sum(-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(r.verdict_probs.sum(-1), torch.ones(2, len(DIMENSIONS)), atol=1e-5)
