@@ -864,6 +864,10 @@ def bench_students(opts, command: str) -> dict[str, Any]:
 
 def bench_main(argv: list[str]) -> int:
     argv = list(argv)
+    if argv[:1] == ["teacher"]:
+        from .bench_teacher import bench_teacher_main
+
+        return bench_teacher_main(argv[1:])
     parser = _parser()
     cfg = parser.parse_args(argv)
     if cfg.benchmark != "students":  # pragma: no cover (jsonargparse rejects unknown subcommands)

@@ -18,7 +18,7 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
-    "bench": "bench students: train and evaluate the students (and reference models) on real data; writes docs/results",
+    "bench": "bench students | bench teacher: measure models (quality, throughput); writes docs/results and docs/benchmarks.md",
     "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
     "data": "data check PATH: validate a dataset and print its counts; data synth --out DIR: generate the embedded catalog",
 }

@@ -86,7 +86,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         use_lora: bool = True,
         lora_r: int = 16,
         lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
+        lora_dropout: float = 0.0,
         lora_target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -171,14 +171,15 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def build_training_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, int]:
+    def build_training_batch(self, batch: dict[str, Any], modes: list[Mode] | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor, int]:
         """``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and the number of
-        truncated sequences, for every example x every ``train_modes`` response."""
+        truncated sequences, for every example x every mode (default: ``train_modes``)."""
         eos = self.readout.stop_ids[:1] or [self.tokenizer.eos_token_id]
         seqs: list[tuple[list[int], int]] = []
         for q, d, lab, rationale, eid in zip(batch["query"], batch["item_text"], batch["labels"].tolist(),
                                              batch.get("rationale") or [None] * len(batch["query"]), batch["example_id"]):
-            for mode in self.hparams.train_modes:
+            for mode in modes or self.hparams.train_modes:
                 if mode == "cot":
                     if not rationale:
                         raise ValueError(f"example {eid} has no annotated chain of thought to learn")
@@ -190,6 +191,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
                 prompt = self.template.prompt(self.tokenizer, q, d, self.level_names, mode)
                 p_ids = self._ids(prompt)
                 seqs.append((p_ids + self._ids(response) + eos, len(p_ids)))
+        if not seqs:
+            empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+            return empty, empty, empty, 0
         limit = self.hparams.max_seq_length
         truncated = sum(len(s) > limit for s, _ in seqs)
         width = min(max(len(s) for s, _ in seqs), limit)
@@ -204,8 +208,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         dev = self.device
         return ids.to(dev), mask.to(dev), labels.to(dev), truncated
 
-    def response_loss(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        """Mean cross-entropy of the response tokens (next-token prediction, prompt masked)."""
+    def response_loss(self, ids: Tensor, mask: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the response tokens (next-token prediction, prompt masked); ``mean`` or ``sum``."""
         backbone, head = lm_parts(self.model)
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         target = labels[:, 1:]
@@ -213,12 +217,23 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         if not sel.any():
             return hidden.sum() * 0.0
         logits = head(hidden[:, :-1][sel]).float()
-        return F.cross_entropy(logits, target[sel])
+        return F.cross_entropy(logits, target[sel], reduction=reduction)
 
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        ids, mask, labels, truncated = self.build_training_batch(batch)
-        loss = self.response_loss(ids, mask, labels)
+        # one forward per mode: a direct prompt is ~50 tokens shorter than a chain, so padding the
+        # two kinds together would waste a quarter of the step; the loss is still the mean over all
+        # response tokens of the batch
+        total, tokens, truncated = None, 0, 0
+        for mode in self.hparams.train_modes:
+            ids, mask, labels, trunc = self.build_training_batch(batch, [mode])
+            if not ids.numel():
+                continue
+            part = self.response_loss(ids, mask, labels, reduction="sum")
+            total = part if total is None else total + part
+            tokens += int((labels[:, 1:] != -100).sum())
+            truncated += trunc
+        loss = total / max(tokens, 1)
         bs = len(batch["example_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/truncated", float(truncated), batch_size=bs, reduce_fx="sum")

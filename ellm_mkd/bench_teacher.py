@@ -1,0 +1,210 @@
+"""``ellm-mkd bench teacher``: the teacher on the embedded catalog, zero-shot versus LoRA, and its readout speed.
+
+One run, one machine:
+
+1. the catalog (``ellm-mkd data synth``) and rule annotations of its training split;
+2. quality on a seeded sample of test pairs: level accuracy, AUC, macro-F1, RMSE and the parse-failure
+   rate of the chains, for the model zero-shot and after ``steps`` LoRA steps, each in ``direct`` and
+   ``cot`` readout (the same metrics as the students, :mod:`lightning_modules.evaluation`);
+3. readout throughput of the fine-tuned teacher on the same pairs: ``direct`` (one batched forward),
+   ``cot`` (one batched ``generate`` per batch, then the scoring pass) and a naive loop that calls
+   ``generate()`` for one pair at a time and parses the text. The issue's target: cot batched >= 5x naive.
+
+Writes ``docs/results/<name>.json`` and the ``<name>`` section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import _fmt, atomic_write_text, machine_description, update_markdown
+
+log = logging.getLogger(__name__)
+QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
+
+
+def _parser():
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="ellm-mkd bench teacher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=str, default="smollm2-135m-instruct", help="teacher base model")
+    p.add_argument("--work_dir", type=str, default="runs/benchmarks/teacher", help="catalog, annotations, logs")
+    p.add_argument("--num_queries", type=int, default=600, help="catalog size (queries; 10 items each)")
+    p.add_argument("--item_fields", type=list[str], default=["title", "brand", "color", "attributes"])
+    p.add_argument("--steps", type=int, default=60, help="LoRA optimizer steps")
+    p.add_argument("--batch_size", type=int, default=8, help="training examples per step (each: a cot and a direct response)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval_pairs", type=int, default=96, help="seeded sample of test pairs for quality and speed")
+    p.add_argument("--eval_batch_size", type=int, default=16, help="pairs per batched readout")
+    p.add_argument("--naive_pairs", type=int, default=16, help="pairs timed in the naive per-pair loop")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", type=str, default="teacher")
+    p.add_argument("--out_json", type=str | None, default=None)
+    p.add_argument("--out_md", type=str, default="docs/benchmarks.md")
+    return p
+
+
+def _evaluate(model, dm, mode: str) -> dict[str, float]:
+    import lightning as L
+
+    model.hparams.test_mode = mode
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    t = time.perf_counter()
+    trainer.test(model, datamodule=dm, verbose=False)
+    res = dict(model.last_results["test"])
+    res["seconds"] = time.perf_counter() - t
+    return {k: float(v) for k, v in res.items()}
+
+
+def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int) -> dict[str, float]:
+    from .cot import CoTParseError, parse
+    from .readout import generate_batched
+
+    ro = model.readout
+    q = [r["query"] for r in rows]
+    d = [r["item_text"] for r in rows]
+    out: dict[str, float] = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t = time.perf_counter()
+        for s in range(0, len(rows), batch):
+            ro.direct(q[s:s + batch], d[s:s + batch])
+        out["direct_pairs_per_s"] = len(rows) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        tokens = 0
+        for s in range(0, len(rows), batch):
+            r = ro.cot(q[s:s + batch], d[s:s + batch])
+            tokens += sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r.rationales)
+        dt = time.perf_counter() - t
+        out["cot_batched_pairs_per_s"] = len(rows) / dt
+        out["cot_batched_generated_tokens_per_s"] = tokens / dt
+        n = min(naive_pairs, len(rows))
+        t = time.perf_counter()
+        failures = 0
+        for i in range(n):  # what one writes first: generate() for one pair, then parse the text
+            prompt = ro.prompts([q[i]], [d[i]], "cot")[0]
+            text = generate_batched(model.model, model.tokenizer, [prompt], ro.max_new_tokens, stop_ids=ro.stop_ids)[0][0]
+            try:
+                parse(text, q[i], d[i], ro.level_names)
+            except CoTParseError:
+                failures += 1
+        out["naive_pairs_per_s"] = n / (time.perf_counter() - t)
+        out["naive_parse_failures"] = failures
+    out["cot_batched_over_naive"] = out["cot_batched_pairs_per_s"] / out["naive_pairs_per_s"]
+    return out
+
+
+def bench_teacher(opts, command: str) -> dict[str, Any]:
+    import lightning as L
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.synth import SynthConfig, write
+    from lightning_modules import TeacherLM
+
+    from .annotate import run_annotation
+
+    work = Path(opts.work_dir)
+    data_dir = work / "data"
+    if not (data_dir / "synth.json").exists():
+        write(data_dir, SynthConfig(seed=opts.seed, num_queries=opts.num_queries), overwrite=True)
+    ann = work / "annotations"
+    run_annotation(RelevanceDataModule({"path": str(data_dir)}, item_fields=opts.item_fields), ann, "rules",
+                   splits=["train"], progress=False)
+
+    dm = RelevanceDataModule({"path": str(data_dir)}, item_fields=opts.item_fields, annotations=str(ann),
+                             batch_size=opts.batch_size, eval_batch_size=opts.eval_batch_size, inputs="text")
+    dm.setup("fit")
+    rows = random.Random(opts.seed).sample(dm.datasets["test"].rows, min(opts.eval_pairs, len(dm.datasets["test"])))
+    rows.sort(key=lambda r: len(r["query"]) + len(r["item_text"]))
+    dm.datasets["test"].rows = rows
+
+    L.seed_everything(opts.seed)
+    model = TeacherLM(model=opts.model, num_levels=dm.num_levels, relevant_level=dm.relevant_level, lr=opts.lr,
+                      max_new_tokens=opts.max_new_tokens, log_figures=False, export_dir=str(work / "teacher"),
+                      save_merged=False)
+    quality: dict[str, dict[str, float]] = {}
+    for mode in ("direct", "cot"):  # zero-shot: the LoRA update starts at zero, so this is the base model
+        quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode)
+        log.info("zero-shot %s: %s", mode, {k: round(v, 4) for k, v in quality[f"zero_shot_{mode}"].items()})
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=opts.steps, logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_model_summary=False)
+    t = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_s = time.perf_counter() - t
+    for mode in ("direct", "cot"):
+        quality[f"lora_{mode}"] = _evaluate(model, dm, mode)
+        log.info("LoRA %s: %s", mode, {k: round(v, 4) for k, v in quality[f"lora_{mode}"].items()})
+    model.eval()
+    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs)
+    return {
+        "benchmark": opts.name,
+        "command": command,
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": {"model": opts.model, "catalog_queries": opts.num_queries, "train_pairs": len(dm.datasets["train"]),
+                  "steps": opts.steps, "batch_size": opts.batch_size, "examples_seen": opts.steps * opts.batch_size,
+                  "lr": opts.lr, "eval_pairs": len(rows), "eval_batch_size": opts.eval_batch_size,
+                  "max_new_tokens": opts.max_new_tokens, "item_fields": list(opts.item_fields),
+                  "train_seconds": round(train_s, 1), "train_seconds_per_step": round(train_s / max(opts.steps, 1), 2),
+                  "lora": {"r": model.hparams.lora_r, "alpha": model.hparams.lora_alpha,
+                           "targets": list(model.hparams.lora_target_modules)}},
+        "rows": [{"name": name, "metrics": {k: v for k, v in m.items() if k in QUALITY_KEYS},
+                  "seconds": round(m["seconds"], 1)} for name, m in quality.items()],
+        "throughput": speed,
+        "targets": {"cot_batched_ge_5x_naive": {"rule": "cot batched pairs/s >= 5 x naive per-pair generate()",
+                                                "value": speed["cot_batched_over_naive"],
+                                                "met": speed["cot_batched_over_naive"] >= 5.0}},
+    }
+
+
+def markdown_section(result: dict[str, Any]) -> str:
+    name = result["name"] if "name" in result else result["benchmark"]
+    s = result["setup"]
+    lines = [f"<!-- bench:{name} -->", f"## {name}", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; date {result['date']}.", "",
+             f"Teacher `{s['model']}` + LoRA (r {s['lora']['r']}, alpha {s['lora']['alpha']}, {len(s['lora']['targets'])} "
+             f"projections) on the embedded catalog ({s['catalog_queries']} queries), rule annotations of the training "
+             f"split; {s['steps']} steps x {s['batch_size']} examples ({s['examples_seen']} examples, each a cot and a "
+             f"direct response; {s['train_seconds_per_step']} s/step, {s['train_seconds']} s). Quality on {s['eval_pairs']} "
+             "seeded test pairs.", "",
+             "| teacher | readout | accuracy | AUC | macro-F1 | RMSE | parse failures |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        who, mode = r["name"].rsplit("_", 1)
+        m = r["metrics"]
+        pf = _fmt(m.get("parse_failure_rate")) if mode == "cot" else ""
+        lines.append(f"| {who.replace('_', '-')} | {mode} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('auc'))} | "
+                     f"{_fmt(m.get('macro_f1'))} | {_fmt(m.get('rmse'))} | {pf} |")
+    tp = result["throughput"]
+    lines += ["", f"Readout throughput of the fine-tuned teacher (batch {s['eval_batch_size']}, bf16 autocast, "
+              f"max {s['max_new_tokens']} new tokens):", "",
+              "| readout | pairs/s |", "|---|---|",
+              f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",
+              f"| cot, batched generate + scoring pass | {tp['cot_batched_pairs_per_s']:.2f} "
+              f"({tp['cot_batched_generated_tokens_per_s']:.0f} generated tokens/s) |",
+              f"| cot, naive per-pair generate() then parse | {tp['naive_pairs_per_s']:.2f} |", "",
+              f"cot batched / naive = {tp['cot_batched_over_naive']:.2f}x (target >= 5x: "
+              f"{'met' if result['targets']['cot_batched_ge_5x_naive']['met'] else 'NOT met'}).",
+              f"<!-- /bench:{name} -->"]
+    return "\n".join(lines)
+
+
+def bench_teacher_main(argv: list[str]) -> int:
+    opts = _parser().parse_args(argv)
+    command = "ellm-mkd bench teacher " + shlex.join(argv)
+    result = bench_teacher(opts, command)
+    out_json = opts.out_json or f"docs/results/{opts.name}.json"
+    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    update_markdown(opts.out_md, opts.name, markdown_section(result))
+    print(markdown_section(result))
+    print(f"\nwrote {out_json} and the {opts.name} section of {opts.out_md}")
+    return 0
