@@ -96,21 +96,8 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         log_figures: bool = True,
     ):
         super().__init__()
-        if num_levels < 2:
-            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
-        if relevant_level is None:
-            relevant_level = num_levels - 1
-        if not 0 < relevant_level < num_levels:
-            raise ValueError(f"relevant_level must be in 1..{num_levels - 1}, got {relevant_level}")
-        if level_grades is not None and len(level_grades) != num_levels:
-            raise ValueError(f"level_grades has {len(level_grades)} values for {num_levels} levels")
+        relevant_level = self.init_levels(num_levels, relevant_level, level_grades)
         self.save_hyperparameters()
-        self.num_levels = num_levels
-        self.relevant_level = relevant_level
-        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
-        self.register_buffer("level_grades", grades)
-        self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
-        self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
 
     # -- to implement ------------------------------------------------------------------------
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:

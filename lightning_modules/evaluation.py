@@ -31,6 +31,24 @@ STAGES = ("val", "test")
 class RelevanceEvaluation:
     """Mixin: relevance metrics per stage; see the module docstring."""
 
+    def init_levels(self, num_levels: int, relevant_level: int | None, level_grades: list[float] | None) -> int:
+        """Check the level arguments, set ``num_levels`` / ``relevant_level`` / placeholder names and
+        register the expected-grade buffers; returns the resolved relevant level (default: the top one)."""
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        relevant_level = num_levels - 1 if relevant_level is None else relevant_level
+        if not 0 < relevant_level < num_levels:
+            raise ValueError(f"relevant_level must be in 1..{num_levels - 1}, got {relevant_level}")
+        if level_grades is not None and len(level_grades) != num_levels:
+            raise ValueError(f"level_grades has {len(level_grades)} values for {num_levels} levels")
+        self.num_levels = num_levels
+        self.relevant_level = relevant_level
+        self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
+        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
+        self.register_buffer("level_grades", grades)
+        self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
+        return relevant_level
+
     def connect_levels(self, dm: Any, stage: str) -> None:
         """Take the level names from the data; at fit start measure each level's mean training grade
         (the expected grade's weights) unless they were given or restored from a checkpoint."""

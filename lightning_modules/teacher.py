@@ -106,13 +106,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         log_figures: bool = True,
     ):
         super().__init__()
-        if num_levels < 2:
-            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
-        relevant_level = num_levels - 1 if relevant_level is None else relevant_level
-        if not 0 < relevant_level < num_levels:
-            raise ValueError(f"relevant_level must be in 1..{num_levels - 1}, got {relevant_level}")
-        if level_grades is not None and len(level_grades) != num_levels:
-            raise ValueError(f"level_grades has {len(level_grades)} values for {num_levels} levels")
+        relevant_level = self.init_levels(num_levels, relevant_level, level_grades)
         train_modes = list(train_modes)
         if not train_modes or set(train_modes) - {"cot", "direct"}:
             raise ValueError(f"train_modes must be a non-empty subset of ['cot', 'direct'], got {train_modes}")
@@ -120,12 +114,6 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             template = PromptTemplate(**template)
         self.save_hyperparameters(ignore=["template"])
         self.template = template or PromptTemplate()
-        self.num_levels = num_levels
-        self.relevant_level = relevant_level
-        self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
-        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
-        self.register_buffer("level_grades", grades)
-        self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
 
         self.model_path = resolve_model(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
