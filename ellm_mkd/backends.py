@@ -339,15 +339,11 @@ class TransformersBackend:
                                     torch_dtype=getattr(torch, dtype)).to(self.device).eval()
         self.fingerprint = model_fingerprint(self.path)
 
-    def _prompt(self, conversation: Conversation) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in conversation) + "\n\n"
-
     def generate(self, conversations: list[Conversation], n: int, temperature: float,
                  max_new_tokens: int, seed: int | None = None) -> list[list[str]]:
         import torch
 
+        from .prompts import chat_prompt
         from .readout import generate_batched
 
         if n < 1:
@@ -355,7 +351,7 @@ class TransformersBackend:
         if seed is not None:
             torch.manual_seed(seed)
         out: list[list[str]] = []
-        prompts = [self._prompt(c) for c in conversations]
+        prompts = [chat_prompt(self.tokenizer, c) for c in conversations]
         for start in range(0, len(prompts), self.batch_size):
             out += generate_batched(self.model, self.tokenizer, prompts[start:start + self.batch_size], max_new_tokens,
                                     temperature=temperature, num_return_sequences=n)

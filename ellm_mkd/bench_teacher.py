@@ -168,7 +168,7 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
 
 
 def markdown_section(result: dict[str, Any]) -> str:
-    name = result["name"] if "name" in result else result["benchmark"]
+    name = result["benchmark"]
     s = result["setup"]
     lines = [f"<!-- bench:{name} -->", f"## {name}", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; date {result['date']}.", "",

@@ -45,6 +45,14 @@ DIRECT_USER = (
 )
 
 
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Messages through the model's chat template, ending where the assistant starts; a base model
+    without a chat template gets plain text turns."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
 @dataclass
 class PromptTemplate:
     """System and user messages of the teacher's prompt (placeholders: query, item, levels, dimensions, verdicts)."""
@@ -80,11 +88,7 @@ class PromptTemplate:
     def prompt(self, tokenizer: Any, query: str, item_text: str, level_names: tuple[str, ...] | list[str],
                mode: Literal["cot", "direct"] = "cot") -> str:
         """The prompt text through the model's chat template, ending where the assistant starts."""
-        msgs = self.messages(query, item_text, level_names, mode)
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # a base model without a chat template: plain text turns
-        return "\n\n".join(m["content"] for m in msgs) + "\n\n"
+        return chat_prompt(tokenizer, self.messages(query, item_text, level_names, mode))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

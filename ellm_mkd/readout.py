@@ -29,7 +29,6 @@ vocabulary times every position would dominate memory).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -167,7 +166,7 @@ def score_points(model: Any, sequences: Sequence[Sequence[int]], points: Sequenc
             lp = _head_logits(model, head, hidden[row, pos]).log_softmax(-1)
             seq_logp[pi][ci] = lp[torch.arange(len(cand), device=device), torch.tensor(cand, device=device)].sum()
 
-    return [torch.stack([v for v in vals]).float().log_softmax(-1).cpu() for vals in seq_logp]
+    return [torch.stack(vals).float().log_softmax(-1).cpu() for vals in seq_logp]
 
 
 def _hidden_states(backbone: Any, seqs: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
@@ -343,10 +342,3 @@ class TeacherReadout:
             offset += len(line)
         return out
 
-
-def expected_from_probs(probs: Tensor, level_grades: Tensor) -> Tensor:
-    return probs.float() @ level_grades.float()
-
-
-def entropy(probs: Tensor) -> Tensor:
-    return -(probs.clamp_min(1e-12).log() * probs).sum(-1) / math.log(probs.shape[-1])
