@@ -86,3 +86,21 @@ def test_check_esci_sample_counts():
     assert "rows read: 200" in r.stdout
     for name, n in (("exact", "138"), ("substitute", "49"), ("complement", "1"), ("irrelevant", "12")):
         assert any(line.split()[:2] == [name, n] for line in r.stdout.splitlines()), (name, r.stdout)
+
+
+def test_bf16_falls_back_to_float32_only_on_cpus_without_native_bf16(monkeypatch):
+    import torch
+
+    from ellm_mkd import lightning_cli as lc
+
+    monkeypatch.delenv(lc.KEEP_BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: False)
+    assert lc.resolve_precision("bf16-mixed", "cpu") == "32-true"
+    assert lc.resolve_precision("32-true", "cpu") == "32-true"
+    assert lc.resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    monkeypatch.setenv(lc.KEEP_BF16_ENV, "1")
+    assert lc.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.delenv(lc.KEEP_BF16_ENV)
+    monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: True)
+    assert lc.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
