@@ -147,14 +147,14 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise StoreError(f"{path}: cannot read the parquet shard ({e}); delete it to re-annotate its rows") from e
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a store directory (or the ``manifest.json`` file itself)."""
+def read_manifest(path: str | Path, kind: str = "annotation store") -> dict:
+    """The manifest of a store directory (or the ``manifest.json`` file itself); ``kind`` names the store in errors."""
     path = Path(path)
     file = path if path.name == MANIFEST and path.is_file() else path / MANIFEST
     if not path.exists():
-        raise StoreError(f"annotation store {path} does not exist")
+        raise StoreError(f"{kind} {path} does not exist")
     if not file.is_file():
-        raise StoreError(f"{path} is not an annotation store: {file} is missing")
+        raise StoreError(f"{path} is not a {kind}: {file} is missing")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -164,10 +164,10 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def read_annotations(path: str | Path) -> pa.Table:
+def read_annotations(path: str | Path, kind: str = "annotation store") -> pa.Table:
     """All rows of a store directory, shard by shard in name order (no shards: an empty ``example_id`` table)."""
     path = Path(path)
-    fmt = read_manifest(path)["format"]
+    fmt = read_manifest(path, kind)["format"]
     shards = _shard_files(path, fmt)
     if fmt == "jsonl":
         rows = [row for shard in shards for row in _read_jsonl(shard)]
@@ -195,7 +195,8 @@ class AnnotationStore:
 
     def __init__(self, out_dir: str | Path, manifest: dict, fmt: Literal["jsonl", "parquet"] = "jsonl",
                  rows_per_shard: int = 256, overwrite: bool = False, shard_prefix: str = "part",
-                 volatile_keys: tuple[str, ...] | list[str] = ("created",)):
+                 volatile_keys: tuple[str, ...] | list[str] = ("created",), kind: str = "annotation store",
+                 schema: pa.Schema | None = None):
         if fmt not in _EXT:
             raise ValueError(f"fmt must be one of {list(_EXT)}, got {fmt!r}")
         if rows_per_shard < 1:
@@ -211,6 +212,9 @@ class AnnotationStore:
         except (TypeError, ValueError) as e:
             raise ValueError(f"manifest must be JSON-able: {e}") from e
 
+        if schema is not None and fmt != "parquet":
+            raise ValueError("an explicit schema is for parquet shards only")
+        self.kind, self.schema = kind, schema
         self.out_dir = Path(out_dir)
         self.fmt, self.rows_per_shard, self.shard_prefix = fmt, rows_per_shard, shard_prefix
         self.volatile_keys = tuple(volatile_keys)
@@ -233,7 +237,7 @@ class AnnotationStore:
         self.manifest = self._open_manifest(manifest)
         self._done = self.done_ids()
         if self._done:
-            log.info("annotation store %s: resuming, %d rows already written", self.out_dir, len(self._done))
+            log.info("%s %s: resuming, %d rows already written", self.kind, self.out_dir, len(self._done))
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -245,14 +249,14 @@ class AnnotationStore:
                     p.unlink()
                     removed += 1
         if removed:
-            log.info("annotation store %s: overwrite=True removed %d files", self.out_dir, removed)
+            log.info("%s %s: overwrite=True removed %d files", self.kind, self.out_dir, removed)
 
     def _remove_stale_tmp(self) -> None:
         """Leftovers of a killed run with this prefix (other prefixes may belong to live ranks)."""
         for p in self.out_dir.glob(".tmp-*"):
             m = _TMP.match(p.name)
             if m and m["prefix"] == self.shard_prefix and p.is_file():
-                log.info("annotation store %s: removing %s, left by an interrupted run", self.out_dir, p.name)
+                log.info("%s %s: removing %s, left by an interrupted run", self.kind, self.out_dir, p.name)
                 p.unlink(missing_ok=True)
 
     def _tmp(self, name: str) -> Path:
@@ -265,14 +269,13 @@ class AnnotationStore:
             others = _shard_files(self.out_dir, "jsonl") + _shard_files(self.out_dir, "parquet")
             if others:
                 raise StoreError(f"{self.out_dir} holds shard files ({others[0].name} ...) but no {MANIFEST}: "
-                                 "it is not an annotation store or it was damaged. Choose another directory "
+                                 f"it is not a {self.kind} or it was damaged. Choose another directory "
                                  "or pass overwrite=True to delete them")
-            text = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
-            _write_atomic(file, self._tmp(MANIFEST), lambda f: f.write(text.encode("utf-8")))
+            self._write_manifest(manifest)
             return manifest
-        stored = read_manifest(self.out_dir)
+        stored = read_manifest(self.out_dir, self.kind)
         if stored["format"] != self.fmt:
-            raise StoreError(f"the annotation store {self.out_dir} holds {stored['format']} shards, this run asked "
+            raise StoreError(f"the {self.kind} {self.out_dir} holds {stored['format']} shards, this run asked "
                              f"for {self.fmt}: pass fmt={stored['format']!r}, or overwrite=True (deletes the old "
                              "shards and manifest), or choose another directory")
         keys = sorted((set(stored) | set(manifest)) - set(self.volatile_keys))
@@ -284,12 +287,26 @@ class AnnotationStore:
                 return "(absent)" if v is missing else json.dumps(v, ensure_ascii=False)
 
             lines = "; ".join(f"{k!r}: stored {show(a)}, now {show(b)}" for k, a, b in diffs)
-            raise StoreError(f"the annotation store {self.out_dir} was made with a different manifest "
+            raise StoreError(f"the {self.kind} {self.out_dir} was made with a different manifest "
                              f"(differing keys {[k for k, _, _ in diffs]}): {lines}. Pass overwrite=True "
                              "(deletes the old shards and manifest) or choose another directory")
         return stored
 
     # -- public API -----------------------------------------------------------------------------
+
+    def update_manifest(self, **keys: Any) -> dict:
+        """Rewrite the manifest (atomically) with ``keys`` changed; only ``volatile_keys`` may change,
+        so a reopened store still matches (e.g. a row count written when a job completes)."""
+        fixed = sorted(set(keys) - set(self.volatile_keys))
+        if fixed:
+            raise ValueError(f"manifest keys {fixed} are not volatile: they pin what the rows mean")
+        self.manifest = _jsonable({**self.manifest, **keys})
+        self._write_manifest(self.manifest)
+        return self.manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self.out_dir / MANIFEST, self._tmp(MANIFEST), lambda f: f.write(text.encode("utf-8")))
 
     def done_ids(self) -> set[str]:
         """``example_id`` of every row on disk (every shard in the directory, any prefix, any run)."""
@@ -311,7 +328,7 @@ class AnnotationStore:
         row fails at once instead of losing the buffer at write time.
         """
         if self._closed:
-            raise StoreError(f"the annotation store {self.out_dir} is closed")
+            raise StoreError(f"the {self.kind} {self.out_dir} is closed")
         for row in rows:
             if not isinstance(row, dict):
                 raise StoreError(f"a row must be a dict, got {type(row).__name__}")
@@ -354,6 +371,12 @@ class AnnotationStore:
 
     # -- writing --------------------------------------------------------------------------------
 
+    def _typed_table(self, rows: list[dict], where: str) -> pa.Table:
+        try:
+            return pa.Table.from_pylist(rows, schema=self.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise StoreError(f"{where}: the rows do not fit the {self.kind} schema: {e}") from e
+
     def _write(self, rows: list[dict]) -> None:
         name = f"{self.shard_prefix}-{self.run_id}-{self._seq:05d}{_EXT[self.fmt]}"
         path = self.out_dir / name
@@ -366,7 +389,7 @@ class AnnotationStore:
             def write(f: Any) -> None:
                 f.write(data)
         else:
-            table = _table(rows, str(path))
+            table = self._typed_table(rows, str(path)) if self.schema is not None else _table(rows, str(path))
 
             def write(f: Any) -> None:
                 pq.write_table(table, f)
