@@ -28,6 +28,12 @@ key                type                      meaning
                                              ``annotations``; ``None`` where a row has none)
 =================  ========================  ==============================================
 
+With ``teacher`` (a :class:`~ellm_mkd.teacher_signal.TeacherSource`: a teacher cache, or a live
+teacher) every batch also carries the teacher's level and verdict distributions, its chain, and
+*rationale tokens*: masks over the student's own input tokens covered by the chain's evidence
+(through the tokenizer's offsets, for pair and tower inputs) and the chain in student tokens;
+the keys are listed in :mod:`datamodules.teacher_batch`.
+
 ``annotations`` joins the output of ``ellm-mkd annotate`` by ``example_id``: the teacher learns to
 write those chains. The store's manifest must agree with this data module (same level names and
 item fields, since the chains quote the rendered item text); training rows without a kept chain
@@ -39,6 +45,7 @@ named there is collated by stacking into a tensor of the given dtype.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -51,8 +58,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
 from .splits import select_split
+from .teacher_batch import add_teacher_fields
 from .text import DEFAULT_ITEM_FIELDS, check_item_fields, render_item
 from .validation import DataSource, LoadReport, load_examples
+from ellm_mkd.teacher_signal import TeacherSource
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +106,15 @@ class Collator:
     """Rows -> batch dict, tokenizing with dynamic padding."""
 
     def __init__(self, tokenizer: Any = None, max_seq_length: int = 128, inputs: Inputs = "pair",
-                 extra_fields: dict[str, torch.dtype] | None = None):
+                 extra_fields: dict[str, torch.dtype] | None = None, teacher: Any = None, num_levels: int = 0,
+                 rationale_max_length: int = 128):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.inputs = inputs
         self.extra_fields = dict(extra_fields or {})
+        self.teacher = teacher
+        self.num_levels = num_levels
+        self.rationale_max_length = rationale_max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         nan = float("nan")
@@ -122,19 +135,25 @@ class Collator:
         for name, dtype in self.extra_fields.items():
             batch[name] = torch.as_tensor([r[name] for r in rows], dtype=dtype)
         tok = self.tokenizer
-        if tok is None or self.inputs == "text":
-            return batch
-        kw = dict(truncation=True, max_length=self.max_seq_length, padding=True, return_tensors="pt")
-        if self.inputs == "pair":
-            enc = tok(batch["query"], batch["item_text"], **{**kw, "truncation": "only_second"})
-            batch.update({k: v for k, v in enc.items()})
-        elif self.inputs == "towers":
-            q = tok(batch["query"], **kw)
-            d = tok(batch["item_text"], **kw)
-            batch.update({f"query_{k}": v for k, v in q.items()})
-            batch.update({f"item_{k}": v for k, v in d.items()})
-        else:
-            raise ValueError(f"inputs must be pair, towers or text, got {self.inputs!r}")
+        offsets: dict[str, Any] = {}
+        if tok is not None and self.inputs != "text":
+            kw = dict(truncation=True, max_length=self.max_seq_length, padding=True, return_tensors="pt",
+                      return_offsets_mapping=self.teacher is not None)
+            if self.inputs == "pair":
+                enc = tok(batch["query"], batch["item_text"], **{**kw, "truncation": "only_second"})
+                offsets["pair"] = enc
+                batch.update({k: v for k, v in enc.items() if k != "offset_mapping"})
+            elif self.inputs == "towers":
+                q = tok(batch["query"], **kw)
+                d = tok(batch["item_text"], **kw)
+                offsets.update(query=q, item=d)
+                batch.update({f"query_{k}": v for k, v in q.items() if k != "offset_mapping"})
+                batch.update({f"item_{k}": v for k, v in d.items() if k != "offset_mapping"})
+            else:
+                raise ValueError(f"inputs must be pair, towers or text, got {self.inputs!r}")
+        if self.teacher is not None:
+            add_teacher_fields(batch, self.teacher.signals(rows), self.num_levels, tok, self.inputs, offsets,
+                               self.rationale_max_length)
         return batch
 
 
@@ -149,7 +168,7 @@ class RelevanceDataModule(L.LightningDataModule):
         max_seq_length: token budget of one model input (truncation; padding is dynamic).
         item_fields: item fields rendered into the item text, in order.
         inputs: ``pair`` (cross-encoder), ``towers`` (two-tower), ``text`` (no tokenization).
-        predict_split: the split ``predict`` runs over.
+        predict_split: the split ``predict`` runs over (``all``: train, val and test, e.g. for a teacher cache).
         sort_eval_by_length: serve val/test/predict rows ordered by text length (less padding,
             faster evaluation; predictions carry their ``example_id``).
         relevant_level: first level that counts as relevant for AUC (default: the top level).
@@ -157,6 +176,9 @@ class RelevanceDataModule(L.LightningDataModule):
         annotations: directory written by ``ellm-mkd annotate``; adds ``rationale`` to the batches.
         missing_annotations: a training row without a kept chain is an ``error`` (listing the first
             ids) or is left out of training (``skip``, counted in the log).
+        teacher: where the teacher's signals come from (``ellm_mkd.teacher_signal.CachedTeacher`` for a
+            cache written by ``ellm-mkd predict``, or ``LiveTeacher``); adds the teacher keys to batches.
+        rationale_max_length: token budget of the teacher's chain in student tokens (``rationale_ids``).
     """
 
     def __init__(
@@ -168,11 +190,13 @@ class RelevanceDataModule(L.LightningDataModule):
         max_seq_length: int = 128,
         item_fields: Sequence[str] = DEFAULT_ITEM_FIELDS,
         inputs: Inputs = "pair",
-        predict_split: Literal["train", "val", "test"] = "test",
+        predict_split: Literal["train", "val", "test", "all"] = "test",
         relevant_level: int | None = None,
         sort_eval_by_length: bool = True,
         annotations: str | None = None,
         missing_annotations: Literal["error", "skip"] = "error",
+        teacher: TeacherSource | None = None,
+        rationale_max_length: int = 128,
     ):
         super().__init__()
         if isinstance(source, dict):
@@ -190,6 +214,10 @@ class RelevanceDataModule(L.LightningDataModule):
         self.sort_eval_by_length = sort_eval_by_length
         self.annotations = annotations
         self.missing_annotations = missing_annotations
+        self.teacher = teacher
+        self.rationale_max_length = rationale_max_length
+        self._teacher_bound = False
+        self.predict_dataset: RelevanceDataset | None = None  # the predict split less excluded rows
         self.tokenizer: Any = None
         self.extra_fields: dict[str, torch.dtype] = {}
         self.scheme = source.resolved_scheme()
@@ -249,6 +277,28 @@ class RelevanceDataModule(L.LightningDataModule):
                 if rationales is not None:
                     self._join_rationales(ds, split, rationales)
                 self.datasets[split] = ds
+        if self.teacher is not None and not self._teacher_bound:
+            self.teacher.bind(self)
+            self._teacher_bound = True
+
+    def full_predict_dataset(self) -> RelevanceDataset:
+        """The rows ``predict`` runs over: one split, or every split in turn (``predict_split: all``)."""
+        if self.predict_split != "all":
+            return self.datasets[self.predict_split]
+        ds = copy.copy(self.datasets["train"])
+        ds.rows = [r for split in ("train", "val", "test") for r in self.datasets[split].rows]
+        return ds
+
+    def exclude_from_predict(self, example_ids: set[str]) -> int:
+        """Leave ``example_ids`` out of the predict split (a resumed teacher cache); returns how many
+        were left out. Call it after ``setup`` and before the predict loader is built."""
+        ds = self.predict_dataset or self.full_predict_dataset()
+        keep = [r for r in ds.rows if r["example_id"] not in example_ids]
+        removed = len(ds.rows) - len(keep)
+        # a copy: the val/test loaders keep every row when the predict split is one of them
+        self.predict_dataset = copy.copy(ds)
+        self.predict_dataset.rows = keep
+        return removed
 
     def _load_annotations(self) -> dict[str, str]:
         from ellm_mkd.annotation_store import read_annotations, read_manifest
@@ -287,13 +337,15 @@ class RelevanceDataModule(L.LightningDataModule):
             raise ValueError(f"{self.annotations}: no training example has a kept chain of thought")
 
     def collator(self) -> Collator:
-        return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields)
+        return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields, self.teacher,
+                        self.num_levels, self.rationale_max_length)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, ds: RelevanceDataset | None = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError("call setup() before asking for a dataloader")
-        ds = self.datasets[split]
-        if len(ds) == 0:
+        excluded = ds is not None and ds is not self.datasets[split]  # a resumed prediction may have nothing left
+        ds = ds if ds is not None else self.datasets[split]
+        if len(ds) == 0 and not excluded:
             raise ValueError(f"{self.source.path}: the {split} split is empty; check split fractions")
         bs = self.batch_size if train else (self.eval_batch_size or 2 * self.batch_size)
         return DataLoader(ds, batch_size=bs, shuffle=train, num_workers=self.num_workers, collate_fn=self.collator(),
@@ -309,7 +361,8 @@ class RelevanceDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, False)
+        return self._loader("train" if self.predict_split == "all" else self.predict_split, False,
+                            self.predict_dataset or self.full_predict_dataset())
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

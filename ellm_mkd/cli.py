@@ -18,8 +18,9 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
-    "bench": "bench students | bench teacher: measure models (quality, throughput); writes docs/results and docs/benchmarks.md",
+    "bench": "bench students | bench teacher | bench cache: measure models (quality, throughput); writes docs/results and docs/benchmarks.md",
     "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
+    "cache": "cache inspect PATH: a teacher cache's manifest, level distribution, entropy and sample chains",
     "data": "data check PATH: validate a dataset and print its counts; data synth --out DIR: generate the embedded catalog",
 }
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .annotate import annotate_main
 
         return annotate_main(rest)
+    if cmd == "cache":
+        from .teacher_cache import cache_main
+
+        return cache_main(rest)
     if cmd == "bench":
         from .bench import bench_main
 

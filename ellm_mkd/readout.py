@@ -233,6 +233,7 @@ class Readout:
     rationales: list[str]  # generated chains ("" in direct mode)
     chains: list[ChainOfThought | None]  # parsed chains (None: parse failure or direct mode)
     errors: list[str | None] = field(default_factory=list)  # parse error per pair (None: parsed)
+    level_prefixes: list[list[int]] = field(default_factory=list)  # token ids up to the level readout point
 
     @property
     def parse_failures(self) -> int:
@@ -276,7 +277,7 @@ class TeacherReadout:
         logp = score_points(self.model, seqs, pts, self.tokenizer.pad_token_id)
         n = len(seqs)
         uniform = torch.full((n, len(DIMENSIONS), len(VERDICTS)), 1.0 / len(VERDICTS))
-        return Readout(torch.stack(logp).exp(), uniform, [""] * n, [None] * n, [None] * n)
+        return Readout(torch.stack(logp).exp(), uniform, [""] * n, [None] * n, [None] * n, seqs)
 
     def cot(self, queries: Sequence[str], items: Sequence[str], temperature: float = 0.0,
             responses: Sequence[str] | None = None) -> Readout:
@@ -291,6 +292,7 @@ class TeacherReadout:
         chains: list[ChainOfThought | None] = []
         errors: list[str | None] = []
         owners: list[tuple[int, str, int]] = []  # (pair, "level"|"dim", dim index) per point
+        prefixes: list[list[int]] = []  # per pair: the tokens up to the level readout point
         for i, (prompt, resp, q, d) in enumerate(zip(prompts, responses, queries, items)):
             prompt_ids = self._ids(prompt)
             try:
@@ -302,6 +304,7 @@ class TeacherReadout:
                 seqs.append(seq)
                 pts.append(ReadoutPoint(len(seqs) - 1, len(seq), self.levels))
                 owners.append((i, "level", -1))
+                prefixes.append(seq)
                 continue
             chains.append(chain)
             errors.append(None)
@@ -316,6 +319,8 @@ class TeacherReadout:
                 else:  # the tokenizer merged across the cut: read after the prefix as its own sequence
                     pts.append(ReadoutPoint(s, len(cut_ids), cset, prefix_ids=cut_ids))
                 owners.append((i, "level" if k < 0 else "dim", k))
+                if k < 0:
+                    prefixes.append(cut_ids)
         logp = score_points(self.model, seqs, pts, self.tokenizer.pad_token_id)
         level = torch.zeros(n, len(self.level_names))
         verdict = torch.full((n, len(DIMENSIONS), len(VERDICTS)), 1.0 / len(VERDICTS))
@@ -324,7 +329,19 @@ class TeacherReadout:
                 level[i] = lp.exp()
             else:
                 verdict[i, k] = lp.exp()
-        return Readout(level, verdict, [r.strip() for r in responses], chains, errors)
+        return Readout(level, verdict, [r.strip() for r in responses], chains, errors, prefixes)
+
+    @torch.no_grad()
+    def hidden(self, readout: Readout) -> Tensor:
+        """The last layer's hidden state ``[B, H]`` where each pair's level is read (after the chain in
+        ``cot``, after the prompt in ``direct``): the teacher's pooled representation of its judgement.
+        One more forward pass over the readout prefixes."""
+        backbone, _ = lm_parts(self.model)
+        device = next(self.model.parameters()).device
+        seqs = readout.level_prefixes
+        states = _hidden_states(backbone, seqs, self.tokenizer.pad_token_id, device)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        return states[torch.arange(len(seqs), device=device), last].float().cpu()
 
     def _cuts(self, body: str) -> list[tuple[int, str, CandidateSet]]:
         """``(dimension index or -1 for the level, text up to the readout point, candidates)``."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
+from ellm_mkd.cot import evidence_spans
 from ellm_mkd.prompts import PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token, lm_parts
 
@@ -58,6 +59,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         relevant_level: first relevant level for AUC (linked from the data module).
         level_grades: raw grade of each level for the expected grade (default: train means).
         use_lora: train a LoRA adapter (else every weight).
+        adapter: a trained LoRA adapter directory (``<export_dir>/adapter``, written by ``fit``) to
+            start from, e.g. to predict or write a cache without a Lightning checkpoint; its own LoRA
+            settings replace ``lora_*``.
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
         lora_target_modules: module names that get adapters (Llama-style projections by default).
         lr, weight_decay, warmup_ratio, scheduler: AdamW and its schedule.
@@ -84,6 +88,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         relevant_level: int | None = None,
         level_grades: list[float] | None = None,
         use_lora: bool = True,
+        adapter: str | None = None,
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
@@ -123,13 +128,20 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
-        if use_lora:
+        if adapter:
+            from peft import PeftModel
+
+            if not use_lora:
+                raise ValueError("adapter is a LoRA adapter directory: it needs use_lora: true")
+            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=True)
+        elif use_lora:
             from peft import LoraConfig, get_peft_model
 
             cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
             lm = get_peft_model(lm, cfg)
         self.model = lm
+        self.predict_hidden = False  # set by the cache writer when it stores hidden vectors
         self._readout: TeacherReadout | None = None
         self.train()
 
@@ -265,10 +277,29 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         return out
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Per example: level and verdict distributions, the chain, its evidence spans (character
+        offsets into ``query`` / ``item_text``) and, with ``predict_hidden``, the pooled hidden vector.
+        ``has_verdicts`` is False where the verdicts are placeholders (direct readout, unparsed chain)."""
         mode = self.hparams.test_mode
         r = self.read(batch, mode)
-        return {"example_id": batch["example_id"], "probs": r.level_probs, "expected_grade": r.level_probs @ self.level_grades.cpu(),
-                "dim_probs": r.verdict_probs, "rationale": r.rationales, "parse_error": r.errors, "mode": mode}
+        evidence = [evidence_spans(c, q, d) if c is not None else []
+                    for c, q, d in zip(r.chains, batch["query"], batch["item_text"])]
+        out = {"example_id": batch["example_id"], "query": batch["query"], "item_text": batch["item_text"],
+               "probs": r.level_probs, "expected_grade": r.level_probs @ self.level_grades.cpu(),
+               "dim_probs": r.verdict_probs, "has_verdicts": [c is not None for c in r.chains],
+               "rationale": r.rationales, "parse_error": r.errors, "evidence": evidence, "mode": mode}
+        if self.predict_hidden:
+            out["hidden"] = self.readout.hidden(r)
+        return out
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What pins this teacher's outputs in a cache manifest: base model, weights hash (of the weights
+        as loaded now, adapter included), prompt template fingerprint, readout mode and budget."""
+        from ellm_mkd.teacher_cache import weights_fingerprint
+
+        return {"model": self.hparams.model, "weights_hash": weights_fingerprint(self.model),
+                "template_fingerprint": self.template.fingerprint(), "readout": self.hparams.test_mode,
+                "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode == "cot" else None}
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -308,8 +339,11 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def export(self, out_dir: str | Path, merged: bool = True) -> Path:
         """Write ``adapter/`` (peft) and ``merged/`` (plain causal LM + tokenizer) under ``out_dir``."""
         out = Path(out_dir)
+        from ellm_mkd.teacher_cache import weights_fingerprint
+
         info = {"base_model": self.hparams.model, "base_model_path": self.model_path, "level_names": list(self.level_names),
-                "template": self.template.__dict__, "template_fingerprint": self.template.fingerprint()}
+                "template": self.template.__dict__, "template_fingerprint": self.template.fingerprint(),
+                "weights_hash": weights_fingerprint(self.model)}
         if self.hparams.use_lora:
             self.model.save_pretrained(out / "adapter")
             self.tokenizer.save_pretrained(out / "adapter")

@@ -198,6 +198,14 @@ def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_pa
     assert res["parse_failure_rate"] == 1.0
     assert res["count"] > 0 and res["rmse"] > 0 and 0.0 <= res["macro_f1"] <= 1.0
     assert not any(k.startswith("dim_acc/") for k in res)  # no parsed chain, no verdicts to score
+    # the weights hash that teacher.json pins is the one a cache made from the checkpoint or the adapter records
+    pinned = json.loads((run / "teacher" / "teacher.json").read_text())["weights_hash"]
+    assert cli.model.cache_identity()["weights_hash"] == pinned
+    from lightning_modules import TeacherLM
+
+    from_adapter = TeacherLM(model=tiny_llama, adapter=str(run / "teacher" / "adapter"), log_figures=False)
+    assert from_adapter.cache_identity()["weights_hash"] == pinned
+    assert TeacherLM(model=tiny_llama, log_figures=False).cache_identity()["weights_hash"] != pinned
 
 
 @pytest.mark.integration
