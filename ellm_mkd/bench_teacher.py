@@ -46,6 +46,8 @@ def _parser():
     p.add_argument("--eval_batch_size", type=int, default=16, help="pairs per batched readout")
     p.add_argument("--naive_pairs", type=int, default=16, help="pairs timed in the naive per-pair loop")
     p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--precision", type=str, default="bf16-mixed",
+                   help="bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", type=str, default="teacher")
     p.add_argument("--out_json", type=str | None, default=None)
@@ -53,11 +55,11 @@ def _parser():
     return p
 
 
-def _evaluate(model, dm, mode: str) -> dict[str, float]:
+def _evaluate(model, dm, mode: str, precision: str) -> dict[str, float]:
     import lightning as L
 
     model.hparams.test_mode = mode
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     t = time.perf_counter()
     trainer.test(model, datamodule=dm, verbose=False)
@@ -66,7 +68,7 @@ def _evaluate(model, dm, mode: str) -> dict[str, float]:
     return {k: float(v) for k, v in res.items()}
 
 
-def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int) -> dict[str, float]:
+def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int, bf16: bool) -> dict[str, float]:
     from .cot import CoTParseError, parse
     from .readout import generate_batched
 
@@ -74,7 +76,7 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int)
     q = [r["query"] for r in rows]
     d = [r["item_text"] for r in rows]
     out: dict[str, float] = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         t = time.perf_counter()
         for s in range(0, len(rows), batch):
             ro.direct(q[s:s + batch], d[s:s + batch])
@@ -133,19 +135,19 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
                       save_merged=False)
     quality: dict[str, dict[str, float]] = {}
     for mode in ("direct", "cot"):  # zero-shot: the LoRA update starts at zero, so this is the base model
-        quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode)
+        quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode, opts.precision)
         log.info("zero-shot %s: %s", mode, {k: round(v, 4) for k, v in quality[f"zero_shot_{mode}"].items()})
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=opts.steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=opts.precision, max_steps=opts.steps, logger=False,
                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
                         enable_model_summary=False)
     t = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - t
     for mode in ("direct", "cot"):
-        quality[f"lora_{mode}"] = _evaluate(model, dm, mode)
+        quality[f"lora_{mode}"] = _evaluate(model, dm, mode, opts.precision)
         log.info("LoRA %s: %s", mode, {k: round(v, 4) for k, v in quality[f"lora_{mode}"].items()})
     model.eval()
-    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs)
+    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, opts.precision.startswith("bf16"))
     return {
         "benchmark": opts.name,
         "command": command,
@@ -153,7 +155,7 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "setup": {"model": opts.model, "catalog_queries": opts.num_queries, "train_pairs": len(dm.datasets["train"]),
                   "steps": opts.steps, "batch_size": opts.batch_size, "examples_seen": opts.steps * opts.batch_size,
-                  "lr": opts.lr, "eval_pairs": len(rows), "eval_batch_size": opts.eval_batch_size,
+                  "lr": opts.lr, "precision": opts.precision, "eval_pairs": len(rows), "eval_batch_size": opts.eval_batch_size,
                   "max_new_tokens": opts.max_new_tokens, "item_fields": list(opts.item_fields),
                   "train_seconds": round(train_s, 1), "train_seconds_per_step": round(train_s / max(opts.steps, 1), 2),
                   "lora": {"r": model.hparams.lora_r, "alpha": model.hparams.lora_alpha,
@@ -185,7 +187,7 @@ def markdown_section(result: dict[str, Any]) -> str:
         lines.append(f"| {who.replace('_', '-')} | {mode} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('auc'))} | "
                      f"{_fmt(m.get('macro_f1'))} | {_fmt(m.get('rmse'))} | {pf} |")
     tp = result["throughput"]
-    lines += ["", f"Readout throughput of the fine-tuned teacher (batch {s['eval_batch_size']}, bf16 autocast, "
+    lines += ["", f"Readout throughput of the fine-tuned teacher (batch {s['eval_batch_size']}, precision {s['precision']}, "
               f"max {s['max_new_tokens']} new tokens):", "",
               "| readout | pairs/s |", "|---|---|",
               f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",
@@ -199,7 +201,10 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def bench_teacher_main(argv: list[str]) -> int:
+    from .lightning_cli import resolve_precision
+
     opts = _parser().parse_args(argv)
+    opts.precision = resolve_precision(opts.precision, "cpu")
     command = "ellm-mkd bench teacher " + shlex.join(argv)
     result = bench_teacher(opts, command)
     out_json = opts.out_json or f"docs/results/{opts.name}.json"

@@ -122,3 +122,35 @@ def test_train_limit_keeps_whole_queries_in_hash_order():
     assert kept == limit_training_rows(rows, 35, seed=0)  # deterministic
     with pytest.raises(ValueError):
         limit_training_rows(rows, 5, seed=0)
+
+
+@pytest.mark.integration
+def test_bench_cache_end_to_end(tmp_path, tiny_llama):
+    out_json, out_md = tmp_path / "cache.json", tmp_path / "benchmarks.md"
+    assert bench_main(["cache", "--model", tiny_llama, "--adapter", str(tmp_path / "none"), "--work_dir",
+                       str(tmp_path / "work"), "--num_queries", "16", "--cot_pairs", "8", "--cot_batch_size", "4",
+                       "--repeats", "1", "--precision", "32-true", "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    res = json.loads(out_json.read_text())
+    direct, cot = res["writes"]
+    assert direct["mode"] == "direct" and direct["rows"] > 100 and direct["pairs_per_s"] > 0
+    assert cot["mode"] == "cot" and cot["rows"] == 8 and cot["bytes_per_example"] > direct["bytes_per_example"]
+    se = res["student_epoch"]
+    assert se["runs"]["with"][0]["pairs"] == se["runs"]["without"][0]["pairs"] > 0
+    assert res["targets"]["join_overhead_le_10pct"]["value"] == se["overhead"]
+    assert "<!-- bench:cache -->" in out_md.read_text() and res["command"] in out_md.read_text()
+
+
+@pytest.mark.integration
+def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
+    out_json, out_md = tmp_path / "teacher.json", tmp_path / "benchmarks.md"
+    assert bench_main(["teacher", "--model", tiny_llama, "--work_dir", str(tmp_path / "work"), "--num_queries", "20",
+                       "--steps", "2", "--batch_size", "4", "--eval_pairs", "8", "--eval_batch_size", "4",
+                       "--naive_pairs", "2", "--max_new_tokens", "8", "--precision", "32-true",
+                       "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    res = json.loads(out_json.read_text())
+    assert [r["name"] for r in res["rows"]] == ["zero_shot_direct", "zero_shot_cot", "lora_direct", "lora_cot"]
+    assert res["setup"]["precision"] == "32-true" and res["setup"]["steps"] == 2
+    tp = res["throughput"]
+    assert tp["direct_pairs_per_s"] > 0 and tp["naive_pairs_per_s"] > 0
+    assert res["targets"]["cot_batched_ge_5x_naive"]["value"] == tp["cot_batched_over_naive"]
+    assert "<!-- bench:teacher -->" in out_md.read_text()
