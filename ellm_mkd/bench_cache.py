@@ -161,7 +161,10 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def bench_cache_main(argv: list[str]) -> int:
+    from .lightning_cli import resolve_precision
+
     opts = _parser().parse_args(argv)
+    opts.precision = resolve_precision(opts.precision, "cpu")  # record what runs, not what was asked
     command = "ellm-mkd bench cache " + shlex.join(argv)
     result = bench_cache(opts, command)
     out_json = opts.out_json or f"docs/results/{opts.name}.json"
