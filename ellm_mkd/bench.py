@@ -760,6 +760,15 @@ _MD_HEADER = ("# Benchmarks\n\nEvery section below was written by the command it
               "`docs/results/<name>.json`.\n")
 
 
+def publish(result: dict[str, Any], opts: Any, section: str) -> None:
+    """Write a benchmark's JSON (``opts.out_json`` or ``docs/results/<name>.json``) and its markdown section."""
+    out_json = opts.out_json or f"docs/results/{opts.name}.json"
+    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    update_markdown(opts.out_md, opts.name, section)
+    print(section)
+    print(f"\nwrote {out_json} and the {opts.name} section of {opts.out_md}")
+
+
 def update_markdown(path: str | os.PathLike, name: str, section: str) -> None:
     """Replace this benchmark's section of ``path`` (between its markers), or append it; other sections stay."""
     path = Path(path)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _timer_callback_class, atomic_write_text, machine_description, update_markdown
+from .bench import _timer_callback_class, machine_description, publish
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -167,9 +167,5 @@ def bench_cache_main(argv: list[str]) -> int:
     opts.precision = resolve_precision(opts.precision, "cpu")  # record what runs, not what was asked
     command = "ellm-mkd bench cache " + shlex.join(argv)
     result = bench_cache(opts, command)
-    out_json = opts.out_json or f"docs/results/{opts.name}.json"
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
-    update_markdown(opts.out_md, opts.name, markdown_section(result))
-    print(markdown_section(result))
-    print(f"\nwrote {out_json} and the {opts.name} section of {opts.out_md}")
+    publish(result, opts, markdown_section(result))
     return 0

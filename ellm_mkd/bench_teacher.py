@@ -15,7 +15,6 @@ Writes ``docs/results/<name>.json`` and the ``<name>`` section of ``docs/benchma
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shlex
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .bench import _fmt, atomic_write_text, machine_description, update_markdown
+from .bench import _fmt, machine_description, publish
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
@@ -207,9 +206,5 @@ def bench_teacher_main(argv: list[str]) -> int:
     opts.precision = resolve_precision(opts.precision, "cpu")
     command = "ellm-mkd bench teacher " + shlex.join(argv)
     result = bench_teacher(opts, command)
-    out_json = opts.out_json or f"docs/results/{opts.name}.json"
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
-    update_markdown(opts.out_md, opts.name, markdown_section(result))
-    print(markdown_section(result))
-    print(f"\nwrote {out_json} and the {opts.name} section of {opts.out_md}")
+    publish(result, opts, markdown_section(result))
     return 0
