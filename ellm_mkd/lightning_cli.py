@@ -44,9 +44,14 @@ def resolve_precision(precision: str | int | None, accelerator: str | None) -> s
 
 
 class EllmCLI(LightningCLI):
-    """LightningCLI with the project's data module fixed and any LightningModule as model."""
+    """LightningCLI with the project's data module fixed, any LightningModule as model, and a
+    ``distill`` section (:class:`callbacks.mkd.MKDistillation`, off unless ``distill.enabled: true``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        from callbacks.mkd import MKDistillation
+
+        parser.add_lightning_class_args(MKDistillation, "distill")
+        parser.set_defaults({"distill.enabled": False})
         parser.link_arguments("data.num_levels", "model.init_args.num_levels", apply_on="instantiate")
         parser.link_arguments("data.relevant_level", "model.init_args.relevant_level", apply_on="instantiate")
 

@@ -49,6 +49,15 @@ class TeacherSource:
     def bind(self, dm: Any) -> None:
         """Check the source against the data module and get ready (called once, after ``dm.setup``)."""
 
+    def covers(self, example_id: str) -> bool:
+        """Whether the source has a signal for ``example_id`` (after :meth:`bind`)."""
+        return True
+
+    @property
+    def hidden_size(self) -> int | None:
+        """Width of the signals' ``hidden`` vector, or None when they carry none."""
+        return None
+
     def signals(self, rows: list[dict[str, Any]]) -> list[TeacherSignal | None]:
         raise NotImplementedError
 
@@ -72,6 +81,7 @@ class CachedTeacher(TeacherSource):
             raise ValueError(f"missing must be 'error' or 'hard_label', got {missing!r}")
         self.path, self.missing, self.teacher_dir, self.expect = path, missing, teacher_dir, dict(expect or {})
         self._signals: dict[str, TeacherSignal] = {}
+        self.manifest: dict[str, Any] = {}
 
     def expected_manifest(self, dm: Any) -> dict[str, Any]:
         want: dict[str, Any] = {"level_names": list(dm.level_names), "item_fields": list(dm.item_fields),
@@ -90,6 +100,7 @@ class CachedTeacher(TeacherSource):
 
     def bind(self, dm: Any) -> None:
         cache = TeacherCache(self.path, expect=self.expected_manifest(dm))
+        self.manifest = cache.manifest
         stale, missing_train, kept = [], [], {}
         for split, ds in dm.datasets.items():
             ids = [r["example_id"] for r in ds.rows]
@@ -118,6 +129,13 @@ class CachedTeacher(TeacherSource):
                      self.path, len(missing_train), n_train)
         self._signals = kept
         log.info("teacher cache %s: %d examples joined", self.path, len(kept))
+
+    def covers(self, example_id: str) -> bool:
+        return example_id in self._signals
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.manifest.get("hidden_size") if any(s.hidden is not None for s in self._signals.values()) else None
 
     def signals(self, rows: list[dict[str, Any]]) -> list[TeacherSignal | None]:
         return [self._signals.get(r["example_id"]) for r in rows]

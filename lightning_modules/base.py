@@ -18,8 +18,14 @@ Loss terms (each logged on its own as ``train/loss/<name>``), summed with their 
            rows whose verdict is unknown (-100) do not count.
 
 Callbacks that define ``loss_terms(pl_module, batch, output) -> dict[str, Tensor]`` (weighted
-already) add their terms to the same sum; this is how distillation plugs in without the student
-knowing the teacher.
+already) add their terms to the same sum (a term of the same name replaces the student's own);
+this is how distillation plugs in without the student knowing the teacher.
+
+Parameters that only serve training (e.g. the rationale projection of distillation) are added by
+callbacks with :meth:`RelevanceStudent.add_training_module`. They train and synchronise under
+DDP like any parameter, and resume with ``--ckpt_path``, but they are kept out of the checkpoint's
+``state_dict`` (under ``training_modules_state`` instead), so ``load_from_checkpoint`` and the
+exported student are exactly the student.
 """
 
 from __future__ import annotations
@@ -121,7 +127,45 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         self.train()  # from_pretrained returns encoders in eval mode; dropout must be on for fit
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [*self.level_head.parameters(), *self.dim_heads.parameters()]
+        return [*self.level_head.parameters(), *self.dim_heads.parameters(), *self.training_parameters()]
+
+    @property
+    def pair_dim(self) -> int:
+        """Width of the pair representation (``StudentOutput.pair_embedding``)."""
+        return self.level_head.in_features
+
+    # -- training-only modules and attentions (the seams distillation uses) ------------------------
+    def add_training_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Register ``module`` as a training-only part of the student (see the module docstring).
+        Call it before the optimizers are built (a callback's ``setup``)."""
+        if "training_modules" not in self._modules:
+            self.training_modules = nn.ModuleDict()
+        self.training_modules[name] = module
+        return module
+
+    def training_parameters(self) -> list[nn.Parameter]:
+        return [*self.training_modules.parameters()] if "training_modules" in self._modules else []
+
+    def request_attentions(self) -> None:
+        """Return the encoder's attention maps as ``extras["attentions"]`` while training (students
+        that have them; the cross-encoder). Switches the encoder to eager attention, the only
+        implementation that returns them."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention maps to return")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict", {})
+        moved = {k: sd.pop(k) for k in [k for k in sd if k.startswith("training_modules.")]}
+        if moved:
+            checkpoint["training_modules_state"] = moved
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict")
+        if sd is None or "training_modules" not in self._modules:
+            return
+        # resuming with the same callbacks: put them back; a checkpoint made without them: start fresh
+        sd.update(checkpoint.get("training_modules_state", {}))
+        for k, v in self.training_modules.state_dict(prefix="training_modules.").items():
+            sd.setdefault(k, v)
 
     def forward(self, batch: dict[str, Any]) -> StudentOutput:
         h, extras = self.encode_batch(batch)

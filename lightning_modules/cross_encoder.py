@@ -48,9 +48,19 @@ class CrossEncoderStudent(RelevanceStudent):
         if gradient_checkpointing:
             self.encoder.gradient_checkpointing_enable()
         self._build_heads(self.encoder.config.hidden_size)
+        self._attentions = False
+
+    def request_attentions(self) -> None:
+        self.encoder.set_attn_implementation("eager")
+        self._attentions = True
 
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        hidden = self.encoder(**kw).last_hidden_state
+        want = self._attentions and self.training
+        res = self.encoder(**kw, output_attentions=True) if want else self.encoder(**kw)
+        hidden = res.last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
-        return pooled, {"token_states": hidden, "attention_mask": batch["attention_mask"]}
+        extras = {"token_states": hidden, "attention_mask": batch["attention_mask"]}
+        if want:
+            extras["attentions"] = res.attentions
+        return pooled, extras

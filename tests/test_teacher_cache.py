@@ -18,6 +18,8 @@ from datamodules.teacher_batch import spans_to_token_mask
 from ellm_mkd.annotation_store import AnnotationStore, StoreError, read_annotations
 from ellm_mkd.teacher_cache import (KIND, SCHEMA_VERSION, VOLATILE_KEYS, CacheMismatchError, TeacherCache,
                                     TeacherSignal, cache_schema, inspect, weights_fingerprint)
+from helpers import rule_signals as _rule_signals
+from helpers import write_cache as _write_cache
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_CFG = REPO / "configs" / "teacher" / "cache_smollm2_direct.yaml"
@@ -30,37 +32,6 @@ def _dm(synth_dir, **kw):
 
     kw.setdefault("item_fields", ITEM_FIELDS)
     return RelevanceDataModule({"path": str(synth_dir)}, **kw)
-
-
-def _rule_signals(dm, splits=("train", "val", "test")) -> list[TeacherSignal]:
-    """Signals with real evidence: the rules annotator's chains, parsed, with made-up distributions."""
-    from ellm_mkd.annotate_rules import RuleAnnotator
-    from ellm_mkd.cot import evidence_spans, parse, render
-
-    raw = {r["example_id"]: r for r in dm.table.to_pylist()}
-    ann = RuleAnnotator(dm.level_names, brands={r["brand"] for r in raw.values() if r["brand"]})
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for split in splits:
-        for r in dm.datasets[split].rows:
-            text = render(ann.annotate(raw[r["example_id"]], r["item_text"]))
-            chain = parse(text, r["query"], r["item_text"], dm.level_names)
-            p = torch.rand(dm.num_levels, generator=g).softmax(-1).tolist()
-            v = torch.rand(len(DIMENSIONS), len(VERDICTS), generator=g).softmax(-1).tolist()
-            h = torch.randn(8, generator=g).to(torch.float16).float().tolist()
-            out.append(TeacherSignal(r["example_id"], r["query"], r["item_text"], p, v, text, None,
-                                     evidence_spans(chain, r["query"], r["item_text"]), h))
-    return out
-
-
-def _write_cache(path: Path, dm, signals: list[TeacherSignal], **manifest_over) -> None:
-    manifest = {"kind": KIND, "schema_version": SCHEMA_VERSION,
-                "teacher": {"model": "rules", "weights_hash": "abc", "template_fingerprint": "t0", "readout": "cot"},
-                "label_scheme": dm.scheme.describe(), "level_names": list(dm.level_names),
-                "item_fields": list(dm.item_fields), "hidden_size": 8, **manifest_over}
-    with AnnotationStore(path, manifest, fmt="parquet", rows_per_shard=100, volatile_keys=VOLATILE_KEYS, kind=KIND,
-                         schema=cache_schema()) as store:
-        store.append([s.to_row() for s in signals])
 
 
 # -- unit -------------------------------------------------------------------------------------------

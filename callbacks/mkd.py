@@ -1,0 +1,282 @@
+"""``MKDistillation``: the blended loss of Multi-dimensional Knowledge Distillation.
+
+A Lightning callback that adds the teacher's knowledge to a student's training loss. The student
+keeps its own terms (``hard`` level cross-entropy, ``grade``, ``dim`` on known verdicts); this
+callback adds, from the teacher keys every batch carries when the data module has a ``teacher``
+(:mod:`datamodules.teacher_batch`):
+
+============================  ====================================================================
+term (``train/loss/<name>``)  what it is
+============================  ====================================================================
+``hard``                      only when ``w_hard`` is set: replaces the student's level
+                              cross-entropy, with this weight and schedule
+``soft``                      ``T^2 * KL(teacher_T || student_T)`` on the level distribution
+                              (``w_soft``, ``kd_temperature``)
+``dim_kd``                    KL between the teacher's verdict distributions and the student's
+                              dimension heads, weighted per dimension (``w_dim``, ``dim_weights``)
+``rationale``                 KL between the normalised evidence mask and the student's token
+                              distribution: the cross-encoder's [CLS]-to-token attention (chosen
+                              ``attention_layers`` / ``attention_heads``), each tower's pooling
+                              weights for the two-tower student (``w_rationale``)
+``rationale_embedding``       ``1 - cos`` between the pair embedding and a learned projection of
+                              the rationale's embedding (``w_rationale_embedding``)
+============================  ====================================================================
+
+Each term only counts rows that have the signal it needs (a teacher row; parsed verdicts; evidence
+on the student's tokens; a chain), so rows without a teacher (or teacher-labelled augmentation
+rows without a label) train on what they have. Each weight can follow a :class:`Schedule` (off for
+a share of training, then a linear ramp to its full value); the factors are logged as
+``train/mkd/<name>_factor``; the epoch mean of each weighted term, reduced over DDP ranks, as
+``train/mkd/<name>``. The terms are added while training only: validation and test
+losses stay the student's own, comparable between a baseline and a distilled run.
+
+The rationale embedding is the masked mean of the chain's tokens (``rationale_ids``) through a
+frozen copy of the student's encoder as it was before training (``rationale_embedding: chain``;
+computed once per example and kept in memory), or the teacher's hidden vector from the cache
+(``teacher_hidden``; write the cache with ``store_hidden: true``). Its projection is a training
+module of the student (``RelevanceStudent.add_training_module``): it trains and synchronises
+under DDP, and never enters the exported state_dict. The frozen encoder lives in this callback,
+not in the student, and the teacher lives in the data module: neither is in a student checkpoint.
+
+YAML (LightningCLI, section ``distill`` of ``ellm-mkd fit``)::
+
+    distill:
+      enabled: true
+      w_soft: 1.0
+      kd_temperature: 2.0
+      w_dim: 0.5
+      w_rationale: 0.1
+      w_rationale_embedding: 0.1
+      schedules: {rationale: {delay: 0.1, ramp: 0.2}}
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.schema import DIMENSIONS
+
+from .losses import (RationaleProjection, cls_attention, dimension_kd_loss, distribution_kd_loss,
+                     rationale_attention_loss, rationale_embedding_loss)
+
+log = logging.getLogger(__name__)
+TERMS = ("hard", "soft", "dim_kd", "rationale", "rationale_embedding")
+
+
+@dataclass
+class Schedule:
+    """How a term's weight moves over training, in shares of the total optimizer steps."""
+
+    delay: float = 0.0
+    """share of training during which the term is off (or at ``start``)"""
+    ramp: float = 0.0
+    """share of training, after the delay, over which the factor rises linearly from ``start`` to 1"""
+    start: float = 0.0
+    """factor during the delay and at the start of the ramp"""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.delay <= 1 and 0 <= self.ramp <= 1 and 0 <= self.start <= 1):
+            raise ValueError(f"schedule delay, ramp and start must lie in [0, 1], got {self}")
+
+    def factor(self, progress: float) -> float:
+        """Weight factor at ``progress`` (share of training done, 0..1)."""
+        if progress < self.delay:
+            return self.start
+        if self.ramp <= 0:
+            return 1.0
+        return self.start + (1.0 - self.start) * min(1.0, (progress - self.delay) / self.ramp)
+
+
+class MKDistillation(L.Callback):
+    """Distil a teacher's level distribution, dimension verdicts and rationale into a student.
+
+    See the module docstring for the terms. A weight of 0 turns its term off.
+
+    Args:
+        enabled: False makes the callback a no-op (a baseline run from the same config).
+        w_hard: weight of the level cross-entropy; ``None`` keeps the student's own ``w_hard``.
+            Set it to give the hard term a schedule (e.g. ramp the teacher in while labels fade).
+        w_soft: weight of the level-distribution KD.
+        kd_temperature: temperature T of the level KD (the loss is scaled by T^2).
+        w_dim: weight of the dimension-verdict KD.
+        dim_weights: per-dimension weights (by name; missing dimensions weigh 1).
+        dim_temperature: temperature of the verdict KD.
+        w_rationale: weight of the evidence-mask alignment.
+        attention_layers: cross-encoder layers whose [CLS]-to-token attention is aligned.
+        attention_heads: heads averaged (None: all).
+        w_rationale_embedding: weight of the pair-embedding alignment to the projected rationale.
+        rationale_embedding: ``chain`` (the chain through a frozen copy of the student encoder) or
+            ``teacher_hidden`` (the teacher's vector from the cache).
+        schedules: a :class:`Schedule` per term name (hard, soft, dim_kd, rationale,
+            rationale_embedding).
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        w_hard: float | None = None,
+        w_soft: float = 1.0,
+        kd_temperature: float = 2.0,
+        w_dim: float = 0.5,
+        dim_weights: dict[str, float] | None = None,
+        dim_temperature: float = 1.0,
+        w_rationale: float = 0.1,
+        attention_layers: list[int] | None = None,
+        attention_heads: list[int] | None = None,
+        w_rationale_embedding: float = 0.1,
+        rationale_embedding: Literal["chain", "teacher_hidden"] = "chain",
+        schedules: dict[str, Schedule] | None = None,
+    ):
+        super().__init__()
+        for name, w in (("w_soft", w_soft), ("w_dim", w_dim), ("w_rationale", w_rationale),
+                        ("w_rationale_embedding", w_rationale_embedding), ("w_hard", w_hard or 0.0)):
+            if w < 0:
+                raise ValueError(f"distill.{name} must be >= 0, got {w}")
+        if kd_temperature <= 0 or dim_temperature <= 0:
+            raise ValueError("distill.kd_temperature and distill.dim_temperature must be > 0")
+        unknown = set(dim_weights or {}) - set(DIMENSIONS)
+        if unknown:
+            raise ValueError(f"distill.dim_weights: unknown dimension(s) {sorted(unknown)}; known: {list(DIMENSIONS)}")
+        schedules = {k: (Schedule(**v) if isinstance(v, dict) else v) for k, v in (schedules or {}).items()}
+        unknown = set(schedules) - set(TERMS)
+        if unknown:
+            raise ValueError(f"distill.schedules: unknown term(s) {sorted(unknown)}; known: {list(TERMS)}")
+        self.enabled = enabled
+        self.w_hard, self.w_soft, self.kd_temperature = w_hard, w_soft, kd_temperature
+        self.w_dim, self.dim_temperature = w_dim, dim_temperature
+        self.dim_weights = torch.tensor([(dim_weights or {}).get(d, 1.0) for d in DIMENSIONS], dtype=torch.float32)
+        self.w_rationale = w_rationale
+        self.attention_layers = tuple(attention_layers or (-1,))
+        self.attention_heads = None if attention_heads is None else tuple(attention_heads)
+        self.w_rationale_embedding, self.rationale_embedding = w_rationale_embedding, rationale_embedding
+        self.schedules = schedules
+        self._frozen: nn.Module | None = None
+        self._rationale_cache: dict[str, Tensor] = {}
+        self._total_steps = 1
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.enabled or stage != "fit":
+            return
+        dm = trainer.datamodule
+        teacher = getattr(dm, "teacher", None)
+        if teacher is None:
+            raise ValueError("distill: MKDistillation needs a teacher signal: set data.teacher (e.g. "
+                             "class_path: ellm_mkd.teacher_signal.CachedTeacher, init_args: {path: <cache dir>}), "
+                             "or distill.enabled: false for a run on labels alone")
+        if not hasattr(pl_module, "add_training_module"):
+            raise TypeError(f"distill: {type(pl_module).__name__} is not a relevance student")
+        if self.w_rationale_embedding:
+            if self.rationale_embedding == "teacher_hidden":
+                width = teacher.hidden_size
+                if width is None:
+                    raise ValueError("distill: rationale_embedding: teacher_hidden needs a teacher cache written with "
+                                     "store_hidden: true (this cache has no hidden vectors)")
+            else:
+                encoder = pl_module.encoder if pl_module.inputs == "pair" else pl_module.item_encoder
+                self._frozen = copy.deepcopy(encoder).eval().requires_grad_(False)
+                width = self._frozen.config.hidden_size
+            if "training_modules" not in pl_module._modules or "rationale_projection" not in pl_module.training_modules:
+                with torch.random.fork_rng(devices=[]):  # the same start for any number of processes
+                    torch.manual_seed(0)
+                    proj = RationaleProjection(width, pl_module.pair_dim)
+                pl_module.add_training_module("rationale_projection", proj)
+        if self.w_rationale:  # after the frozen copy, which keeps the fast attention
+            if pl_module.inputs == "pair":
+                pl_module.request_attentions()
+            elif getattr(pl_module.hparams, "pooling", None) != "weighted":
+                log.warning("distill: w_rationale aligns the towers' pooling weights, which only learn with "
+                            "pooling: weighted (this student pools by %s): the term will not train anything",
+                            pl_module.hparams.pooling)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total_steps = max(int(trainer.estimated_stepping_batches), 1)
+
+    # -- the terms -------------------------------------------------------------------------------
+    def factor(self, name: str, step: int) -> float:
+        sched = self.schedules.get(name)
+        return 1.0 if sched is None else sched.factor(step / self._total_steps)
+
+    def loss_terms(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> dict[str, Tensor]:
+        if not self.enabled or not pl_module.training or "teacher_probs" not in batch:
+            return {}
+        step = pl_module.global_step
+        weights = {"hard": self.w_hard or 0.0, "soft": self.w_soft, "dim_kd": self.w_dim,
+                   "rationale": self.w_rationale, "rationale_embedding": self.w_rationale_embedding}
+        factors = {k: self.factor(k, step) for k in TERMS}
+        terms: dict[str, Tensor] = {}
+        if self.w_hard is not None:
+            labels = batch["labels"]
+            terms["hard"] = (F.cross_entropy(out.level_logits.float(), labels, ignore_index=-100)
+                             if (labels != -100).any() else out.level_logits.sum() * 0.0)
+        if self.w_soft:
+            terms["soft"] = distribution_kd_loss(out.level_logits, batch["teacher_probs"], self.kd_temperature,
+                                                 mask=batch["teacher_present"])
+        if self.w_dim:
+            terms["dim_kd"] = dimension_kd_loss(out.dim_logits, batch["teacher_verdict_probs"],
+                                                mask=batch["teacher_verdicts_present"],
+                                                dim_weights=self.dim_weights.to(out.dim_logits.device),
+                                                temperature=self.dim_temperature)
+        if self.w_rationale:
+            terms["rationale"] = self._rationale_term(pl_module, batch, out)
+        if self.w_rationale_embedding:
+            terms["rationale_embedding"] = self._embedding_term(pl_module, batch, out)
+        bs = len(batch["example_id"])
+        weighted = {k: (weights[k] * factors[k]) * v for k, v in terms.items()}
+        for k, v in weighted.items() if pl_module._trainer is not None else ():
+            # epoch means reduced over DDP ranks (the per-step values are the student's train/loss/<name>)
+            pl_module.log(f"train/mkd/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
+            if k in self.schedules:
+                pl_module.log(f"train/mkd/{k}_factor", factors[k], batch_size=bs)
+        return weighted
+
+    def _rationale_term(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> Tensor:
+        if pl_module.inputs == "pair":
+            att = cls_attention(out.extras["attentions"], self.attention_layers, self.attention_heads,
+                                batch["attention_mask"])
+            return rationale_attention_loss(att, batch["rationale_mask"], batch["attention_mask"])
+        losses = [rationale_attention_loss(out.extras[f"{side}_pool_weights"], batch[f"{side}_rationale_mask"],
+                                           batch[f"{side}_attention_mask"]) for side in ("query", "item")]
+        return (losses[0] + losses[1]) / 2
+
+    def _embedding_term(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> Tensor:
+        proj = pl_module.training_modules["rationale_projection"]
+        if self.rationale_embedding == "teacher_hidden":
+            target = batch["teacher_hidden"].to(out.pair_embedding.device)
+            mask = batch["teacher_present"]
+        else:
+            target = self._chain_embeddings(batch, out.pair_embedding.device)
+            mask = batch["teacher_present"] & torch.tensor([bool(r) for r in batch["teacher_rationale"]],
+                                                           device=batch["teacher_present"].device)
+        return rationale_embedding_loss(out.pair_embedding, target, proj, mask=mask.to(out.pair_embedding.device))
+
+    @torch.no_grad()
+    def _chain_embeddings(self, batch: dict[str, Any], device: torch.device) -> Tensor:
+        """Mean-pooled frozen-encoder vectors of the chains, computed once per example."""
+        ids = batch["example_id"]
+        todo = [i for i, e in enumerate(ids) if e not in self._rationale_cache]
+        if todo:
+            frozen = self._frozen.to(device)
+            sel = torch.tensor(todo)
+            input_ids = batch["rationale_ids"][sel].to(device)
+            mask = batch["rationale_attention_mask"][sel].to(device)
+            hidden = frozen(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+            m = mask.unsqueeze(-1).float()
+            vecs = ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu()
+            for j, i in enumerate(todo):
+                self._rationale_cache[ids[i]] = vecs[j]
+        return torch.stack([self._rationale_cache[e] for e in ids]).to(device)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # settings only: the cached chain vectors are recomputed, the frozen encoder is rebuilt
+        return {"w_soft": self.w_soft, "w_dim": self.w_dim, "w_rationale": self.w_rationale,
+                "w_rationale_embedding": self.w_rationale_embedding, "kd_temperature": self.kd_temperature}
