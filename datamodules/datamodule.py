@@ -57,6 +57,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
+from .augment import Augmentation, file_pairs, sample_pairs
 from .splits import select_split
 from .teacher_batch import add_teacher_fields
 from .text import DEFAULT_ITEM_FIELDS, check_item_fields, render_item
@@ -83,6 +84,7 @@ class RelevanceDataset(Dataset):
             self.rows.append({
                 "example_id": r["example_id"],
                 "query": r["query"],
+                "item_id": r["item_id"],
                 "item_text": item_text,
                 "label": r["label"],
                 "grade": r["grade"],
@@ -179,6 +181,8 @@ class RelevanceDataModule(L.LightningDataModule):
         teacher: where the teacher's signals come from (``ellm_mkd.teacher_signal.CachedTeacher`` for a
             cache written by ``ellm-mkd predict``, or ``LiveTeacher``); adds the teacher keys to batches.
         rationale_max_length: token budget of the teacher's chain in student tokens (``rationale_ids``).
+        augment: teacher-labelled augmentation: unlabelled pairs (a file, or catalog items sampled for
+            each training query) added to the training split with no label; see :mod:`datamodules.augment`.
     """
 
     def __init__(
@@ -197,8 +201,11 @@ class RelevanceDataModule(L.LightningDataModule):
         missing_annotations: Literal["error", "skip"] = "error",
         teacher: TeacherSource | None = None,
         rationale_max_length: int = 128,
+        augment: Augmentation | None = None,
     ):
         super().__init__()
+        if isinstance(augment, dict):
+            augment = Augmentation(**augment)
         if isinstance(source, dict):
             source = DataSource(**source)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -216,6 +223,8 @@ class RelevanceDataModule(L.LightningDataModule):
         self.missing_annotations = missing_annotations
         self.teacher = teacher
         self.rationale_max_length = rationale_max_length
+        self.augment = augment
+        self._augmented = False
         self._teacher_bound = False
         self.predict_dataset: RelevanceDataset | None = None  # the predict split less excluded rows
         self.tokenizer: Any = None
@@ -277,9 +286,48 @@ class RelevanceDataModule(L.LightningDataModule):
                 if rationales is not None:
                     self._join_rationales(ds, split, rationales)
                 self.datasets[split] = ds
+        if self.augment is not None and not self._augmented:
+            self._add_augmentation()
+            self._augmented = True
         if self.teacher is not None and not self._teacher_bound:
             self.teacher.bind(self)
             self._teacher_bound = True
+            if self.augment is not None:
+                self._drop_unlabelled_without_teacher()
+
+    def _add_augmentation(self) -> None:
+        aug, train = self.augment, self.datasets["train"]
+        rows: list[dict[str, Any]] = []
+        if aug.source is not None:
+            table, report = load_examples(aug.source)
+            for w in report.warnings:
+                log.warning(w)
+            for q in sorted({normalize_text(q) for q in table.column("query").to_pylist()} - set(self._query_index)):
+                self._query_index[q] = len(self._query_index)
+            held_out = {normalize_text(r["query"]) for split in ("val", "test") for r in self.datasets[split].rows}
+            known = {r["example_id"] for ds in self.datasets.values() for r in ds.rows}
+            rows += file_pairs(RelevanceDataset(table, self.item_fields, self._query_index).rows, held_out, known,
+                               aug.source.path)
+        if aug.items_per_query:
+            rows += sample_pairs(train.rows, aug.items_per_query, aug.seed)
+        seen = {r["example_id"] for r in train.rows}
+        unique = []
+        for r in rows:  # a pair in the file and among the sampled ones joins once
+            if r["example_id"] not in seen:
+                seen.add(r["example_id"])
+                unique.append(r)
+        rows = unique
+        train.rows = train.rows + rows
+        log.info("augmentation: %d unlabelled pairs join the %d training examples", len(rows), len(train.rows) - len(rows))
+
+    def _drop_unlabelled_without_teacher(self) -> None:
+        train = self.datasets["train"]
+        keep = [r for r in train.rows if not r.get("augmented") or self.teacher.covers(r["example_id"])]
+        dropped = len(train.rows) - len(keep)
+        if dropped:
+            log.info("augmentation: %d unlabelled pairs have no teacher signal and are left out of training "
+                     "(write the teacher cache with the same data.augment setting to use them)", dropped)
+        train.rows = keep
 
     def full_predict_dataset(self) -> RelevanceDataset:
         """The rows ``predict`` runs over: one split, or every split in turn (``predict_split: all``)."""

@@ -241,8 +241,8 @@ def _check_columns(name: str, columns: list[str], mapping: ColumnMapping, requir
     problems = []
     required = {"query", "title"} | ({"label"} if require_label else set())
     for fld, col in mapping.used().items():
-        if col in columns or (optional_may_be_absent and fld not in required):
-            continue
+        if col in columns or (optional_may_be_absent and fld not in required) or (fld == "label" and not require_label):
+            continue  # unlabelled pairs (require_label: false) may have no label column at all
         close = difflib.get_close_matches(col, columns, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(Problem(name, 1 if unit == "line" else None, col, "missing_column",

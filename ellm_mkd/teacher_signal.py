@@ -108,7 +108,7 @@ class CachedTeacher(TeacherSource):
             for r in ds.rows:
                 sig = found.get(r["example_id"])
                 if sig is None:
-                    if split == "train":
+                    if split == "train" and not r.get("augmented"):  # augmented rows: the data module drops them
                         missing_train.append(r["example_id"])
                     continue
                 if sig.query != r["query"] or sig.item_text != r["item_text"]:
