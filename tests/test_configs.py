@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "mkd")
+#: overlays (configs/mkd): each one goes after a student config; tested on top of both students
+OVERLAYS = sorted((ROOT / "mkd").glob("*.yaml"))
+STUDENT_CONFIGS = [ROOT / "students" / "cross_encoder.yaml", ROOT / "students" / "two_tower.yaml"]
 
 
 def test_there_are_configs():
-    assert CONFIGS
+    assert CONFIGS and OVERLAYS
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -41,3 +45,17 @@ def test_config_parses(path: Path):
 
         cli = cli_main(["--config", str(path)], run=False)
         assert cli.model is not None and cli.datamodule is not None, kind
+
+
+@pytest.mark.parametrize("student", STUDENT_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_mkd_overlay_parses_on_each_student(overlay: Path, student: Path):
+    from callbacks import MKDistillation
+    from ellm_mkd.lightning_cli import cli_main
+
+    cli = cli_main(["--config", str(student), "--config", str(overlay)], run=False)
+    mkd = [c for c in cli.trainer.callbacks if isinstance(c, MKDistillation)]
+    assert len(mkd) == 1 and mkd[0].enabled == (overlay.stem != "baseline")
+    assert cli.trainer.logger.name == overlay.stem  # each ablation row logs (and checkpoints) apart
+    assert (cli.datamodule.teacher is None) == (overlay.stem == "baseline")
+    assert (cli.datamodule.augment is not None) == overlay.stem.endswith("augment")
