@@ -177,7 +177,8 @@ class RelevanceDataModule(L.LightningDataModule):
             Home Depot with cut points (2.0, 2.5): level 2, i.e. mean grade >= 2.5.
         annotations: directory written by ``ellm-mkd annotate``; adds ``rationale`` to the batches.
         missing_annotations: a training row without a kept chain is an ``error`` (listing the first
-            ids) or is left out of training (``skip``, counted in the log).
+            ids), is left out of training (``skip``, counted in the log), or stays with no chain
+            (``keep``: e.g. a forced teacher readout writes one for it).
         teacher: where the teacher's signals come from (``ellm_mkd.teacher_signal.CachedTeacher`` for a
             cache written by ``ellm-mkd predict``, or ``LiveTeacher``); adds the teacher keys to batches.
         rationale_max_length: token budget of the teacher's chain in student tokens (``rationale_ids``).
@@ -198,7 +199,7 @@ class RelevanceDataModule(L.LightningDataModule):
         relevant_level: int | None = None,
         sort_eval_by_length: bool = True,
         annotations: str | None = None,
-        missing_annotations: Literal["error", "skip"] = "error",
+        missing_annotations: Literal["error", "skip", "keep"] = "error",
         teacher: TeacherSource | None = None,
         rationale_max_length: int = 128,
         augment: Augmentation | None = None,
@@ -372,7 +373,7 @@ class RelevanceDataModule(L.LightningDataModule):
             r["rationale"] = rationales.get(r["example_id"])
             if r["rationale"] is None:
                 missing.append(r["example_id"])
-        if split != "train" or not missing:
+        if split != "train" or not missing or self.missing_annotations == "keep":
             return
         if self.missing_annotations == "error":
             raise ValueError(f"{self.annotations}: {len(missing)} of {len(ds.rows)} training examples have no kept "

@@ -331,6 +331,19 @@ class TeacherReadout:
                 verdict[i, k] = lp.exp()
         return Readout(level, verdict, [r.strip() for r in responses], chains, errors, prefixes)
 
+    def forced(self, queries: Sequence[str], items: Sequence[str], given: Sequence[str | None]) -> Readout:
+        """Score given chains (e.g. the annotations) instead of writing them: one forward pass per pair,
+        reading the verdict and level distributions at their points after the given text. Pairs
+        without a chain (None or empty) get a generated one, as in :meth:`cot`."""
+        responses = list(given)
+        todo = [i for i, r in enumerate(responses) if not r]
+        if todo:
+            prompts = self.prompts([queries[i] for i in todo], [items[i] for i in todo], "cot")
+            for i, r in zip(todo, generate_batched(self.model, self.tokenizer, prompts, self.max_new_tokens,
+                                                   stop_ids=self.stop_ids)):
+                responses[i] = r[0]
+        return self.cot(queries, items, responses=responses)
+
     @torch.no_grad()
     def hidden(self, readout: Readout) -> Tensor:
         """The last layer's hidden state ``[B, H]`` where each pair's level is read (after the chain in

@@ -48,6 +48,7 @@ from .evaluation import STAGES, RelevanceEvaluation
 
 log = logging.getLogger(__name__)
 Mode = Literal["cot", "direct"]
+ReadMode = Literal["cot", "direct", "forced"]
 
 
 class TeacherLM(RelevanceEvaluation, L.LightningModule):
@@ -68,7 +69,11 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         max_seq_length: token budget of prompt + response; longer pairs lose the end of the response
             (counted in ``train/truncated``).
         train_modes: responses learned per example (``cot``, ``direct``).
-        val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``).
+        val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``):
+            ``direct`` (answer-first, one pass), ``cot`` (write the chain, then read), or ``forced``
+            (read the verdicts and level after the *annotated* chain, ``data.annotations``, instead of
+            writing one: one pass per pair, the fast way to a cache with verdicts and evidence on a CPU;
+            the evidence is then the annotator's, the distributions the teacher's).
         max_new_tokens: generation budget of one chain in ``cot`` readout.
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
         weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory on GPUs).
@@ -99,8 +104,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         max_seq_length: int = 512,
         train_modes: list[Mode] = ("cot", "direct"),
-        val_mode: Mode = "direct",
-        test_mode: Mode = "cot",
+        val_mode: ReadMode = "direct",
+        test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
         gradient_checkpointing: bool = False,
         weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -239,9 +244,14 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         self.log("train/truncated", float(truncated), batch_size=bs, reduce_fx="sum")
         return loss
 
-    def read(self, batch: dict[str, Any], mode: Mode):
+    def read(self, batch: dict[str, Any], mode: ReadMode):
         if mode == "direct":
             return self.readout.direct(batch["query"], batch["item_text"])
+        if mode == "forced":
+            if batch.get("rationale") is None:
+                raise ValueError("readout 'forced' scores the annotated chains: set data.annotations to a store "
+                                 "written by ellm-mkd annotate over the splits being read")
+            return self.readout.forced(batch["query"], batch["item_text"], batch["rationale"])
         return self.readout.cot(batch["query"], batch["item_text"])
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
@@ -254,12 +264,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         dev = self.device
         probs = r.level_probs.to(dev)
         expected = probs.float() @ self.level_grades
-        if mode == "cot" and r.parse_failures:
+        chained = mode in ("cot", "forced")
+        if chained and r.parse_failures:
             # a chain that did not parse gave no verdicts: dimension accuracy is over parsed chains
             failed = torch.tensor([e is not None for e in r.errors], device=batch["dim_targets"].device)
             batch = {**batch, "dim_targets": batch["dim_targets"].masked_fill(failed[:, None], -100)}
-        self.update_eval_metrics(stage, batch, probs, expected, r.verdict_probs.to(dev), dims=mode == "cot")
-        if mode == "cot":
+        self.update_eval_metrics(stage, batch, probs, expected, r.verdict_probs.to(dev), dims=chained)
+        if chained:
             self.parse_failed[stage].update(torch.tensor(float(r.parse_failures), device=dev))
             self.parse_total[stage].update(torch.tensor(float(len(r.errors)), device=dev))
 
@@ -299,7 +310,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
 
         return {"model": self.hparams.model, "weights_hash": weights_fingerprint(self.model),
                 "template_fingerprint": self.template.fingerprint(), "readout": self.hparams.test_mode,
-                "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode == "cot" else None}
+                "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode != "direct" else None}
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -93,6 +93,27 @@ def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
     assert d.level_probs.shape == (1, 4) and abs(float(d.level_probs.sum()) - 1) < 1e-5
 
 
+def test_forced_readout_scores_given_chains_and_writes_missing_ones(tiny_lm):
+    model, tok = tiny_lm
+    ro = TeacherReadout(model, tok, LEVELS, max_new_tokens=8)
+    forced = ro.forced([QUERY, QUERY], [ITEM, ITEM], [CHAIN, None])
+    scored = ro.cot([QUERY], [ITEM], responses=[CHAIN])
+    assert torch.allclose(forced.level_probs[0], scored.level_probs[0], atol=1e-5)  # the given chain, read as in cot
+    assert torch.allclose(forced.verdict_probs[0], scored.verdict_probs[0], atol=1e-5)
+    assert forced.rationales[0] == CHAIN.strip() and forced.chains[0] is not None
+    written = ro.cot([QUERY], [ITEM])  # greedy, so the missing chain is what cot writes
+    assert forced.rationales[1] == written.rationales[0]
+    assert torch.allclose(forced.level_probs[1], written.level_probs[0], atol=1e-5)
+
+
+def test_forced_readout_needs_annotations(tiny_llama):
+    m = _teacher(tiny_llama, test_mode="forced")
+    with pytest.raises(ValueError, match="set data.annotations"):
+        m.read({k: v for k, v in _batch().items() if k != "rationale"}, "forced")
+    out = m.read(_batch(), "forced")
+    assert out.parse_failures == 0 and out.chains[1].level == "irrelevant"
+
+
 def _teacher(path, **kw):
     from lightning_modules import TeacherLM
 
