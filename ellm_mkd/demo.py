@@ -1,83 +1,213 @@
-"""``ellm-mkd demo``: the whole loop on the embedded default, as far as the project has it.
+"""``ellm-mkd demo``: the whole loop on the embedded default, end to end.
 
-Stages so far: generate the synthetic catalog, validate it, train the cross-encoder student with
-the bundled MiniLM-L6 and evaluate it on the test split (overall and per query bucket). Each stage
-writes under ``--out`` (default ``runs/demo``) and replaces only the files it owns there.
+1. synthesise the catalog and check it;
+2. annotate every split with the rules annotator (chains of thought with extractive evidence);
+3. fine-tune the teacher (bundled SmolLM2-135M-Instruct + LoRA) on the training chains, then test
+   it (direct readout: its own judgement, one pass per pair);
+4. write the teacher cache over the training split (forced readout: the teacher's verdict and
+   level distributions read after each annotated chain, one pass per pair);
+5. train both students (cross-encoder, two-tower) twice: on labels alone (baseline) and with full
+   MKD (soft levels + dimension verdicts + rationale alignment), and test each best checkpoint;
+6. write ``report.md`` with the metrics table (teacher, students baseline vs MKD, per query
+   bucket), PNG plots (PR curves, calibration, per-bucket bars) and examples where the teacher
+   writes its chain of thought beside the distilled student's dimension verdicts.
+
+Everything lands under ``--out`` (default ``runs/demo``), TensorBoard logs under
+``<out>/tensorboard``. Each stage replaces only what it owns there.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jsonargparse import ArgumentParser
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"
-SCALES = {
-    # name: synthetic catalog size, student epochs
-    "tiny": {"synth": {"num_queries": 120, "items_per_query": 8}, "epochs": 2},
-    "default": {"synth": {"num_queries": 600, "items_per_query": 10}, "epochs": 2},
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs" / "demo"
+MKD_OVERLAY = REPO / "configs" / "mkd" / "full.yaml"
+ITEM_FIELDS = "[title,brand,color,attributes]"
+SCALES: dict[str, dict[str, Any]] = {
+    # synth: catalog size; teacher_steps x teacher_batch: LoRA examples; teacher_eval: pairs per teacher readout
+    # batch; cache_batches: training batches the teacher scores (None: all; the rest train on labels alone);
+    # teacher_test_batches: test batches the teacher is tested on (None: all); epochs / train_batches: student
+    # passes and batches per pass (None: all); examples: chains the teacher writes for the report
+    "tiny": {"synth": {"num_queries": 40, "items_per_query": 5}, "teacher_steps": 1, "teacher_batch": 2,
+             "teacher_eval": 8, "cache_batches": 1, "teacher_test_batches": 1, "epochs": 1, "train_batches": 3,
+             "examples": 1},
+    "default": {"synth": {"num_queries": 120, "items_per_query": 8}, "teacher_steps": 16, "teacher_batch": 8,
+                "teacher_eval": 32, "cache_batches": None, "teacher_test_batches": None, "epochs": 2,
+                "train_batches": None, "examples": 3},
 }
+STUDENTS = ("cross_encoder", "two_tower")
 
 
-def train_student(config: Path, data_dir: Path, out: Path, name: str, epochs: int) -> dict:
-    """Fit a student from a demo config, test the best checkpoint, return its test metrics."""
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"\n[{n}/{total}] {text}", flush=True)
+
+
+def _cli(args: list[str]):
     from .lightning_cli import cli_main
 
-    cli = cli_main([
-        "--config", str(config),
-        "--data.source.path", str(data_dir),
-        "--trainer.default_root_dir", str(out / "students" / name),
-        "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
-        "--trainer.max_epochs", str(epochs),
-    ], run=False)
+    return cli_main(args, run=False)
+
+
+def fit_teacher(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths."""
+    cli = _cli(["--config", str(CONFIG_DIR / "teacher.yaml"), "--data.source.path", str(out / "data"),
+                "--data.annotations", str(out / "annotations"), "--data.batch_size", str(plan["teacher_batch"]),
+                "--data.eval_batch_size", str(plan["teacher_eval"]),
+                "--trainer.max_steps", str(plan["teacher_steps"]), "--trainer.default_root_dir", str(out / "teacher"),
+                "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
+                "--model.init_args.export_dir", str(out / "teacher" / "export")])
+    t0 = time.time()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    fit_s = time.time() - t0
+    if plan["teacher_test_batches"]:
+        cli.trainer.limit_test_batches = plan["teacher_test_batches"]
+    cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+    model = cli.trainer.lightning_module
+    preds = _predictions(cli.trainer, model, cli.datamodule, plan["teacher_test_batches"])
+    print(f"      teacher: {plan['teacher_steps']} LoRA steps in {fit_s:.0f} s; adapter {out / 'teacher' / 'export' / 'adapter'}",
+          flush=True)
+    return {"test": dict(model.last_results["test"]), "fit_seconds": fit_s, "predictions": preds,
+            "adapter": str(out / "teacher" / "export" / "adapter"), "model": model}
+
+
+def write_cache(out: Path, adapter: str, plan: dict[str, Any]) -> dict[str, Any]:
+    cache = out / "teacher_cache"
+    args = ["--config", str(REPO / "configs" / "teacher" / "cache_smollm2_forced.yaml"),
+            "--model.init_args.adapter", adapter, "--data.source.path", str(out / "data"),
+            "--data.annotations", str(out / "annotations"), "--data.predict_split", "train",
+            "--data.eval_batch_size", str(plan["teacher_eval"]),
+            "--trainer.callbacks.init_args.output_dir", str(cache), "--trainer.callbacks.init_args.overwrite", "true",
+            "--trainer.default_root_dir", str(out / "teacher" / "cache_run")]
+    cli = _cli(args)
+    if plan["cache_batches"]:
+        cli.trainer.limit_predict_batches = plan["cache_batches"]
+    t0 = time.time()
+    cli.trainer.predict(cli.model, cli.datamodule, return_predictions=False)
+    from .teacher_cache import TeacherCache
+
+    rows = len(TeacherCache(cache))
+    sec = time.time() - t0
+    print(f"      teacher cache: {rows} training pairs in {sec:.0f} s ({rows / sec:.2f} pairs/s) -> {cache}", flush=True)
+    return {"path": str(cache), "rows": rows, "seconds": sec}
+
+
+def train_student(out: Path, kind: str, variant: str, plan: dict[str, Any], cache: str | None) -> dict[str, Any]:
+    """Fit a student (baseline or full MKD), test its best checkpoint, predict the test split."""
+    args = ["--config", str(CONFIG_DIR / f"{kind}.yaml")]
+    if variant == "mkd":
+        args += ["--config", str(MKD_OVERLAY), "--data.teacher.init_args.path", cache,
+                 "--data.teacher.init_args.missing", "hard_label"]
+    args += ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS,
+             "--trainer.default_root_dir", str(out / "students" / f"{kind}_{variant}"),
+             "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
+             "--trainer.logger.init_args.name", f"{kind}_{variant}", "--trainer.max_epochs", str(plan["epochs"])]
+    if plan["train_batches"]:
+        args += ["--trainer.limit_train_batches", str(plan["train_batches"])]
+    cli = _cli(args)
     t0 = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.time() - t0
     cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
     model = cli.trainer.lightning_module
     results = dict(model.last_results["test"])
+    preds = _predictions(cli.trainer, model, cli.datamodule, None)
     best = cli.trainer.checkpoint_callback.best_model_path
-    print(f"      {name}: fit {fit_s:.0f} s, best checkpoint {best}", flush=True)
-    return {"test": results, "checkpoint": best, "fit_seconds": fit_s}
+    print(f"      {kind} {variant}: fit {fit_s:.0f} s, test AUC {results.get('auc', float('nan')):.3f}, "
+          f"nDCG@10 {results.get('ndcg10', float('nan')):.3f}; best checkpoint {best}", flush=True)
+    return {"test": results, "checkpoint": best, "fit_seconds": fit_s, "predictions": preds}
+
+
+def _predictions(trainer: Any, model: Any, dm: Any, limit: int | None) -> dict[str, Any]:
+    """Test-split predictions as plain lists (example id, level probabilities, dimension probabilities)."""
+    dm.predict_split = "test"
+    dm.predict_dataset = None
+    trainer.limit_predict_batches = limit if limit else 1.0
+    out: dict[str, Any] = {"example_id": [], "probs": [], "dim_probs": []}
+    for b in trainer.predict(model, dm, return_predictions=True):
+        out["example_id"] += list(b["example_id"])
+        out["probs"] += b["probs"].float().tolist()
+        out["dim_probs"] += b["dim_probs"].float().tolist() if b.get("dim_probs") is not None else [None] * len(b["example_id"])
+    return out
 
 
 def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "default", seed: int = 0) -> int:
-    """Run every stage the project has on the embedded catalog.
+    """Run the whole loop on the embedded catalog (see the module docstring).
 
     Args:
         out: output directory (each stage replaces only its own files there).
-        scale: ``tiny`` (a quick check, about a minute) or ``default``.
+        scale: ``tiny`` (a quick check, a few minutes) or ``default``.
         seed: seed of the synthetic catalog.
     """
+    from datamodules.datamodule import RelevanceDataModule
     from datamodules.synth import SynthConfig, write
 
+    from .annotate import run_annotation
     from .data_cmd import check
     from .metrics import format_table
+    from .report import write_report
 
     t0 = time.time()
     out_dir = Path(out)
     data_dir = out_dir / "data"
     plan = SCALES[scale]
-    print(f"[1/3] synthetic catalog -> {data_dir}  (scale {scale}, seed {seed})", flush=True)
+    total = 7
+    timings: dict[str, float] = {}
+
+    _stage(1, total, f"synthetic catalog -> {data_dir}  (scale {scale}, seed {seed})")
     summary = write(data_dir, SynthConfig(seed=seed, **plan["synth"]), overwrite=True)
     print("      " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()), flush=True)
-    print(f"[2/3] data check {data_dir}", flush=True)
     rc = check([str(data_dir), "--json", str(out_dir / "data_check.json")])
     if rc:
         return rc
-    print(f"\n[3/3] cross-encoder student (MiniLM-L6), {plan['epochs']} epoch(s)", flush=True)
-    ce = train_student(CONFIG_DIR / "cross_encoder.yaml", data_dir, out_dir, "cross_encoder", plan["epochs"])
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps({"cross_encoder": ce}, indent=2))
+
+    _stage(2, total, f"rule annotations (chains of thought with evidence) -> {out_dir / 'annotations'}")
+    shutil.rmtree(out_dir / "annotations", ignore_errors=True)
+    t = time.time()
+    dm = RelevanceDataModule({"path": str(data_dir)}, item_fields=["title", "brand", "color", "attributes"])
+    run_annotation(dm, out_dir / "annotations", "rules", splits=["train", "val", "test"])
+    timings["annotate"] = time.time() - t
+
+    _stage(3, total, f"teacher: SmolLM2-135M-Instruct + LoRA, {plan['teacher_steps']} steps x {plan['teacher_batch']} examples")
+    t = time.time()
+    teacher = fit_teacher(out_dir, plan)
+    timings["teacher"] = time.time() - t
+
+    _stage(4, total, "teacher cache: verdict and level distributions after each training chain (forced readout)")
+    t = time.time()
+    cache = write_cache(out_dir, teacher["adapter"], plan)
+    timings["cache"] = time.time() - t
+
+    results: dict[str, dict[str, Any]] = {}
+    for i, kind in enumerate(STUDENTS):
+        _stage(5 + i, total, f"{kind.replace('_', '-')} student (MiniLM-L6), baseline and full MKD, {plan['epochs']} epoch(s)")
+        t = time.time()
+        for variant in ("baseline", "mkd"):
+            results[f"{kind}_{variant}"] = train_student(out_dir, kind, variant, plan, cache["path"])
+        timings[kind] = time.time() - t
+
+    _stage(7, total, f"report -> {out_dir / 'report.md'}")
+    t = time.time()
+    report = write_report(out_dir, teacher, results, cache, plan, scale, n_examples=plan["examples"])
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+
+    metrics = {"teacher": {k: v for k, v in teacher.items() if k not in ("model", "predictions")},
+               **{k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in results.items()},
+               "cache": cache, "timings_seconds": timings, "scale": scale}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("\ntest metrics (overall and per query bucket)")
-    print(format_table({"cross_encoder": ce["test"]}))
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs under {out_dir}/:")
-    print("  data/ (catalog), data_check.json, metrics.json (test metrics and checkpoint paths),")
-    print(f"  tensorboard/ (loss terms, metrics, figures, checkpoints: tensorboard --logdir {out_dir / 'tensorboard'})")
+    print(format_table({"teacher": teacher["test"], **{k: v["test"] for k, v in results.items()}}))
+    print(f"\ndemo finished in {timings['total']:.0f} s; outputs under {out_dir}/:")
+    print(f"  report.md ({report}) with plots/, metrics.json, data/, annotations/, teacher/, teacher_cache/, students/,")
+    print(f"  tensorboard/ (every loss term, metrics, figures: tensorboard --logdir {out_dir / 'tensorboard'})")
     return 0
 
 
