@@ -109,8 +109,9 @@ class Collator:
 
     def __init__(self, tokenizer: Any = None, max_seq_length: int = 128, inputs: Inputs = "pair",
                  extra_fields: dict[str, torch.dtype] | None = None, teacher: Any = None, num_levels: int = 0,
-                 rationale_max_length: int = 128):
+                 rationale_max_length: int = 128, rationale: bool = False):
         self.tokenizer = tokenizer
+        self.rationale = rationale
         self.max_seq_length = max_seq_length
         self.inputs = inputs
         self.extra_fields = dict(extra_fields or {})
@@ -132,7 +133,7 @@ class Collator:
             "dim_targets": torch.tensor([[_VERDICT_INDEX.get(v, -100) if v else -100 for v in r["dims"]] for r in rows],
                                         dtype=torch.long),
         }
-        if rows and "rationale" in rows[0]:
+        if self.rationale:  # annotations joined (a row without a kept chain, or an augmented one: None)
             batch["rationale"] = [r.get("rationale") for r in rows]
         for name, dtype in self.extra_fields.items():
             batch[name] = torch.as_tensor([r[name] for r in rows], dtype=dtype)
@@ -387,7 +388,7 @@ class RelevanceDataModule(L.LightningDataModule):
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields, self.teacher,
-                        self.num_levels, self.rationale_max_length)
+                        self.num_levels, self.rationale_max_length, rationale=self.annotations is not None)
 
     def _loader(self, split: str, train: bool, ds: RelevanceDataset | None = None) -> DataLoader:
         if split not in self.datasets:

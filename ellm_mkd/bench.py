@@ -881,6 +881,10 @@ def bench_main(argv: list[str]) -> int:
         from .bench_cache import bench_cache_main
 
         return bench_cache_main(argv[1:])
+    if argv[:1] == ["mkd"]:
+        from .bench_mkd import bench_mkd_main
+
+        return bench_mkd_main(argv[1:])
     parser = _parser()
     cfg = parser.parse_args(argv)
     if cfg.benchmark != "students":  # pragma: no cover (jsonargparse rejects unknown subcommands)

@@ -18,7 +18,7 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
-    "bench": "bench students | bench teacher | bench cache: measure models (quality, throughput); writes docs/results and docs/benchmarks.md",
+    "bench": "bench students | bench teacher | bench cache | bench mkd: measure models (quality, throughput); writes docs/results and docs/benchmarks.md",
     "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
     "cache": "cache inspect PATH: a teacher cache's manifest, level distribution, entropy and sample chains",
     "data": "data check PATH: validate a dataset and print its counts; data synth --out DIR: generate the embedded catalog",

@@ -56,14 +56,14 @@ def _cli(args: list[str]):
     return cli_main(args, run=False)
 
 
-def fit_teacher(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = ()) -> dict[str, Any]:
     """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths."""
     cli = _cli(["--config", str(CONFIG_DIR / "teacher.yaml"), "--data.source.path", str(out / "data"),
                 "--data.annotations", str(out / "annotations"), "--data.batch_size", str(plan["teacher_batch"]),
                 "--data.eval_batch_size", str(plan["teacher_eval"]),
                 "--trainer.max_steps", str(plan["teacher_steps"]), "--trainer.default_root_dir", str(out / "teacher"),
                 "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
-                "--model.init_args.export_dir", str(out / "teacher" / "export")])
+                "--model.init_args.export_dir", str(out / "teacher" / "export"), *extra])
     t0 = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.time() - t0
@@ -78,14 +78,15 @@ def fit_teacher(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
             "adapter": str(out / "teacher" / "export" / "adapter"), "model": model}
 
 
-def write_cache(out: Path, adapter: str, plan: dict[str, Any]) -> dict[str, Any]:
+def write_cache(out: Path, adapter: str, plan: dict[str, Any], extra: list[str] = ()) -> dict[str, Any]:
+    """The teacher cache over the training split (forced readout), replacing any cache there."""
     cache = out / "teacher_cache"
     args = ["--config", str(REPO / "configs" / "teacher" / "cache_smollm2_forced.yaml"),
             "--model.init_args.adapter", adapter, "--data.source.path", str(out / "data"),
             "--data.annotations", str(out / "annotations"), "--data.predict_split", "train",
             "--data.eval_batch_size", str(plan["teacher_eval"]),
             "--trainer.callbacks.init_args.output_dir", str(cache), "--trainer.callbacks.init_args.overwrite", "true",
-            "--trainer.default_root_dir", str(out / "teacher" / "cache_run")]
+            "--trainer.default_root_dir", str(out / "teacher" / "cache_run"), *extra]
     cli = _cli(args)
     if plan["cache_batches"]:
         cli.trainer.limit_predict_batches = plan["cache_batches"]
@@ -99,30 +100,37 @@ def write_cache(out: Path, adapter: str, plan: dict[str, Any]) -> dict[str, Any]
     return {"path": str(cache), "rows": rows, "seconds": sec}
 
 
-def train_student(out: Path, kind: str, variant: str, plan: dict[str, Any], cache: str | None) -> dict[str, Any]:
-    """Fit a student (baseline or full MKD), test its best checkpoint, predict the test split."""
-    args = ["--config", str(CONFIG_DIR / f"{kind}.yaml")]
-    if variant == "mkd":
-        args += ["--config", str(MKD_OVERLAY), "--data.teacher.init_args.path", cache,
-                 "--data.teacher.init_args.missing", "hard_label"]
+def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], overlays: list[Path] = (),
+                  extra: list[str] = (), predictions: bool = True) -> dict[str, Any]:
+    """Fit a student from ``config`` (+ ``overlays``), test its best checkpoint, predict the test split.
+    Returns test metrics, the checkpoint path, fit seconds and the training-loop seconds per epoch."""
+    from .bench import _timer_callback_class
+
+    args = ["--config", str(config)]
+    for o in overlays:
+        args += ["--config", str(o)]
     args += ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS,
-             "--trainer.default_root_dir", str(out / "students" / f"{kind}_{variant}"),
+             "--trainer.default_root_dir", str(out / "students" / name),
              "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
-             "--trainer.logger.init_args.name", f"{kind}_{variant}", "--trainer.max_epochs", str(plan["epochs"])]
+             "--trainer.logger.init_args.name", name, "--trainer.max_epochs", str(plan["epochs"])]
     if plan["train_batches"]:
         args += ["--trainer.limit_train_batches", str(plan["train_batches"])]
-    cli = _cli(args)
+    cli = _cli([*args, *extra])
+    timer = _timer_callback_class()()
+    cli.trainer.callbacks.append(timer)
     t0 = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.time() - t0
     cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
     model = cli.trainer.lightning_module
     results = dict(model.last_results["test"])
-    preds = _predictions(cli.trainer, model, cli.datamodule, None)
+    preds = _predictions(cli.trainer, model, cli.datamodule, None) if predictions else None
     best = cli.trainer.checkpoint_callback.best_model_path
-    print(f"      {kind} {variant}: fit {fit_s:.0f} s, test AUC {results.get('auc', float('nan')):.3f}, "
+    print(f"      {name}: fit {fit_s:.0f} s, test AUC {results.get('auc', float('nan')):.3f}, "
           f"nDCG@10 {results.get('ndcg10', float('nan')):.3f}; best checkpoint {best}", flush=True)
-    return {"test": results, "checkpoint": best, "fit_seconds": fit_s, "predictions": preds}
+    return {"test": results, "checkpoint": best, "fit_seconds": fit_s, "predictions": preds,
+            "train_loop_seconds_per_epoch": timer.train_s / max(cli.trainer.current_epoch, 1),
+            "train_pairs": timer.train_pairs}
 
 
 def _predictions(trainer: Any, model: Any, dm: Any, limit: int | None) -> dict[str, Any]:
@@ -189,8 +197,10 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     for i, kind in enumerate(STUDENTS):
         _stage(5 + i, total, f"{kind.replace('_', '-')} student (MiniLM-L6), baseline and full MKD, {plan['epochs']} epoch(s)")
         t = time.time()
-        for variant in ("baseline", "mkd"):
-            results[f"{kind}_{variant}"] = train_student(out_dir, kind, variant, plan, cache["path"])
+        results[f"{kind}_baseline"] = train_student(out_dir, CONFIG_DIR / f"{kind}.yaml", f"{kind}_baseline", plan)
+        results[f"{kind}_mkd"] = train_student(
+            out_dir, CONFIG_DIR / f"{kind}.yaml", f"{kind}_mkd", plan, [MKD_OVERLAY],
+            ["--data.teacher.init_args.path", cache["path"], "--data.teacher.init_args.missing", "hard_label"])
         timings[kind] = time.time() - t
 
     _stage(7, total, f"report -> {out_dir / 'report.md'}")

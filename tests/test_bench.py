@@ -154,3 +154,28 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     assert tp["direct_pairs_per_s"] > 0 and tp["naive_pairs_per_s"] > 0
     assert res["targets"]["cot_batched_ge_5x_naive"]["value"] == tp["cot_batched_over_naive"]
     assert "<!-- bench:teacher -->" in out_md.read_text()
+
+
+@pytest.mark.integration
+def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
+    """The ablation pipeline on tiny models: teacher, cache with augmented pairs, rows x seeds, aggregation."""
+    out_json, out_md = tmp_path / "mkd.json", tmp_path / "benchmarks.md"
+    assert bench_main(["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir",
+                       str(tmp_path / "work"), "--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1",
+                       "--teacher_batch", "2", "--teacher_eval", "16", "--rows", "[baseline,full,full_augment]",
+                       "--seeds", "[0,1]", "--students", "[cross_encoder]", "--epochs", "1", "--train_batches", "2",
+                       "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    res = json.loads(out_json.read_text())
+    assert [(r["student"], r["row"]) for r in res["rows"]] == [("cross_encoder", r) for r in ("baseline", "full", "full_augment")]
+    from datamodules.datamodule import RelevanceDataModule
+
+    dm = RelevanceDataModule({"path": str(tmp_path / "work" / "data")})
+    dm.setup("fit")
+    assert res["setup"]["cache_rows"] > len(dm.datasets["train"])  # the sampled pairs were labelled by the teacher too
+    for r in res["rows"]:
+        auc = r["metrics"]["auc"]
+        assert auc["n"] == 2 and 0 <= auc["mean"] <= 1 and auc["std"] >= 0
+    assert res["rows"][0]["epoch_overhead_vs_baseline"] == 0.0
+    assert "<!-- bench:mkd_catalog -->" in out_md.read_text() and "± " in out_md.read_text()
+    runs = tmp_path / "work" / "tensorboard"
+    assert (runs / "cross_encoder_full_augment_s0").exists() and (runs / "cross_encoder_baseline_s1").exists()
