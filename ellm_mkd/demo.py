@@ -113,8 +113,8 @@ def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], over
              "--trainer.default_root_dir", str(out / "students" / name),
              "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
              "--trainer.logger.init_args.name", name, "--trainer.max_epochs", str(plan["epochs"])]
-    if plan["train_batches"]:
-        args += ["--trainer.limit_train_batches", str(plan["train_batches"])]
+    if plan["train_batches"]:  # a short run: log every step, so each loss term shows in TensorBoard
+        args += ["--trainer.limit_train_batches", str(plan["train_batches"]), "--trainer.log_every_n_steps", "1"]
     cli = _cli([*args, *extra])
     timer = _timer_callback_class()()
     cli.trainer.callbacks.append(timer)
