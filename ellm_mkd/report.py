@@ -87,11 +87,7 @@ def plots(out: Path, runs: dict[str, dict[str, Any]], truth: dict[str, dict[str,
         p, r, _ = binary_precision_recall_curve(score, y)
         ax.plot(r.numpy(), p.numpy(), label=f"{name} (AUC {run['test'].get('auc', float('nan')):.3f})")
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall, relevant vs not (test)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(d / "pr_curves.png", dpi=110)
-    plt.close(fig)
-    files.append("plots/pr_curves.png")
+    files.append(_save(fig, ax, d / "pr_curves.png"))
 
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -107,11 +103,7 @@ def plots(out: Path, runs: dict[str, dict[str, Any]], truth: dict[str, dict[str,
                 ys.append(float(y[m].float().mean()))
         ax.plot(xs, ys, "o-", ms=3, label=f"{name} (ECE {run['test'].get('ece', float('nan')):.3f})")
     ax.set(xlabel="predicted P(relevant)", ylabel="observed share relevant", title="Calibration (test, 10 bins)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(d / "calibration.png", dpi=110)
-    plt.close(fig)
-    files.append("plots/calibration.png")
+    files.append(_save(fig, ax, d / "calibration.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     names = list(runs)
@@ -123,12 +115,19 @@ def plots(out: Path, runs: dict[str, dict[str, Any]], truth: dict[str, dict[str,
             ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(BUCKETS) + 1)], ["all", *BUCKETS])
         ax.set(title=f"{label} per query bucket (test)", ylim=(0, 1))
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(d / "buckets.png", dpi=110)
-    plt.close(fig)
-    files.append("plots/buckets.png")
+    files.append(_save(fig, axes[0], d / "buckets.png"))
     return files
+
+
+def _save(fig: Any, legend_ax: Any, path: Path) -> str:
+    """Legend, layout, PNG, close; returns the path relative to the report."""
+    import matplotlib.pyplot as plt
+
+    legend_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plots/{path.name}"
 
 
 def _verdicts(dim_probs: list[list[float]] | None) -> list[str]:

@@ -43,16 +43,9 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory, minilm_tokenizer) -> str:
     """A randomly initialised 2-layer BERT (hidden 32) saved as a local HF directory, with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from helpers import save_tiny_bert
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256)
-    BertModel(cfg).save_pretrained(out)
-    minilm_tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_tokenizer)
 
 
 @pytest.fixture(scope="session")

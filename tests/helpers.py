@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -42,3 +45,30 @@ def write_cache(path: Path, dm, signals: list[TeacherSignal], **manifest_over) -
         store.append([s.to_row() for s in signals])
 
 
+
+
+def save_tiny_bert(out: Path, tokenizer, **config) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) saved as a local HF directory with ``tokenizer``."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, **config)
+    BertModel(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def run_cli_metrics(cmd: str, config: Path, tmp: Path, name: str, *args: str) -> dict[str, float]:
+    """``python -m ellm_mkd <cmd> --config <config> ...`` in a subprocess with a CSV logger; the last logged
+    value of every metric."""
+    full = [sys.executable, "-m", "ellm_mkd", cmd, "--config", str(config), *args,
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp),
+            "--trainer.logger.init_args.name", name, "--trainer.default_root_dir", str(tmp / name),
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+    r = subprocess.run(full, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    last: dict[str, float] = {}
+    for row in csv.DictReader(open(next((tmp / name).rglob("metrics.csv")))):
+        last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return last

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli_metrics
 
 pytestmark = pytest.mark.multiprocess
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "students" / "cross_encoder.yaml"
 
 
 def cli(cmd: str, tmp: Path, name: str, encoder: str, data: Path, *extra: str) -> dict[str, float]:
-    args = [sys.executable, "-m", "ellm_mkd", cmd, "--config", str(CONFIG),
-            "--model.init_args.encoder", encoder, "--data.source.path", str(data), "--data.batch_size", "8",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.logger.init_args.name", name, "--trainer.default_root_dir", str(tmp / name),
-            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true", *extra]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = list(csv.DictReader(open(next((tmp / name).rglob("metrics.csv")))))
-    last: dict[str, float] = {}
-    for row in rows:
-        last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return last
+    return run_cli_metrics(cmd, CONFIG, tmp, name, "--model.init_args.encoder", encoder, "--data.source.path", str(data),
+                           "--data.batch_size", "8", *extra)
 
 
 def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):

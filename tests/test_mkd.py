@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +15,7 @@ from callbacks import MKDistillation, Schedule
 from datamodules.datamodule import RelevanceDataModule
 from datamodules.schema import DIMENSIONS
 from ellm_mkd.teacher_signal import CachedTeacher
-from helpers import rule_signals, write_cache
+from helpers import rule_signals, run_cli_metrics, save_tiny_bert, write_cache
 from lightning_modules import CrossEncoderStudent, TwoTowerStudent
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,37 +283,18 @@ def test_teacher_hidden_embedding_and_missing_hidden(tiny_encoder, synth_dir, ca
 # -- CLI and DDP -----------------------------------------------------------------------------------
 
 def _cli(cmd, tmp, name, kind, encoder, data, cache, *extra):
-    config = REPO / "configs" / "students" / f"{kind}.yaml"
-    args = [sys.executable, "-m", "ellm_mkd", cmd, "--config", str(config),
-            "--model.init_args.encoder", encoder, "--data.source.path", str(data),
-            "--data.item_fields", "[" + ",".join(ITEM_FIELDS) + "]",
-            "--data.teacher", "ellm_mkd.teacher_signal.CachedTeacher", "--data.teacher.path", str(cache), "--data.teacher.missing", "hard_label",
-            "--distill.enabled", "true",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.logger.init_args.name", name, "--trainer.default_root_dir", str(tmp / name),
-            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true", *extra]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = list(csv.DictReader(open(next((tmp / name).rglob("metrics.csv")))))
-    last: dict[str, float] = {}
-    for row in rows:
-        last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return last
+    return run_cli_metrics(cmd, REPO / "configs" / "students" / f"{kind}.yaml", tmp, name,
+                           "--model.init_args.encoder", encoder, "--data.source.path", str(data),
+                           "--data.item_fields", "[" + ",".join(ITEM_FIELDS) + "]",
+                           "--data.teacher", "ellm_mkd.teacher_signal.CachedTeacher", "--data.teacher.path", str(cache),
+                           "--data.teacher.missing", "hard_label", "--distill.enabled", "true", *extra)
 
 
 @pytest.fixture(scope="module")
 def still_encoder(tmp_path_factory, minilm_tokenizer) -> str:
     """A tiny random BERT without dropout: with lr 0 every process computes the same losses."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("still_bert")
-    cfg = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(out)
-    minilm_tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_bert(tmp_path_factory.mktemp("still_bert"), minilm_tokenizer, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
 
 
 @pytest.mark.multiprocess
