@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kd import PROB_FLOOR, _row_mask, _upcast
+from .kd import PROB_FLOOR, _check_student_teacher, _row_mask, _upcast
 
 __all__ = ["dimension_kd_loss"]
 
@@ -108,17 +108,8 @@ def dimension_kd_loss(
         Zhao et al., Explainable LLM-driven Multi-dimensional Distillation for
         E-Commerce Relevance Learning, WWW 2025, arXiv 2411.13045.
     """
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
-    if student_dim_logits.dim() != 3:
-        raise ValueError(
-            f"student_dim_logits: expected shape [B, D, V] (3-D), got {tuple(student_dim_logits.shape)}"
-        )
-    if tuple(teacher_verdict_probs.shape) != tuple(student_dim_logits.shape):
-        raise ValueError(
-            f"teacher_verdict_probs: expected shape {tuple(student_dim_logits.shape)} [B, D, V] "
-            f"(as student_dim_logits), got {tuple(teacher_verdict_probs.shape)}"
-        )
+    _check_student_teacher(student_dim_logits, "student_dim_logits", teacher_verdict_probs, "teacher_verdict_probs",
+                           "B, D, V", temperature)
     batch, num_dims, _ = student_dim_logits.shape
     logits = _upcast(student_dim_logits)
     w = _dim_weights(dim_weights, num_dims, logits.device, logits.dtype)

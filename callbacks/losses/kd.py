@@ -42,6 +42,19 @@ def _row_mask(mask: Tensor | None, batch: int, device: torch.device, name: str =
     return mask.to(device=device).bool()
 
 
+def _check_student_teacher(student: Tensor, s_name: str, teacher: Tensor, t_name: str, layout: str,
+                           temperature: float) -> None:
+    """Temperature > 0, the student tensor of ``layout`` (e.g. ``"B, K"``), the teacher tensor of the same shape."""
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
+    n = layout.count(",") + 1
+    if student.dim() != n:
+        raise ValueError(f"{s_name}: expected shape [{layout}] ({n}-D), got {tuple(student.shape)}")
+    if tuple(teacher.shape) != tuple(student.shape):
+        raise ValueError(f"{t_name}: expected shape {tuple(student.shape)} [{layout}] (as {s_name}), "
+                         f"got {tuple(teacher.shape)}")
+
+
 def distribution_kd_loss(
     student_logits: Tensor,
     teacher_probs: Tensor,
@@ -109,17 +122,7 @@ def distribution_kd_loss(
         E-Commerce Relevance Learning, WWW 2025, arXiv 2411.13045.
         Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
     """
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
-    if student_logits.dim() != 2:
-        raise ValueError(
-            f"student_logits: expected shape [B, K] (2-D), got {tuple(student_logits.shape)}"
-        )
-    if tuple(teacher_probs.shape) != tuple(student_logits.shape):
-        raise ValueError(
-            f"teacher_probs: expected shape {tuple(student_logits.shape)} [B, K] (as student_logits), "
-            f"got {tuple(teacher_probs.shape)}"
-        )
+    _check_student_teacher(student_logits, "student_logits", teacher_probs, "teacher_probs", "B, K", temperature)
     batch = student_logits.shape[0]
     sel = _row_mask(mask, batch, student_logits.device)
     if not bool(sel.any()):
