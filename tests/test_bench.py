@@ -154,6 +154,19 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     assert tp["direct_pairs_per_s"] > 0 and tp["naive_pairs_per_s"] > 0
     assert res["targets"]["cot_batched_ge_5x_naive"]["value"] == tp["cot_batched_over_naive"]
     assert "<!-- bench:teacher -->" in out_md.read_text()
+    # the readout speed again, from the adapter the run trained, into the same result
+    assert bench_main(["teacher", "--stage", "throughput", "--work_dir", str(tmp_path / "work"), "--eval_pairs", "8",
+                       "--naive_pairs", "1", "--precision", "32-true", "--out_json", str(out_json),
+                       "--out_md", str(out_md)]) == 0
+    again = json.loads(out_json.read_text())
+    assert again["rows"] == res["rows"] and again["setup"] == res["setup"]
+    assert again["throughput_run"]["adapter"] == str(tmp_path / "work" / "teacher" / "adapter")
+    assert again["throughput"]["naive_static_cache_pairs_per_s"] > 0
+    assert again["targets"]["cot_batched_ge_5x_naive"]["value"] == again["throughput"]["cot_batched_over_naive"]
+    assert "Throughput measured by a later run" in out_md.read_text()
+    with pytest.raises(ValueError, match="8 pairs"):
+        bench_main(["teacher", "--stage", "throughput", "--work_dir", str(tmp_path / "work"), "--eval_pairs", "6",
+                    "--out_json", str(out_json), "--out_md", str(out_md)])
 
 
 @pytest.mark.integration

@@ -70,6 +70,60 @@ def test_score_points_equals_sequence_probabilities(tiny_lm):
         assert abs(float(p.exp().sum()) - 1.0) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_score_points_shares_candidate_prefixes_in_one_pass(tiny_llama, impl):
+    """Multi-token candidates sharing a first token (" level0".." level3"), read where the text goes on
+    with one of them, where it stops, and after a prefix of its own, all in one batched pass."""
+    from ellm_mkd.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(tiny_llama).eval(), load_tokenizer(tiny_llama)
+    model.set_attn_implementation(impl)
+    cs = CandidateSet(tok, ("level0", "level1", "level2", "level3"), "level:", [tok.eos_token_id])
+    assert all(len(t) == 2 for t in cs.token_ids) and len({t[0] for t in cs.token_ids}) == 1
+    a = tok("Short text, level:", add_special_tokens=False)["input_ids"]
+    b = tok("A rather longer text than the first one, level:", add_special_tokens=False)["input_ids"]
+    own = tok("Its own prefix, level:", add_special_tokens=False)["input_ids"]
+    seqs = [a + cs.token_ids[2] + [tok.eos_token_id], b]
+    pts = [ReadoutPoint(0, len(a), cs), ReadoutPoint(1, len(b), cs), ReadoutPoint(0, 3, cs),
+           ReadoutPoint(1, len(b), cs, prefix_ids=own)]
+    got = score_points(model, seqs, pts, tok.pad_token_id, rows_per_pass=2)
+    for p, prefix in zip(got, (a, b, a[:3], own)):
+        assert torch.allclose(p, _brute(model, prefix, cs.token_ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generation_records_what_a_second_pass_would_read(tiny_llama, impl, monkeypatch):
+    """Reading at points inside the written text comes from the generation steps, and candidates the
+    text does not continue with run as nodes over the generation's cache: the same distributions as
+    scoring the finished texts from scratch."""
+    from ellm_mkd.models import load_causal_lm, load_tokenizer
+    from ellm_mkd.readout import generate_recorded
+
+    model, tok = load_causal_lm(tiny_llama).eval(), load_tokenizer(tiny_llama)
+    model.set_attn_implementation(impl)
+    cs = CandidateSet(tok, ("level0", "level1", "level2", "level3"), "level:", [tok.eos_token_id])
+    verdicts = CandidateSet(tok, VERDICTS, "=>", tok("\n", add_special_tokens=False)["input_ids"])
+    record = sorted({t for c in (cs, verdicts) for ids in c.token_ids for t in ids})
+    prompts = ["A short prompt:", "A much longer prompt than the other one, with more words in it:"]
+    gen = generate_recorded(model, tok, prompts, 12, record, [tok.eos_token_id])
+    assert gen.step_logp.shape[:2] == (2, 12) and gen.cache is not None
+    pts = []
+    for i, text in enumerate(gen.tokens):
+        n = gen.prompt_len[i]
+        pts += [ReadoutPoint(i, n + 3, cs, prefix_ids=text[:n + 3]),  # inside the written text
+                ReadoutPoint(i, n + 5, verdicts, prefix_ids=text[:n + 5]),
+                ReadoutPoint(i, n + 2, cs, prefix_ids=text[:n] + tok("level:", add_special_tokens=False)["input_ids"])]
+    import ellm_mkd.readout as readout
+
+    with monkeypatch.context() as m:  # no fallback to a second pass over the texts
+        m.setattr(readout, "score_points", lambda *a, **k: pytest.fail("scored the texts again"))
+        got = gen.score(model, pts, tok.pad_token_id)
+    want = score_points(model, gen.tokens, pts, tok.pad_token_id)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4)
+    assert len({tuple(g.tolist()) for g in got}) > 1
+
+
 def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
     model, tok = tiny_lm
     ro = TeacherReadout(model, tok, LEVELS)
