@@ -331,7 +331,7 @@ class RecordedGeneration:
         start = self.prompt_len[i] - 1
         return range(start, min(start + self.step_logp.shape[1], len(self.tokens[i])))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # the cache was written in inference mode; it may only be updated in it
     def score(self, model: Any, points: Sequence[ReadoutPoint], pad_id: int) -> list[Tensor]:
         """:func:`score_points` over the written chains without reading them again: distributions at
         text positions come from the generation steps; only the candidate nodes run, one pass over
@@ -384,10 +384,10 @@ class RecordedGeneration:
         return _renormalise(plan, logp_of)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                       record_ids: Sequence[int], stop_ids: Sequence[int], temperature: float = 0.0,
-                      node_room: int = 64) -> RecordedGeneration:
+                      node_room: int = 32) -> RecordedGeneration:
     """One ``generate`` call over ``prompts`` (left padding, a static key/value cache when the model
     supports one) that also records, at every step, the log-probabilities of ``record_ids`` (the
     readout's candidate tokens) from the output layer, so the chain need not be read a second time.
