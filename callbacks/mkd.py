@@ -191,7 +191,7 @@ class MKDistillation(L.Callback):
                 pl_module.add_training_module("rationale_projection", proj)
         if self.w_rationale:  # after the frozen copy, which keeps the fast attention
             if pl_module.inputs == "pair":
-                pl_module.request_attentions()
+                pl_module.request_attentions(self.attention_layers)
             elif getattr(pl_module.hparams, "pooling", None) != "weighted":
                 log.warning("distill: w_rationale aligns the towers' pooling weights, which only learn with "
                             "pooling: weighted (this student pools by %s): the term will not train anything",
@@ -240,8 +240,8 @@ class MKDistillation(L.Callback):
 
     def _rationale_term(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> Tensor:
         if pl_module.inputs == "pair":
-            att = cls_attention(out.extras["attentions"], self.attention_layers, self.attention_heads,
-                                batch["attention_mask"])
+            rows = out.extras["attentions"]  # the chosen layers only, in order
+            att = cls_attention(rows, range(len(rows)), self.attention_heads, batch["attention_mask"])
             return rationale_attention_loss(att, batch["rationale_mask"], batch["attention_mask"])
         losses = [rationale_attention_loss(out.extras[f"{side}_pool_weights"], batch[f"{side}_rationale_mask"],
                                            batch[f"{side}_attention_mask"]) for side in ("query", "item")]

@@ -30,6 +30,7 @@ exported student are exactly the student.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,10 +147,9 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
     def training_parameters(self) -> list[nn.Parameter]:
         return [*self.training_modules.parameters()] if "training_modules" in self._modules else []
 
-    def request_attentions(self) -> None:
-        """Return the encoder's attention maps as ``extras["attentions"]`` while training (students
-        that have them; the cross-encoder). Switches the encoder to eager attention, the only
-        implementation that returns them."""
+    def request_attentions(self, layers: Sequence[int] = (-1,)) -> None:
+        """Return the [CLS]-to-token attention of ``layers`` as ``extras["attentions"]`` while training
+        (students that have attention over the pair: the cross-encoder)."""
         raise NotImplementedError(f"{type(self).__name__} has no attention maps to return")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

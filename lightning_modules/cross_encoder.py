@@ -14,9 +14,11 @@ Example (YAML)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ellm_mkd.models import load_encoder, load_tokenizer
 
@@ -48,19 +50,67 @@ class CrossEncoderStudent(RelevanceStudent):
         if gradient_checkpointing:
             self.encoder.gradient_checkpointing_enable()
         self._build_heads(self.encoder.config.hidden_size)
-        self._attentions = False
+        self._attentions: Literal["off", "projections", "eager"] = "off"
+        self._attention_layers: list[int] = []
+        self._projections: dict[tuple[int, str], Tensor] = {}
 
-    def request_attentions(self) -> None:
-        self.encoder.set_attn_implementation("eager")
-        self._attentions = True
+    def request_attentions(self, layers: Sequence[int] = (-1,)) -> None:
+        """While training, return the [CLS]-to-token attention of ``layers`` as ``extras["attentions"]``
+        (one ``[B, heads, T]`` row per layer, in order).
+
+        On BERT-family encoders (self-attention modules with ``query``/``key`` projections) the rows
+        are computed from the projections the layer itself produced (forward hooks), so the encoder
+        keeps its fused attention kernel and nothing is recomputed. Other encoders switch to eager
+        attention, which returns the full maps, and the rows are cut from them."""
+        n = self.encoder.config.num_hidden_layers
+        chosen = [int(l) for l in layers]
+        if not chosen or any(not -n <= l < n for l in chosen):
+            raise ValueError(f"attention_layers: expected non-empty indices in [-{n}, {n}) for this encoder, got {chosen}")
+        self._attention_layers = [l % n for l in chosen]
+        mods = [m for m in self.encoder.modules()
+                if isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "key", None), nn.Linear)
+                and hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size")]
+        if len(mods) != n:
+            self.encoder.set_attn_implementation("eager")
+            self._attentions = "eager"
+            return
+        self._attention_modules = {l: mods[l] for l in self._attention_layers}
+        for handle in getattr(self, "_hook_handles", []):  # a second request replaces the first
+            handle.remove()
+        self._hook_handles = [getattr(m, part).register_forward_hook(self._keep_projection(l, part))
+                              for l, m in self._attention_modules.items() for part in ("query", "key")]
+        self._attentions = "projections"
+
+    def _keep_projection(self, layer: int, part: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            if self.training:
+                self._projections[(layer, part)] = output
+        return hook
+
+    def _cls_rows(self, mask: Tensor) -> list[Tensor]:
+        rows = []
+        for l in self._attention_layers:
+            m = self._attention_modules[l]
+            q, k = self._projections.pop((l, "query")), self._projections.pop((l, "key"))
+            b, t = k.shape[:2]
+            q0 = q[:, 0].view(b, m.num_attention_heads, m.attention_head_size)
+            keys = k.view(b, t, m.num_attention_heads, m.attention_head_size)
+            scale = getattr(m, "scaling", m.attention_head_size ** -0.5)
+            scores = torch.einsum("bhd,bthd->bht", q0, keys).float() * scale
+            scores = scores.masked_fill(mask[:, None, :] == 0, torch.finfo(scores.dtype).min)
+            rows.append(scores.softmax(-1))
+        return rows
 
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        want = self._attentions and self.training
-        res = self.encoder(**kw, output_attentions=True) if want else self.encoder(**kw)
+        want = self._attentions != "off" and self.training
+        eager = want and self._attentions == "eager"
+        res = self.encoder(**kw, output_attentions=True) if eager else self.encoder(**kw)
         hidden = res.last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
         extras = {"token_states": hidden, "attention_mask": batch["attention_mask"]}
-        if want:
-            extras["attentions"] = res.attentions
+        if eager:
+            extras["attentions"] = [res.attentions[l] for l in self._attention_layers]
+        elif want:
+            extras["attentions"] = self._cls_rows(batch["attention_mask"])
         return pooled, extras

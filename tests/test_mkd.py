@@ -159,7 +159,7 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
         return torch.where(q > 0, q * (q.clamp_min(1e-30).log() - (a + 1e-8).log()), 0.0).sum(-1).mean()
 
     if kind == "cross_encoder":
-        att = out.extras["attentions"][-1][:, :, 0, :].mean(1) * batch["attention_mask"]
+        att = out.extras["attentions"][-1].mean(1) * batch["attention_mask"]  # the last layer's [CLS] row
         att = att / att.sum(-1, keepdim=True)
         rat = kl_to_mask(att, batch["rationale_mask"], batch["attention_mask"])
     else:
@@ -178,6 +178,35 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
     proj = model.training_modules["rationale_projection"]
     cos = F.cosine_similarity(out.pair_embedding[chain].float(), proj(r[chain]).float(), dim=-1)
     assert terms["rationale_embedding"].item() == pytest.approx(0.3 * (1 - cos).mean().item(), rel=1e-4)
+
+
+def test_cls_attention_from_projections_equals_eager_maps(still_encoder, synth_dir, cache):
+    """The cross-encoder reads [CLS]-to-token attention from its layers' own query/key projections
+    (the encoder keeps SDPA): the same rows as eager attention maps, with gradients into the encoder."""
+    import copy
+
+    model, dm = build("cross_encoder", still_encoder, synth_dir, cache)
+    dm.setup("fit")
+    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    model.train()
+    eager = copy.deepcopy(model.encoder)
+    eager.set_attn_implementation("eager")
+    model.request_attentions([0, -1])
+    assert model.encoder.config._attn_implementation != "eager"
+    batch = first_batch(dm)
+    out = model(batch)
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    maps = eager(**kw, output_attentions=True).attentions
+    real = batch["attention_mask"][:, None, :].bool()
+    for row, full in zip(out.extras["attentions"], (maps[0], maps[-1])):
+        assert row.shape == full[:, :, 0, :].shape
+        assert torch.allclose(row[real.expand_as(row)], full[:, :, 0, :][real.expand_as(row)], atol=1e-5)
+    out.extras["attentions"][0].sum().backward()
+    assert model.encoder.embeddings.word_embeddings.weight.grad is not None
+    model.eval()
+    assert "attentions" not in model(batch).extras  # only while training
+    with pytest.raises(ValueError, match="attention_layers"):
+        model.request_attentions([2])
 
 
 def test_rows_without_signals_do_not_count(tiny_encoder, synth_dir, cache, tmp_path):

@@ -132,7 +132,8 @@ def cls_attention(
     Args:
         attentions: a tuple/list of per-layer attention tensors, each
             ``[B, Hh, T, T]`` (as returned by a Hugging Face encoder with
-            ``output_attentions=True``).
+            ``output_attentions=True``), or each layer's [CLS] row alone,
+            ``[B, Hh, T]``.
         layers: indices into ``attentions`` to average over (negative indices
             count from the last layer); default ``(-1,)``, the last layer.
         heads: head indices to average over; ``None`` (default) means all heads.
@@ -165,8 +166,9 @@ def cls_attention(
             + (f"a tensor of shape {tuple(attentions.shape)}" if isinstance(attentions, Tensor) else "an empty sequence")
         )
     first = attentions[0]
-    if first.dim() != 4 or first.shape[-1] != first.shape[-2]:
-        raise ValueError(f"attentions: expected each layer of shape [B, Hh, T, T], got {tuple(first.shape)}")
+    if not (first.dim() == 3 or (first.dim() == 4 and first.shape[-1] == first.shape[-2])):
+        raise ValueError(f"attentions: expected each layer of shape [B, Hh, T, T] (or its [CLS] row [B, Hh, T]), "
+                         f"got {tuple(first.shape)}")
     ref_shape = tuple(first.shape)
     for k, a in enumerate(attentions):
         if tuple(a.shape) != ref_shape:
@@ -175,7 +177,7 @@ def cls_attention(
                 f"got {tuple(a.shape)} at layer {k}"
             )
     n_layers = len(attentions)
-    batch, n_heads, seq, _ = ref_shape
+    batch, n_heads, seq = ref_shape[:3]
     layers = list(layers)
     if not layers or any(not -n_layers <= l < n_layers for l in layers):
         raise ValueError(f"layers: expected non-empty indices in [-{n_layers}, {n_layers}), got {layers}")
@@ -185,7 +187,8 @@ def cls_attention(
             raise ValueError(f"heads: expected non-empty indices in [-{n_heads}, {n_heads}), got {heads}")
     rows = []
     for l in layers:
-        a = _upcast(attentions[l])[:, :, 0, :]  # [B, Hh, T]
+        a = _upcast(attentions[l])
+        a = a[:, :, 0, :] if a.dim() == 4 else a  # [B, Hh, T]
         if heads is not None:
             a = a[:, heads, :]
         rows.append(a.mean(1))
