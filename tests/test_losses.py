@@ -416,12 +416,23 @@ def test_cls_attention_feeds_rationale_loss_with_gradients():
         assert torch.equal(a.grad[0, :, 1:], torch.zeros(2, 2, 3))
 
 
+def test_cls_attention_takes_cls_rows_alone():
+    """Each layer's [CLS] row ``[B, Hh, T]`` gives what the full ``[B, Hh, T, T]`` maps give."""
+    attn = _hand_attentions()
+    mask = torch.tensor([[1, 1, 0]])
+    rows = tuple(a[:, :, 0, :] for a in attn)
+    for layers, heads in (((-1,), None), ((0, 1), [1])):
+        assert torch.allclose(cls_attention(rows, layers, heads, mask), cls_attention(attn, layers, heads, mask))
+
+
 def test_cls_attention_bad_inputs_raise():
     attn = _hand_attentions()
     with pytest.raises(ValueError, match="attentions"):
         cls_attention(())
-    with pytest.raises(ValueError, match=r"attentions.*\(1, 2, 3\)"):
-        cls_attention((torch.zeros(1, 2, 3),))
+    with pytest.raises(ValueError, match=r"attentions.*\(1, 2, 3, 4\)"):
+        cls_attention((torch.zeros(1, 2, 3, 4),))
+    with pytest.raises(ValueError, match=r"attentions.*\(1, 2\)"):
+        cls_attention((torch.zeros(1, 2),))
     with pytest.raises(ValueError, match=r"attentions.*\(1, 2, 3, 3\).*\(1, 2, 4, 4\)"):
         cls_attention((attn[0], torch.zeros(1, 2, 4, 4)))
     with pytest.raises(ValueError, match="layers"):
