@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
 from .augment import Augmentation, file_pairs, sample_pairs
-from .splits import select_split
+from .splits import limit_by_query, select_split
 from .teacher_batch import add_teacher_fields
 from .text import DEFAULT_ITEM_FIELDS, check_item_fields, render_item
 from .validation import DataSource, LoadReport, load_examples
@@ -185,6 +185,9 @@ class RelevanceDataModule(L.LightningDataModule):
         rationale_max_length: token budget of the teacher's chain in student tokens (``rationale_ids``).
         augment: teacher-labelled augmentation: unlabelled pairs (a file, or catalog items sampled for
             each training query) added to the training split with no label; see :mod:`datamodules.augment`.
+        limit_pairs: at most this many pairs per split (``{train: 3000, test: 2000}``), as whole queries
+            in the order of a hash of the query seeded with the split seed: a query-disjoint subsample
+            of a large dataset (a teacher fine-tune or an ablation that has to fit a time budget).
     """
 
     def __init__(
@@ -204,8 +207,17 @@ class RelevanceDataModule(L.LightningDataModule):
         teacher: TeacherSource | None = None,
         rationale_max_length: int = 128,
         augment: Augmentation | None = None,
+        limit_pairs: dict[str, int] | None = None,
     ):
         super().__init__()
+        limit_pairs = dict(limit_pairs or {})
+        bad = sorted(set(limit_pairs) - {"train", "val", "test"})
+        if bad:
+            raise ValueError(f"data.limit_pairs: keys are splits (train, val, test), got {bad}")
+        for split, n in limit_pairs.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"data.limit_pairs.{split} must be an integer >= 1, got {n!r}")
+        self.limit_pairs = limit_pairs
         if isinstance(augment, dict):
             augment = Augmentation(**augment)
         if isinstance(source, dict):
@@ -285,6 +297,9 @@ class RelevanceDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 ds = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index,
                                       sort_by_length=self.sort_eval_by_length and split != "train")
+                if split in self.limit_pairs:
+                    ds.rows = limit_by_query(ds.rows, self.limit_pairs[split], self.source.split.seed, split,
+                                             f"data.limit_pairs.{split}")
                 if rationales is not None:
                     self._join_rationales(ds, split, rationales)
                 self.datasets[split] = ds

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -159,3 +160,33 @@ def split_summary(table: pa.Table) -> dict[str, dict[str, int]]:
             d[b] = int(((buckets == b) & mask).sum())
         out[s] = d
     return out
+
+
+def limit_by_query(rows: list[dict[str, Any]], limit: int, seed: int, split: str = "train",
+                   option: str = "--train_limit") -> list[dict[str, Any]]:
+    """Whole queries of ``rows`` in the order of a seeded hash of the normalised query, while the pairs
+    kept stay within ``limit`` (a query-disjoint subsample: every kept query keeps all its pairs).
+    Rows keep their order. ``option`` names the setting in errors."""
+    if limit < 1:
+        raise ValueError(f"{option} must be >= 1, got {limit}")
+    by_query: dict[str, int] = {}
+    for r in rows:
+        q = normalize_text(r["query"])
+        by_query[q] = by_query.get(q, 0) + 1
+    tag = "train_limit" if split == "train" else f"{split}_limit"
+
+    def key(q: str) -> bytes:
+        return hashlib.blake2b(f"{seed}\x1f{tag}\x1f{q}".encode("utf-8"), digest_size=8).digest()
+
+    keep: set[str] = set()
+    total = 0
+    for q in sorted(by_query, key=key):
+        if total + by_query[q] > limit:
+            break
+        keep.add(q)
+        total += by_query[q]
+    if by_query and not keep:
+        raise ValueError(f"{option} {limit} is smaller than the first {split} query's "
+                         f"{by_query[min(by_query, key=key)]} pairs")
+    return [r for r in rows if normalize_text(r["query"]) in keep]
+

@@ -54,7 +54,6 @@ same reduced training set; validation and test are untouched).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -138,28 +137,9 @@ def machine_description() -> str:
 def limit_training_rows(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dict[str, Any]]:
     """Whole training queries in the order of a seeded hash of the normalised query, while the pairs kept
     stay within ``limit``. Rows keep their original order."""
-    from datamodules.schema import normalize_text
+    from datamodules.splits import limit_by_query
 
-    if limit < 1:
-        raise ValueError(f"--train_limit must be >= 1, got {limit}")
-    by_query: dict[str, int] = {}
-    for r in rows:
-        q = normalize_text(r["query"])
-        by_query[q] = by_query.get(q, 0) + 1
-
-    def key(q: str) -> bytes:
-        return hashlib.blake2b(f"{seed}\x1ftrain_limit\x1f{q}".encode("utf-8"), digest_size=8).digest()
-
-    keep: set[str] = set()
-    total = 0
-    for q in sorted(by_query, key=key):
-        if total + by_query[q] > limit:
-            break
-        keep.add(q)
-        total += by_query[q]
-    if not keep:
-        raise ValueError(f"--train_limit {limit} is smaller than the first training query's {by_query[min(by_query, key=key)]} pairs")
-    return [r for r in rows if normalize_text(r["query"]) in keep]
+    return limit_by_query(rows, limit, seed, "train", "--train_limit")
 
 
 # ------------------------------------------------------------------------------------------------

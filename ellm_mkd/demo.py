@@ -56,9 +56,15 @@ def _cli(args: list[str]):
     return cli_main(args, run=False)
 
 
+def data_args(out: Path, plan: dict[str, Any]) -> list[str]:
+    """The data options every stage gets: the plan's own (``plan["data_args"]``: a real dataset, its
+    split and item fields), else the synthetic catalog under ``out``."""
+    return list(plan.get("data_args") or ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS])
+
+
 def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = ()) -> dict[str, Any]:
     """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths."""
-    cli = _cli(["--config", str(CONFIG_DIR / "teacher.yaml"), "--data.source.path", str(out / "data"),
+    cli = _cli(["--config", str(CONFIG_DIR / "teacher.yaml"), *data_args(out, plan),
                 "--data.annotations", str(out / "annotations"), "--data.batch_size", str(plan["teacher_batch"]),
                 "--data.eval_batch_size", str(plan["teacher_eval"]),
                 "--trainer.max_steps", str(plan["teacher_steps"]), "--trainer.default_root_dir", str(out / "teacher"),
@@ -82,7 +88,7 @@ def write_cache(out: Path, adapter: str, plan: dict[str, Any], extra: list[str] 
     """The teacher cache over the training split (forced readout), replacing any cache there."""
     cache = out / "teacher_cache"
     args = ["--config", str(REPO / "configs" / "teacher" / "cache_smollm2_forced.yaml"),
-            "--model.init_args.adapter", adapter, "--data.source.path", str(out / "data"),
+            "--model.init_args.adapter", adapter, *data_args(out, plan),
             "--data.annotations", str(out / "annotations"), "--data.predict_split", "train",
             "--data.eval_batch_size", str(plan["teacher_eval"]),
             "--trainer.callbacks.init_args.output_dir", str(cache), "--trainer.callbacks.init_args.overwrite", "true",
@@ -109,7 +115,7 @@ def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], over
     args = ["--config", str(config)]
     for o in overlays:
         args += ["--config", str(o)]
-    args += ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS,
+    args += [*data_args(out, plan),
              "--trainer.default_root_dir", str(out / "students" / name),
              "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
              "--trainer.logger.init_args.name", name, "--trainer.max_epochs", str(plan["epochs"])]

@@ -192,3 +192,34 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert "<!-- bench:mkd_catalog -->" in out_md.read_text() and "± " in out_md.read_text()
     runs = tmp_path / "work" / "tensorboard"
     assert (runs / "cross_encoder_full_augment_s0").exists() and (runs / "cross_encoder_baseline_s1").exists()
+
+
+@pytest.mark.integration
+def test_bench_mkd_on_home_depot_subsample(tmp_path, tiny_llama, tiny_encoder):
+    """The ablation on a real dataset: preset, query-disjoint split, whole-query subsample per split; the
+    teacher, its cache and the students all read that subsample; targets and rerender from the JSON."""
+    from conftest import shared_file
+
+    path = shared_file("homedepot", "train.csv.zip")
+    out_json, out_md = tmp_path / "mkd_hd.json", tmp_path / "benchmarks.md"
+    args = ["mkd", "--source", str(path), "--preset", "homedepot", "--item_fields", "[title]", "--relevant_level", "2",
+            "--limit_pairs", "{train: 48, val: 16, test: 24}", "--teacher_model", tiny_llama, "--encoder", tiny_encoder,
+            "--work_dir", str(tmp_path / "work"), "--teacher_steps", "1", "--teacher_batch", "2", "--teacher_eval", "8",
+            "--rows", "[baseline,full]", "--seeds", "[0]", "--students", "[cross_encoder]", "--epochs", "1",
+            "--name", "mkd_hd", "--out_json", str(out_json), "--out_md", str(out_md)]
+    assert bench_main(args) == 0
+    res = json.loads(out_json.read_text())
+    sizes = res["setup"]["split_pairs"]
+    assert 0 < sizes["train"] <= 48 and 0 < sizes["val"] <= 16 and 0 < sizes["test"] <= 24
+    assert res["setup"]["data"]["preset"] == "homedepot" and res["setup"]["catalog"] is None
+    assert res["setup"]["cache_rows"] == sizes["train"]  # the teacher scored exactly the subsampled training pairs
+    assert sum(res["teacher"][f"{b}/count"] for b in ("head", "torso", "tail", "unseen") if f"{b}/count" in res["teacher"]) \
+        == sizes["test"]
+    assert set(res["targets"]) >= {"cross_encoder_full_beats_baseline_all", "cross_encoder_full_epoch_overhead"}
+    text = out_md.read_text()
+    assert "subsampled by whole queries" in text and "no target on this dataset" in text
+    # the markdown can be rewritten from the JSON alone
+    out_md.write_text("")
+    assert bench_main(["mkd", "--rerender", "true", "--name", "mkd_hd", "--out_json", str(out_json),
+                       "--out_md", str(out_md)]) == 0
+    assert out_md.read_text().strip().splitlines()[1] == "## mkd_hd"

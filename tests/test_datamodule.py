@@ -91,3 +91,25 @@ def test_empty_split_and_bad_fields_are_clear(synth_dir):
     dm = RelevanceDataModule(DataSource(path=str(synth_dir)))
     with pytest.raises(RuntimeError, match="setup"):
         dm.train_dataloader()
+
+
+def test_limit_pairs_keeps_whole_queries_per_split(synth_dir):
+    from datamodules.schema import normalize_text
+
+    full = make_dm(synth_dir)
+    dm = make_dm(synth_dir, limit_pairs={"train": 40, "test": 25})
+    assert len(dm.datasets["val"]) == len(full.datasets["val"])  # no limit: the whole split
+    for split, limit in (("train", 40), ("test", 25)):
+        kept, rows = dm.datasets[split].rows, full.datasets[split].rows
+        assert 0 < len(kept) <= limit
+        queries = {normalize_text(r["query"]) for r in kept}
+        # every kept query keeps all its pairs, in the split's order
+        assert kept == [r for r in rows if normalize_text(r["query"]) in queries]
+    again = make_dm(synth_dir, limit_pairs={"train": 40, "test": 25})
+    assert [r["example_id"] for r in again.datasets["train"].rows] == [r["example_id"] for r in dm.datasets["train"].rows]
+    with pytest.raises(ValueError, match="data.limit_pairs: keys are splits"):
+        RelevanceDataModule(DataSource(path=str(synth_dir)), limit_pairs={"dev": 10})
+    with pytest.raises(ValueError, match=r"data.limit_pairs.test must be an integer >= 1"):
+        RelevanceDataModule(DataSource(path=str(synth_dir)), limit_pairs={"test": 0})
+    with pytest.raises(ValueError, match=r"data.limit_pairs.train 1 is smaller than the first train query"):
+        make_dm(synth_dir, limit_pairs={"train": 1})
