@@ -204,7 +204,7 @@ def _renormalise(plan: list[list[tuple[int, list[int], list[int]]]], logp_of) ->
     out = []
     for cands in plan:
         vals = [sum(logp_of(t, pos, tok) for pos, tok in zip(positions, toks)) for t, positions, toks in cands]
-        out.append(torch.stack([torch.as_tensor(v) for v in vals]).float().log_softmax(-1).cpu())
+        out.append(torch.stack([torch.as_tensor(v).float().cpu() for v in vals]).log_softmax(-1))
     return out
 
 
@@ -373,7 +373,7 @@ class RecordedGeneration:
             if keys:
                 rows = [t for t, _ in keys]
                 cols = [p - trees[t].n_text for t, p in keys]
-                logp = _head_logits(model, head, hidden[rows, cols]).log_softmax(-1)
+                logp = _head_logits(model, head, hidden[rows, cols]).log_softmax(-1).cpu()
                 node_logp = {k: logp[j] for j, k in enumerate(keys)}
 
         def logp_of(t: int, p: int, tok: int) -> Tensor:
@@ -418,10 +418,12 @@ def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
         last = logits[:, -1].float()
         if cap:
             last = torch.tanh(last / cap) * cap
-        steps.append(last.log_softmax(-1)[:, index].cpu())
+        steps.append(last.log_softmax(-1)[:, index])
 
+    # disable_compile: generate would compile the decoding step around a static cache on GPUs, and a
+    # compiled step keeps the hooks it was traced with
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=list(stop_ids))
+                              eos_token_id=list(stop_ids), disable_compile=True)
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     else:
@@ -445,8 +447,12 @@ def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
         prompt_len.append(len(prompt))
         written.append(row[:end])
     texts = tokenizer.batch_decode(written, skip_special_tokens=True)
-    return RecordedGeneration(texts, tokens, prompt_len, torch.stack(steps, 1), columns, cache, pads,
-                              width + len(steps) - 1, cache_len)
+    free_from = width + len(steps) - 1  # the last token written is never fed back
+    if cache is not None and int(cache.get_seq_length()) != free_from:
+        raise RuntimeError(f"generation left {int(cache.get_seq_length())} cache slots written, expected {free_from} "
+                           f"({width} prompt + {len(steps)} steps - 1): the recorded steps do not match the cache")
+    return RecordedGeneration(texts, tokens, prompt_len, torch.stack(steps, 1).cpu(), columns, cache, pads,
+                              free_from, cache_len)
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

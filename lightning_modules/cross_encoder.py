@@ -25,6 +25,11 @@ from ellm_mkd.models import load_encoder, load_tokenizer
 from .base import RelevanceStudent
 
 
+# encoders whose self-attention is softmax(q k^T * scale + mask) over absolute positions, with ``query`` /
+# ``key`` projections: their [CLS] row can be read from the projections (anything else: eager maps)
+PROJECTION_ATTENTION_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+
+
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -53,45 +58,51 @@ class CrossEncoderStudent(RelevanceStudent):
         self._attentions: Literal["off", "projections", "eager"] = "off"
         self._attention_layers: list[int] = []
         self._projections: dict[tuple[int, str], Tensor] = {}
+        self._capturing = False
 
     def request_attentions(self, layers: Sequence[int] = (-1,)) -> None:
         """While training, return the [CLS]-to-token attention of ``layers`` as ``extras["attentions"]``
         (one ``[B, heads, T]`` row per layer, in order).
 
-        On BERT-family encoders (self-attention modules with ``query``/``key`` projections) the rows
-        are computed from the projections the layer itself produced (forward hooks), so the encoder
-        keeps its fused attention kernel and nothing is recomputed. Other encoders switch to eager
-        attention, which returns the full maps, and the rows are cut from them."""
+        On BERT-family encoders with absolute positions (``PROJECTION_ATTENTION_TYPES``) the rows are
+        computed from the query/key projections the layer itself produced in the student's forward
+        (forward hooks), so the encoder keeps its fused attention kernel and nothing is recomputed.
+        Other encoders switch to eager attention, which returns the full maps, and the rows are cut
+        from them. Repeated layers count once."""
         n = self.encoder.config.num_hidden_layers
         chosen = [int(l) for l in layers]
         if not chosen or any(not -n <= l < n for l in chosen):
             raise ValueError(f"attention_layers: expected non-empty indices in [-{n}, {n}) for this encoder, got {chosen}")
-        self._attention_layers = [l % n for l in chosen]
+        self._attention_layers = list(dict.fromkeys(l % n for l in chosen))
+        cfg = self.encoder.config
         mods = [m for m in self.encoder.modules()
                 if isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "key", None), nn.Linear)
                 and hasattr(m, "num_attention_heads") and hasattr(m, "attention_head_size")]
-        if len(mods) != n:
+        for handle in getattr(self, "_hook_handles", []):  # a second request replaces the first
+            handle.remove()
+        self._hook_handles = []
+        if (len(mods) != n or cfg.model_type not in PROJECTION_ATTENTION_TYPES
+                or getattr(cfg, "position_embedding_type", "absolute") != "absolute"):
             self.encoder.set_attn_implementation("eager")
             self._attentions = "eager"
             return
         self._attention_modules = {l: mods[l] for l in self._attention_layers}
-        for handle in getattr(self, "_hook_handles", []):  # a second request replaces the first
-            handle.remove()
         self._hook_handles = [getattr(m, part).register_forward_hook(self._keep_projection(l, part))
                               for l, m in self._attention_modules.items() for part in ("query", "key")]
         self._attentions = "projections"
 
     def _keep_projection(self, layer: int, part: str):
         def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-            if self.training:
+            if self._capturing:  # the student's own forward, not a recomputation in backward or a copy's
                 self._projections[(layer, part)] = output
         return hook
 
     def _cls_rows(self, mask: Tensor) -> list[Tensor]:
         rows = []
+        taken, self._projections = self._projections, {}
         for l in self._attention_layers:
             m = self._attention_modules[l]
-            q, k = self._projections.pop((l, "query")), self._projections.pop((l, "key"))
+            q, k = taken[(l, "query")], taken[(l, "key")]
             b, t = k.shape[:2]
             q0 = q[:, 0].view(b, m.num_attention_heads, m.attention_head_size)
             keys = k.view(b, t, m.num_attention_heads, m.attention_head_size)
@@ -105,7 +116,11 @@ class CrossEncoderStudent(RelevanceStudent):
         kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         want = self._attentions != "off" and self.training
         eager = want and self._attentions == "eager"
-        res = self.encoder(**kw, output_attentions=True) if eager else self.encoder(**kw)
+        self._capturing = want and not eager
+        try:
+            res = self.encoder(**kw, output_attentions=True) if eager else self.encoder(**kw)
+        finally:
+            self._capturing = False
         hidden = res.last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, batch["attention_mask"])
         extras = {"token_states": hidden, "attention_mask": batch["attention_mask"]}

@@ -203,6 +203,9 @@ def test_cls_attention_from_projections_equals_eager_maps(still_encoder, synth_d
         assert torch.allclose(row[real.expand_as(row)], full[:, :, 0, :][real.expand_as(row)], atol=1e-5)
     out.extras["attentions"][0].sum().backward()
     assert model.encoder.embeddings.word_embeddings.weight.grad is not None
+    assert not model._projections  # nothing kept past the step
+    model.request_attentions([-1, 1])  # one layer named twice (2 layers): one row
+    assert len(model(batch).extras["attentions"]) == 1
     model.eval()
     assert "attentions" not in model(batch).extras  # only while training
     with pytest.raises(ValueError, match="attention_layers"):
