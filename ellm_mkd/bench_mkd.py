@@ -25,8 +25,10 @@ Writes ``docs/results/<name>.json`` and the ``<name>`` section of ``docs/benchma
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .bench import machine_description, publish
+from .bench import atomic_write_text, machine_description, publish
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +63,9 @@ def _parser():
     p.add_argument("--test_fraction", type=float, default=0.2)
     p.add_argument("--limit_pairs", type=dict[str, int] | None, default=None,
                    help="at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})")
+    p.add_argument("--resume", type=bool, default=True,
+                   help="reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an "
+                        "earlier run with the same settings (a stopped benchmark goes on where it stopped)")
     p.add_argument("--rerender", type=bool, default=False,
                    help="rewrite the markdown section (and targets) from the existing result JSON; runs nothing")
     p.add_argument("--teacher_model", type=str, default="smollm2-135m-instruct", help="teacher base model")
@@ -119,6 +124,25 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
             "relevant_level": data.get("relevant_level"), "limit_pairs": data.get("limit_pairs")}
 
 
+def _fingerprint(opts, data: dict[str, Any], plan: dict[str, Any]) -> str:
+    """What a stored teacher, cache and student run depend on (rows, seeds and students are chosen per run)."""
+    keys = ("num_queries", "items_per_query", "teacher_model", "encoder", "teacher_steps", "teacher_batch",
+            "teacher_eval", "epochs", "train_batches", "seed")
+    return json.dumps({"data": data, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(state, indent=2, default=str) + "\n")
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
@@ -143,33 +167,58 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "train_batches": opts.train_batches}
     t0 = time.time()
     data = _data_options(opts, out)
-    if opts.source is None:
-        write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"]), overwrite=True)
-    else:
+    if opts.source is not None:
         plan["data_args"] = _cli_args(data)
-    dm = RelevanceDataModule(**data)
-    run_annotation(dm, out / "annotations", "rules", splits=["train", "val", "test"], overwrite=True, progress=False)
-    dm.setup("fit")
-    sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
-    tm = ["--model.init_args.model", opts.teacher_model]
-    teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm])
-    teacher.pop("model")
-    augment = []
-    if "full_augment" in opts.rows:  # the cache covers the augmented pairs too (a superset serves every row)
-        aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
-        augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
-    cache = write_cache(out, teacher["adapter"], plan, [*augment, *tm])
-    setup_s = time.time() - t0
+    state = out / "bench_state"
+    fingerprint = _fingerprint(opts, data, plan)
+    setup = _load_state(state / "setup.json", fingerprint) if opts.resume else None
+    if setup is None:
+        shutil.rmtree(state, ignore_errors=True)
+        if opts.source is None:
+            write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"]), overwrite=True)
+        dm = RelevanceDataModule(**data)
+        run_annotation(dm, out / "annotations", "rules", splits=["train", "val", "test"], overwrite=True,
+                       progress=False)
+        dm.setup("fit")
+        sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
+        tm = ["--model.init_args.model", opts.teacher_model]
+        teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm])
+        augment = []
+        if "full_augment" in opts.rows:  # the cache covers the augmented pairs too (a superset serves every row)
+            aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
+            augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
+        cache = write_cache(out, teacher["adapter"], plan, [*augment, *tm])
+        setup = {"fingerprint": fingerprint, "sizes": sizes, "cache": cache, "machine": machine_description(),
+                 "teacher": {"test": teacher["test"], "adapter": teacher["adapter"], "fit_seconds": teacher["fit_seconds"]},
+                 "with_augment": bool(augment), "seconds": round(time.time() - t0, 1)}
+        _save_state(state / "setup.json", setup)
+    elif "full_augment" in opts.rows and not setup["with_augment"]:
+        raise ValueError(f"{state}: its teacher cache has no augmented pairs, which the full_augment row needs; "
+                         "run with --resume false")
+    else:
+        log.info("resuming: teacher and cache from %s", state)
+    sizes, cache, teacher = setup["sizes"], setup["cache"], setup["teacher"]
 
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    machines = {setup["machine"]}
+    resumed = 0
     for kind in opts.students:
         for row in opts.rows:
             for seed in opts.seeds:
-                extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
-                if row != "baseline":
-                    extra += ["--data.teacher.init_args.path", cache["path"]]
-                r = train_student(out, CONFIG_DIR / f"{kind}.yaml", f"{kind}_{row}_s{seed}", plan,
-                                  [REPO / "configs" / "mkd" / f"{row}.yaml"], extra, predictions=False)
+                name = f"{kind}_{row}_s{seed}"
+                r = _load_state(state / "runs" / f"{name}.json", fingerprint) if opts.resume else None
+                if r is None:
+                    extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
+                    if row != "baseline":
+                        extra += ["--data.teacher.init_args.path", cache["path"]]
+                    r = train_student(out, CONFIG_DIR / f"{kind}.yaml", name, plan,
+                                      [REPO / "configs" / "mkd" / f"{row}.yaml"], extra, predictions=False)
+                    r = {**{k: v for k, v in r.items() if k != "predictions"}, "fingerprint": fingerprint,
+                         "machine": machine_description()}
+                    _save_state(state / "runs" / f"{name}.json", r)
+                else:
+                    resumed += 1
+                machines.add(r["machine"])
                 runs.setdefault(kind, {}).setdefault(row, []).append(r)
 
     rows_out = []
@@ -194,7 +243,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                   "teacher": {"model": opts.teacher_model, "steps": opts.teacher_steps,
                                                         "batch": opts.teacher_batch, "readout_for_cache": "forced"},
                   "cache_rows": cache["rows"], "student_epochs": opts.epochs, "train_batches": opts.train_batches,
-                  "setup_seconds": round(setup_s, 1), "total_seconds": round(time.time() - t0, 1)},
+                  "setup_seconds": setup["seconds"], "this_run_seconds": round(time.time() - t0, 1),
+                  "resumed_runs": resumed, "machines": sorted(machines)},
         "teacher": {k: v for k, v in teacher["test"].items()},
         "rows": rows_out,
     }
@@ -242,6 +292,12 @@ def markdown_section(result: dict[str, Any]) -> str:
             lines.append(f"| {r['student']} | {r['row']} | {bucket} | {_cell(m, p + 'auc')} | {_cell(m, p + 'ndcg10')} | "
                          f"{_cell(m, p + 'macro_f1')} | {_cell(m, p + 'rmse')} | "
                          f"{'' if bucket != 'all' or ov is None else f'{100 * ov:+.1f}%'} |")
+    if len(s.get("machines") or []) > 1:
+        lines += ["", "Runs of this benchmark were resumed on more than one machine (" + "; ".join(s["machines"]) +
+                  "): epoch times compare only within one machine."]
+    if s.get("resumed_runs"):
+        lines += ["", f"{s['resumed_runs']} student run(s) were finished by an earlier invocation with the same settings "
+                      "(`--resume`, the default) and read back from its state."]
     checks = targets(result)
     if checks:
         title = "Targets" if s.get("catalog") else "Full MKD against the baseline (no target on this dataset)"

@@ -192,6 +192,19 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert "<!-- bench:mkd_catalog -->" in out_md.read_text() and "± " in out_md.read_text()
     runs = tmp_path / "work" / "tensorboard"
     assert (runs / "cross_encoder_full_augment_s0").exists() and (runs / "cross_encoder_baseline_s1").exists()
+    # a second invocation with the same settings reads the teacher, cache and finished runs back
+    args = ["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir", str(tmp_path / "work"),
+            "--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1", "--teacher_batch", "2",
+            "--teacher_eval", "16", "--rows", "[baseline,full]", "--seeds", "[0,1]", "--students", "[cross_encoder]",
+            "--epochs", "1", "--train_batches", "2", "--out_json", str(out_json), "--out_md", str(out_md)]
+    assert bench_main(args) == 0
+    again = json.loads(out_json.read_text())
+    assert again["setup"]["resumed_runs"] == 4 and again["setup"]["setup_seconds"] == res["setup"]["setup_seconds"]
+    assert again["rows"][:2] == res["rows"][:2] and "read back from its state" in out_md.read_text()
+    # other settings: nothing is reused
+    assert bench_main([*args[:-4], "--seeds", "[0]", "--epochs", "2", "--rows", "[baseline]", "--out_json",
+                       str(out_json), "--out_md", str(out_md)]) == 0
+    assert json.loads(out_json.read_text())["setup"]["resumed_runs"] == 0
 
 
 @pytest.mark.integration
