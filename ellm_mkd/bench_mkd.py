@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -124,18 +123,21 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
             "relevant_level": data.get("relevant_level"), "limit_pairs": data.get("limit_pairs")}
 
 
-def _fingerprint(opts, data: dict[str, Any], plan: dict[str, Any]) -> str:
-    """What a stored teacher, cache and student run depend on (rows, seeds and students are chosen per run)."""
-    keys = ("num_queries", "items_per_query", "teacher_model", "encoder", "teacher_steps", "teacher_batch",
-            "teacher_eval", "epochs", "train_batches", "seed")
+TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval")
+
+
+def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
+    """What a stored teacher, cache or student run depends on (rows, seeds and students are chosen per run;
+    a baseline run does not depend on the teacher)."""
+    keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (TEACHER_KEYS if teacher else ())
     return json.dumps({"data": data, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def _load_state(path: Path, *fingerprints: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     state = json.loads(path.read_text(encoding="utf-8"))
-    return state if state.get("fingerprint") == fingerprint else None
+    return state if state.get("fingerprint") in fingerprints else None
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -170,10 +172,10 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     if opts.source is not None:
         plan["data_args"] = _cli_args(data)
     state = out / "bench_state"
-    fingerprint = _fingerprint(opts, data, plan)
+    fingerprint = _fingerprint(opts, data)
     setup = _load_state(state / "setup.json", fingerprint) if opts.resume else None
-    if setup is None:
-        shutil.rmtree(state, ignore_errors=True)
+    if setup is None:  # runs stored under other settings are not read (their fingerprints differ)
+        (state / "setup.json").unlink(missing_ok=True)
         if opts.source is None:
             write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"]), overwrite=True)
         dm = RelevanceDataModule(**data)
@@ -182,7 +184,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         dm.setup("fit")
         sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
         tm = ["--model.init_args.model", opts.teacher_model]
-        teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm])
+        teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm], predictions=False)
         augment = []
         if "full_augment" in opts.rows:  # the cache covers the augmented pairs too (a superset serves every row)
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
@@ -206,14 +208,15 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         for row in opts.rows:
             for seed in opts.seeds:
                 name = f"{kind}_{row}_s{seed}"
-                r = _load_state(state / "runs" / f"{name}.json", fingerprint) if opts.resume else None
+                own = fingerprint if row != "baseline" else _fingerprint(opts, data, teacher=False)
+                r = _load_state(state / "runs" / f"{name}.json", own, fingerprint) if opts.resume else None
                 if r is None:
                     extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                     if row != "baseline":
                         extra += ["--data.teacher.init_args.path", cache["path"]]
                     r = train_student(out, CONFIG_DIR / f"{kind}.yaml", name, plan,
                                       [REPO / "configs" / "mkd" / f"{row}.yaml"], extra, predictions=False)
-                    r = {**{k: v for k, v in r.items() if k != "predictions"}, "fingerprint": fingerprint,
+                    r = {**{k: v for k, v in r.items() if k != "predictions"}, "fingerprint": own,
                          "machine": machine_description()}
                     _save_state(state / "runs" / f"{name}.json", r)
                 else:

@@ -62,8 +62,9 @@ def data_args(out: Path, plan: dict[str, Any]) -> list[str]:
     return list(plan.get("data_args") or ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS])
 
 
-def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = ()) -> dict[str, Any]:
-    """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths."""
+def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predictions: bool = True) -> dict[str, Any]:
+    """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths (and the
+    test split's predictions, for the report, unless ``predictions`` is false)."""
     cli = _cli(["--config", str(CONFIG_DIR / "teacher.yaml"), *data_args(out, plan),
                 "--data.annotations", str(out / "annotations"), "--data.batch_size", str(plan["teacher_batch"]),
                 "--data.eval_batch_size", str(plan["teacher_eval"]),
@@ -77,7 +78,7 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = ()) -> dict[
         cli.trainer.limit_test_batches = plan["teacher_test_batches"]
     cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     model = cli.trainer.lightning_module
-    preds = _predictions(cli.trainer, model, cli.datamodule, plan["teacher_test_batches"])
+    preds = _predictions(cli.trainer, model, cli.datamodule, plan["teacher_test_batches"]) if predictions else None
     print(f"      teacher: {plan['teacher_steps']} LoRA steps in {fit_s:.0f} s; adapter {out / 'teacher' / 'export' / 'adapter'}",
           flush=True)
     return {"test": dict(model.last_results["test"]), "fit_seconds": fit_s, "predictions": preds,

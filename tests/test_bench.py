@@ -201,7 +201,12 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     again = json.loads(out_json.read_text())
     assert again["setup"]["resumed_runs"] == 4 and again["setup"]["setup_seconds"] == res["setup"]["setup_seconds"]
     assert again["rows"][:2] == res["rows"][:2] and "read back from its state" in out_md.read_text()
-    # other settings: nothing is reused
+    # another teacher: the baseline runs (no teacher) are read back, the teacher and the MKD runs are redone
+    assert bench_main([*args[:-4], "--teacher_steps", "2", "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    other = json.loads(out_json.read_text())
+    assert other["setup"]["resumed_runs"] == 2 and other["setup"]["setup_seconds"] != res["setup"]["setup_seconds"]
+    assert other["rows"][0] == res["rows"][0] and other["setup"]["teacher"]["steps"] == 2
+    # other student settings: nothing is reused
     assert bench_main([*args[:-4], "--seeds", "[0]", "--epochs", "2", "--rows", "[baseline]", "--out_json",
                        str(out_json), "--out_md", str(out_md)]) == 0
     assert json.loads(out_json.read_text())["setup"]["resumed_runs"] == 0
