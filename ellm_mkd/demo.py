@@ -39,7 +39,8 @@ SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"synth": {"num_queries": 40, "items_per_query": 5}, "teacher_steps": 1, "teacher_batch": 2,
              "teacher_eval": 8, "cache_batches": 1, "teacher_test_batches": 1, "epochs": 1, "train_batches": 3,
              "examples": 1},
-    "default": {"synth": {"num_queries": 120, "items_per_query": 8}, "teacher_steps": 16, "teacher_batch": 8,
+    # default: sized to finish in under 20 minutes on a 2-core CPU (docs/benchmarks.md, "demo")
+    "default": {"synth": {"num_queries": 96, "items_per_query": 8}, "teacher_steps": 12, "teacher_batch": 8,
                 "teacher_eval": 32, "cache_batches": None, "teacher_test_batches": None, "epochs": 2,
                 "train_batches": None, "examples": 3},
 }
@@ -76,9 +77,11 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
     fit_s = time.time() - t0
     if plan["teacher_test_batches"]:
         cli.trainer.limit_test_batches = plan["teacher_test_batches"]
-    cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     model = cli.trainer.lightning_module
-    preds = _predictions(cli.trainer, model, cli.datamodule, plan["teacher_test_batches"]) if predictions else None
+    if predictions:  # the test pass keeps its readouts for the report: no second pass over the test split
+        model.test_outputs = {"example_id": [], "probs": [], "dim_probs": []}
+    cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+    preds, model.test_outputs = model.test_outputs, None
     print(f"      teacher: {plan['teacher_steps']} LoRA steps in {fit_s:.0f} s; adapter {out / 'teacher' / 'export' / 'adapter'}",
           flush=True)
     return {"test": dict(model.last_results["test"]), "fit_seconds": fit_s, "predictions": preds,

@@ -147,6 +147,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             lm = get_peft_model(lm, cfg)
         self.model = lm
         self.predict_hidden = False  # set by the cache writer when it stores hidden vectors
+        # set to {"example_id": [], "probs": [], "dim_probs": []} to keep this process's test readouts (the demo's
+        # report reads them instead of a second pass over the test split)
+        self.test_outputs: dict[str, list] | None = None
         self._readout: TeacherReadout | None = None
         self.train()
 
@@ -270,6 +273,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             failed = torch.tensor([e is not None for e in r.errors], device=batch["dim_targets"].device)
             batch = {**batch, "dim_targets": batch["dim_targets"].masked_fill(failed[:, None], -100)}
         self.update_eval_metrics(stage, batch, probs, expected, r.verdict_probs.to(dev), dims=chained)
+        if stage == "test" and self.test_outputs is not None:
+            self.test_outputs["example_id"] += list(batch["example_id"])
+            self.test_outputs["probs"] += r.level_probs.float().tolist()
+            self.test_outputs["dim_probs"] += r.verdict_probs.float().tolist()
         if chained:
             self.parse_failed[stage].update(torch.tensor(float(r.parse_failures), device=dev))
             self.parse_total[stage].update(torch.tensor(float(len(r.errors)), device=dev))
