@@ -50,6 +50,11 @@ Throughput:
 ``--train_limit N`` keeps whole training queries, in the order of a seeded hash of the normalised
 query, while the kept pairs stay within ``N`` (every model, baseline and reference row then sees the
 same reduced training set; validation and test are untouched).
+
+``--stage throughput`` re-times training alone on this machine and adds the figures to an existing
+result: the cross-encoder, the baseline on the raw title and the baseline on the students' rendered
+text (the same tokens as the student) each train one epoch on the same ``--throughput_pairs`` pairs,
+``--repeats`` rounds in rotated order; the target ``ce_train_throughput_rerun`` compares medians.
 """
 
 from __future__ import annotations
@@ -360,8 +365,9 @@ def _student_name(model, config_path: str, taken: set[str]) -> str:
 
 
 def run_student(config: str, seed: int, epochs: int | None, train_limit: int | None, overrides: Sequence[str],
-                taken: set[str]) -> tuple[dict[str, Any], Any, Any]:
-    """Fit and test one student config; returns its row, the data module and the model."""
+                taken: set[str], evaluate: bool = True) -> tuple[dict[str, Any], Any, Any]:
+    """Fit and test one student config; returns its row, the data module and the model.
+    ``evaluate=False`` fits only (no test or inference pass: the row has training figures alone)."""
     from ellm_mkd.lightning_cli import cli_main
 
     if not Path(config).is_file():
@@ -387,15 +393,18 @@ def run_student(config: str, seed: int, epochs: int | None, train_limit: int | N
     t0 = _now()
     trainer.fit(model, datamodule=dm)
     fit_s = _now() - t0
-    t0 = _now()
-    trainer.test(model, datamodule=dm, verbose=False)  # the weights at the end of training (the baseline has no selection)
-    test_total_s = _now() - t0
-    flat = dict(model.last_results["test"])
-    # serving speed: the same test pairs through the predict loop (forward only, no metric bookkeeping)
-    dm.predict_split = "test"
-    t0 = _now()
-    trainer.predict(model, datamodule=dm, return_predictions=False)
-    predict_total_s = _now() - t0
+    test_total_s = predict_total_s = 0.0
+    flat: dict[str, float] = {}
+    if evaluate:
+        t0 = _now()
+        trainer.test(model, datamodule=dm, verbose=False)  # the weights at the end of training (the baseline has no selection)
+        test_total_s = _now() - t0
+        flat = dict(model.last_results["test"])
+        # serving speed: the same test pairs through the predict loop (forward only, no metric bookkeeping)
+        dm.predict_split = "test"
+        t0 = _now()
+        trainer.predict(model, datamodule=dm, return_predictions=False)
+        predict_total_s = _now() - t0
     hp = model.hparams
     cfg = {
         "config": config,
@@ -420,9 +429,10 @@ def run_student(config: str, seed: int, epochs: int | None, train_limit: int | N
         "test_pairs": timer.test_pairs,
         "num_workers": dm.num_workers,
     }
-    throughput = {"train_pairs_per_s": timer.train_pairs / max(timer.train_s, 1e-9),
-                  "infer_pairs_per_s": timer.predict_pairs / max(timer.predict_s, 1e-9),
-                  "test_loop_pairs_per_s": timer.test_pairs / max(timer.test_s, 1e-9)}
+    throughput = {"train_pairs_per_s": timer.train_pairs / max(timer.train_s, 1e-9)}
+    if evaluate:
+        throughput.update(infer_pairs_per_s=timer.predict_pairs / max(timer.predict_s, 1e-9),
+                          test_loop_pairs_per_s=timer.test_pairs / max(timer.test_s, 1e-9))
     timings = {"load": load_s, "fit": fit_s, "train_batches": timer.train_s, "validation": timer.val_s,
                "test": test_total_s, "test_loop": timer.test_s, "predict": predict_total_s,
                "predict_loop": timer.predict_s}
@@ -448,8 +458,10 @@ def _titles_by_id(dm) -> dict[str, str]:
     return dict(zip(t.column("example_id").to_pylist(), t.column("title").to_pylist()))
 
 
-def run_st_baseline(dm, ref_cfg: dict[str, Any], seed: int, work_dir: Path, text: str = "title") -> dict[str, Any]:
-    """Train and test the sentence-transformers CrossEncoder on the data module's split (module docstring)."""
+def run_st_baseline(dm, ref_cfg: dict[str, Any], seed: int, work_dir: Path, text: str = "title",
+                    evaluate: bool = True) -> dict[str, Any]:
+    """Train and test the sentence-transformers CrossEncoder on the data module's split (module docstring).
+    ``evaluate=False`` trains only (the row has training figures alone)."""
     try:
         import datasets  # noqa: F401  (CrossEncoderTrainer needs it)
         from sentence_transformers import CrossEncoder
@@ -538,17 +550,19 @@ def run_st_baseline(dm, ref_cfg: dict[str, Any], seed: int, work_dir: Path, text
     t0 = _now()
     trainer.train()
     fit_s = _now() - t0
-    amp = torch.autocast(device, dtype=torch.bfloat16 if bf16 else torch.float16, enabled=bf16 or fp16)
-    t0 = _now()
-    with amp:
-        scores = model.predict(test_pairs, batch_size=ref_cfg["eval_batch_size"], show_progress_bar=False,
-                               convert_to_tensor=True)
-    if not use_cpu:
-        torch.cuda.synchronize()
-    infer_s = _now() - t0
-    scores = scores.float().cpu().reshape(-1)
-    pred_grade = low + (high - low) * scores
-    flat = score_model_metrics(dm, test, pred_grade, scores)
+    infer_s, flat = 0.0, {}
+    if evaluate:
+        amp = torch.autocast(device, dtype=torch.bfloat16 if bf16 else torch.float16, enabled=bf16 or fp16)
+        t0 = _now()
+        with amp:
+            scores = model.predict(test_pairs, batch_size=ref_cfg["eval_batch_size"], show_progress_bar=False,
+                                   convert_to_tensor=True)
+        if not use_cpu:
+            torch.cuda.synchronize()
+        infer_s = _now() - t0
+        scores = scores.float().cpu().reshape(-1)
+        pred_grade = low + (high - low) * scores
+        flat = score_model_metrics(dm, test, pred_grade, scores)
     cfg = {
         "model": "sentence_transformers.CrossEncoder(num_labels=1) + CrossEncoderTrainer, BinaryCrossEntropyLoss",
         "encoder": ref_cfg["encoder"],
@@ -572,8 +586,9 @@ def run_st_baseline(dm, ref_cfg: dict[str, Any], seed: int, work_dir: Path, text
         "test_pairs": len(test_pairs),
         "num_workers": ref_cfg["num_workers"],
     }
-    throughput = {"train_pairs_per_s": len(train) * int(ref_cfg["epochs"]) / max(timer.train_s, 1e-9),
-                  "infer_pairs_per_s": len(test_pairs) / max(infer_s, 1e-9)}
+    throughput = {"train_pairs_per_s": len(train) * int(ref_cfg["epochs"]) / max(timer.train_s, 1e-9)}
+    if evaluate:
+        throughput["infer_pairs_per_s"] = len(test_pairs) / max(infer_s, 1e-9)
     timings = {"load": load_s, "fit": fit_s, "train_batches": timer.train_s, "test_loop": infer_s}
     return _row(BASELINE_NAME, "baseline", seed, flat, throughput, cfg, timings)
 
@@ -718,6 +733,16 @@ def markdown_section(result: dict[str, Any]) -> str:
         meas = ", ".join(f"{k} {_fmt(v, 4 if not isinstance(v, float) or v < 10 else 1)}" for k, v in tg["measured"].items())
         met = {True: "yes", False: "**no**", None: "n/a"}[tg["met"]]
         lines.append(f"| {key} | {tg['rule']} | {meas} | {met} |")
+    run = result.get("throughput_run")
+    if run:
+        lines += ["", "### Training throughput, re-timed", "",
+                  f"Command: `{run['command']}`  ", f"Machine: {run['machine']}; date {run['date']}.", "",
+                  f"Training alone, one epoch each over the same {run['train_pairs']:,} training pairs (whole queries), "
+                  f"batch {run['batch_size']}, precision {run['precision']}, no validation or test; {run['repeats']} "
+                  "rounds with the order rotated each round. The rows above keep the figures of the full run.", "",
+                  "| model | training pairs/s per round | median |", "|---|---|---:|"]
+        for k, v in run["train_pairs_per_s"].items():
+            lines.append(f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {run['median'][k]:.1f} |")
     base = next((r for r in rows if r["kind"] == "baseline"), None)
     if base is not None:
         lines += ["", f"The students read the item as the project renders it (`Title: <title>`); `{base['name']}` reads "
@@ -794,6 +819,12 @@ def _parser():
     s.add_argument("--out_json", type=str | None, default=None, help="default: docs/results/<name>.json")
     s.add_argument("--out_md", type=str, default="docs/benchmarks.md", help="markdown file whose <name> section is replaced")
     s.add_argument("--work_dir", type=str, default="runs/benchmarks", help="scratch directory of the baseline trainer")
+    s.add_argument("--stage", type=Literal["full", "throughput"], default="full", help="full: train, test and "
+                   "report every model; throughput: re-time training alone (cross-encoder against the baseline "
+                   "on the raw title and on the rendered text, --repeats rounds in rotated order) and add the "
+                   "figures to the existing result")
+    s.add_argument("--throughput_pairs", type=int, default=3200, help="training pairs of each timed run (--stage throughput)")
+    s.add_argument("--repeats", type=int, default=3, help="rounds of timed runs (--stage throughput)")
     sub.add_subcommand("students", s)
     return p
 
@@ -851,6 +882,63 @@ def bench_students(opts, command: str) -> dict[str, Any]:
     return result
 
 
+THROUGHPUT_CONTENDERS = ("cross_encoder", f"{BASELINE_NAME} (title)", f"{BASELINE_NAME} (rendered)")
+
+
+def bench_students_throughput(opts, command: str) -> dict[str, Any]:
+    """``--stage throughput``: re-time training alone, in one process, for the cross-encoder (the first of
+    ``--configs``) and the sentence-transformers baseline reading the raw title and the students' rendered
+    item text; each trains one epoch on the same ``--throughput_pairs`` training pairs (whole queries, as
+    ``--train_limit``), no validation, no test; ``--repeats`` rounds, the order rotated each round so that
+    no contender always runs first or last. The figures and a target on the medians are added to the
+    existing result (``--out_json``), whose rows and figures stay as they were measured."""
+    out_json = Path(opts.out_json or f"docs/results/{opts.name}.json")
+    if not out_json.is_file():
+        raise FileNotFoundError(f"{out_json}: --stage throughput adds to an existing result; run the full "
+                                "benchmark first (or point --out_json at its result)")
+    if opts.repeats < 1 or opts.throughput_pairs < 1:
+        raise ValueError(f"--repeats and --throughput_pairs must be >= 1, got {opts.repeats} and {opts.throughput_pairs}")
+    result = json.loads(out_json.read_text())
+    seed = opts.seed if isinstance(opts.seed, int) else list(opts.seed)[0]
+    work_dir = Path(opts.work_dir) / opts.name / "throughput"
+    no_eval = [*opts.override, "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"]
+    figures: dict[str, list[float]] = {c: [] for c in THROUGHPUT_CONTENDERS}
+    orders: list[list[str]] = []
+    ref_cfg = ref_dm = None
+    for r in range(opts.repeats):
+        order = list(THROUGHPUT_CONTENDERS[r % 3:] + THROUGHPUT_CONTENDERS[:r % 3])
+        if ref_cfg is None:  # the baseline copies the cross-encoder's settings: it runs first once
+            order.remove("cross_encoder")
+            order.insert(0, "cross_encoder")
+        orders.append(order)
+        for name in order:
+            if name == "cross_encoder":
+                row, dm, model = run_student(opts.configs[0], seed, 1, opts.throughput_pairs, no_eval, set(),
+                                             evaluate=False)
+                del model
+                ref_cfg, ref_dm = row["config"], dm
+            else:
+                text = "title" if name.endswith("(title)") else "rendered"
+                row = run_st_baseline(ref_dm, ref_cfg, seed, work_dir, text, evaluate=False)
+            pps = row["throughput"]["train_pairs_per_s"]
+            figures[name].append(pps)
+            log.info("bench throughput: round %d, %s: %.1f training pairs/s", r + 1, name, pps)
+    median = {k: statistics.median(v) for k, v in figures.items()}
+    ce, st = median["cross_encoder"], median[f"{BASELINE_NAME} (title)"]
+    result["throughput_run"] = {
+        "command": command, "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+        "config": opts.configs[0], "seed": seed, "train_pairs": len(ref_dm.datasets["train"]),
+        "precision": ref_cfg["precision"], "batch_size": ref_cfg["batch_size"], "repeats": opts.repeats,
+        "orders": orders, "train_pairs_per_s": {k: [round(x, 2) for x in v] for k, v in figures.items()},
+        "median": {k: round(v, 2) for k, v in median.items()},
+    }
+    result["targets"]["ce_train_throughput_rerun"] = {
+        "rule": f"median cross_encoder train_pairs_per_s >= median {BASELINE_NAME} (title) train_pairs_per_s "
+                "(--stage throughput)",
+        "measured": {"cross_encoder": round(ce, 2), BASELINE_NAME: round(st, 2)}, "met": bool(ce >= st)}
+    return result
+
+
 def bench_main(argv: list[str]) -> int:
     argv = list(argv)
     if argv[:1] == ["teacher"]:
@@ -872,9 +960,20 @@ def bench_main(argv: list[str]) -> int:
     opts = cfg.students
     command = "ellm-mkd bench " + shlex.join(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out_json = opts.out_json or f"docs/results/{opts.name}.json"
+    if opts.stage == "throughput":
+        result = bench_students_throughput(opts, command)
+        atomic_write_text(out_json, json.dumps(result, indent=2, allow_nan=False) + "\n")
+        update_markdown(opts.out_md, opts.name, markdown_section(result))
+        run = result["throughput_run"]
+        for k, v in run["train_pairs_per_s"].items():
+            print(f"{k}: training pairs/s {', '.join(f'{x:.1f}' for x in v)} (median {run['median'][k]:.1f})")
+        tg = result["targets"]["ce_train_throughput_rerun"]
+        print(f"target ce_train_throughput_rerun: {tg['rule']}: {'met' if tg['met'] else 'NOT met'}")
+        print(f"\nwrote {out_json} and the {opts.name} section of {opts.out_md}")
+        return 0
     result = bench_students(opts, command)
     flat = {r["name"]: r.pop("_flat") for r in result["rows"]}
-    out_json = opts.out_json or f"docs/results/{opts.name}.json"
     atomic_write_text(out_json, json.dumps(result, indent=2, allow_nan=False) + "\n")
     update_markdown(opts.out_md, opts.name, markdown_section(result))
 

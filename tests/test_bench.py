@@ -89,6 +89,7 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     printed = capsys.readouterr().out
     assert "st_cross_encoder" in printed and str(out_json) in printed
 
+
     # a second benchmark keeps the first one's section; rerunning the first replaces it in place
     assert bench_main(["students", *common, "--name", "second", "--baseline", "false", "--references", "false",
                        "--configs", json.dumps(configs[:1]), "--seed", "[0, 1]",
@@ -103,6 +104,27 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     assert row["seeds"] == [0, 1] and set(row["metrics"]) <= set(row["std"]) and "train_pairs_per_s" in row["std"]
     assert row["metrics"]["rmse"] != rows["cross_encoder"]["metrics"]["rmse"]  # seed 1 trained differently
     assert second["targets"]["ce_auc_matches_baseline"]["met"] is None
+
+    # --stage throughput re-times training alone and adds to the result; the measured rows stay
+    assert bench_main(["students", *common, "--name", "first", "--out_json", str(out_json), "--stage", "throughput",
+                       "--throughput_pairs", "120", "--repeats", "2"]) == 0
+    res_t = json.loads(out_json.read_text())
+    assert res_t["rows"] == res["rows"]
+    run = res_t["throughput_run"]
+    assert run["orders"][0][0] == "cross_encoder" and run["orders"][0] != run["orders"][1]
+    assert 0 < run["train_pairs"] <= 120 and run["train_pairs"] < split["train_pairs"]
+    assert set(run["train_pairs_per_s"]) == {"cross_encoder", "st_cross_encoder (title)", "st_cross_encoder (rendered)"}
+    for name, figures in run["train_pairs_per_s"].items():
+        assert len(figures) == 2 and all(x > 0 for x in figures), name
+        assert run["median"][name] == pytest.approx(sum(figures) / 2, abs=0.01)
+    tg = res_t["targets"]["ce_train_throughput_rerun"]
+    assert tg["met"] == (run["median"]["cross_encoder"] >= run["median"]["st_cross_encoder (title)"])
+    md_t = out_md.read_text()
+    assert "Training throughput, re-timed" in md_t and run["command"] in md_t
+    assert "median" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="existing result"):
+        bench_main(["students", *common, "--name", "nothing", "--out_json", str(tmp_path / "none.json"),
+                    "--stage", "throughput"])
 
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
