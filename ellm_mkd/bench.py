@@ -739,7 +739,8 @@ def markdown_section(result: dict[str, Any]) -> str:
                   f"Command: `{run['command']}`  ", f"Machine: {run['machine']}; date {run['date']}.", "",
                   f"Training alone, one epoch each over the same {run['train_pairs']:,} training pairs (whole queries), "
                   f"batch {run['batch_size']}, precision {run['precision']}, no validation or test; {run['repeats']} "
-                  "rounds with the order rotated each round. The rows above keep the figures of the full run.", "",
+                  "rounds with the order rotated each round. The rows and the other targets above keep the figures of the full run, "
+                  "measured on the machine and at the precision named there.", "",
                   "| model | training pairs/s per round | median |", "|---|---|---:|"]
         for k, v in run["train_pairs_per_s"].items():
             lines.append(f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {run['median'][k]:.1f} |")
