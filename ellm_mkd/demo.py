@@ -134,7 +134,7 @@ def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], over
     cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
     model = cli.trainer.lightning_module
     results = dict(model.last_results["test"])
-    preds = _predictions(cli.trainer, model, cli.datamodule, None) if predictions else None
+    preds = _predictions(cli.trainer, model, cli.datamodule) if predictions else None
     best = cli.trainer.checkpoint_callback.best_model_path
     print(f"      {name}: fit {fit_s:.0f} s, test AUC {results.get('auc', float('nan')):.3f}, "
           f"nDCG@10 {results.get('ndcg10', float('nan')):.3f}; best checkpoint {best}", flush=True)
@@ -143,11 +143,11 @@ def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], over
             "train_pairs": timer.train_pairs}
 
 
-def _predictions(trainer: Any, model: Any, dm: Any, limit: int | None) -> dict[str, Any]:
+def _predictions(trainer: Any, model: Any, dm: Any) -> dict[str, Any]:
     """Test-split predictions as plain lists (example id, level probabilities, dimension probabilities)."""
     dm.predict_split = "test"
     dm.predict_dataset = None
-    trainer.limit_predict_batches = limit if limit else 1.0
+    trainer.limit_predict_batches = 1.0
     out: dict[str, Any] = {"example_id": [], "probs": [], "dim_probs": []}
     for b in trainer.predict(model, dm, return_predictions=True):
         out["example_id"] += list(b["example_id"])

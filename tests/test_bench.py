@@ -89,7 +89,6 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     printed = capsys.readouterr().out
     assert "st_cross_encoder" in printed and str(out_json) in printed
 
-
     # a second benchmark keeps the first one's section; rerunning the first replaces it in place
     assert bench_main(["students", *common, "--name", "second", "--baseline", "false", "--references", "false",
                        "--configs", json.dumps(configs[:1]), "--seed", "[0, 1]",
