@@ -32,7 +32,10 @@ losses stay the student's own, comparable between a baseline and a distilled run
 
 The rationale embedding is the masked mean of the chain's tokens (``rationale_ids``) through a
 frozen copy of the student's encoder as it was before training (``rationale_embedding: chain``;
-computed once per example and kept in memory), or the teacher's hidden vector from the cache
+computed once per example and kept in memory: with a teacher cache, every training chain is
+embedded before the first epoch, in batches of similar length and split over DDP ranks, and the
+time it took is logged as ``train/mkd/chain_embedding_seconds``; with a live teacher, as each example
+first appears), or the teacher's hidden vector from the cache
 (``teacher_hidden``; write the cache with ``store_hidden: true``). Its projection is a training
 module of the student (``RelevanceStudent.add_training_module``): it trains and synchronises
 under DDP, and never enters the exported state_dict. The frozen encoder lives in this callback,
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,6 +123,8 @@ class MKDistillation(L.Callback):
             rationale_embedding).
     """
 
+    CHAIN_BATCH = 64  # chains per frozen-encoder pass when they are embedded up front
+
     def __init__(
         self,
         enabled: bool = True,
@@ -161,6 +167,8 @@ class MKDistillation(L.Callback):
         self._frozen: nn.Module | None = None
         self._rationale_cache: dict[str, Tensor] = {}
         self._total_steps = 1
+        #: seconds spent embedding the training chains before the first epoch (None: not done)
+        self.chain_embedding_seconds: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -197,8 +205,14 @@ class MKDistillation(L.Callback):
                             "pooling: weighted (this student pools by %s): the term will not train anything",
                             pl_module.hparams.pooling)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled and self._frozen is not None and getattr(trainer.datamodule.teacher, "lookup", False):
+            self._embed_training_chains(trainer, pl_module)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._total_steps = max(int(trainer.estimated_stepping_batches), 1)
+        if self.chain_embedding_seconds is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({"train/mkd/chain_embedding_seconds": self.chain_embedding_seconds}, step=0)
 
     # -- the terms -------------------------------------------------------------------------------
     def factor(self, name: str, step: int) -> float:
@@ -260,20 +274,61 @@ class MKDistillation(L.Callback):
 
     @torch.no_grad()
     def _chain_embeddings(self, batch: dict[str, Any], device: torch.device) -> Tensor:
-        """Mean-pooled frozen-encoder vectors of the chains, computed once per example."""
+        """Mean-pooled frozen-encoder vectors of the chains, computed once per example (zeros for a
+        row without a chain: the loss masks it out)."""
         ids = batch["example_id"]
-        todo = [i for i, e in enumerate(ids) if e not in self._rationale_cache]
+        has = [bool(c) for c in batch["teacher_rationale"]]
+        todo = [i for i, e in enumerate(ids) if has[i] and e not in self._rationale_cache]
         if todo:
-            frozen = self._frozen.to(device)
             sel = torch.tensor(todo)
-            input_ids = batch["rationale_ids"][sel].to(device)
-            mask = batch["rationale_attention_mask"][sel].to(device)
-            hidden = frozen(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-            m = mask.unsqueeze(-1).float()
-            vecs = ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu()
+            vecs = self._pool(batch["rationale_ids"][sel].to(device), batch["rationale_attention_mask"][sel].to(device))
             for j, i in enumerate(todo):
                 self._rationale_cache[ids[i]] = vecs[j]
-        return torch.stack([self._rationale_cache[e] for e in ids]).to(device)
+        zero = torch.zeros(self._frozen.config.hidden_size)
+        return torch.stack([self._rationale_cache[e] if h else zero for e, h in zip(ids, has)]).to(device)
+
+    def _pool(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """``[N, R]`` chain tokens -> ``[N, H]`` masked means of the frozen encoder's last layer (on CPU)."""
+        frozen = self._frozen.to(input_ids.device)
+        hidden = frozen(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        return ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu()
+
+    @torch.no_grad()
+    def _embed_training_chains(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Embed every training example's chain once, before the first epoch.
+
+        The chains are tokenized as the collator does (``rationale_max_length``), sorted by length so
+        that a batch pads little, and shared out over the DDP ranks; each rank ends with all of them.
+        """
+        t0 = time.perf_counter()
+        dm = trainer.datamodule
+        rows = dm.datasets["train"].rows
+        chains = {r["example_id"]: s.rationale for r, s in zip(rows, dm.teacher.signals(rows))
+                  if s is not None and s.rationale}
+        ids = sorted(chains)[trainer.global_rank::trainer.world_size]
+        tok = pl_module.tokenizer
+        enc = tok([chains[e] for e in ids], truncation=True, max_length=dm.rationale_max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda j: len(enc[j]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        mine: dict[str, Tensor] = {}
+        for start in range(0, len(order), self.CHAIN_BATCH):
+            idx = order[start:start + self.CHAIN_BATCH]
+            seqs = [torch.tensor(enc[j]) for j in idx]
+            input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
+            vecs = self._pool(input_ids.to(pl_module.device), mask.to(pl_module.device))
+            mine.update({ids[j]: vecs[k].clone() for k, j in enumerate(idx)})
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, mine)
+            for p in parts:
+                self._rationale_cache.update(p)
+        else:
+            self._rationale_cache.update(mine)
+        self.chain_embedding_seconds = time.perf_counter() - t0
+        log.info("distill: embedded %d training chains in %.1f s (once, before the first epoch)",
+                 len(chains), self.chain_embedding_seconds)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

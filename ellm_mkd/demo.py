@@ -138,9 +138,12 @@ def train_student(out: Path, config: Path, name: str, plan: dict[str, Any], over
     best = cli.trainer.checkpoint_callback.best_model_path
     print(f"      {name}: fit {fit_s:.0f} s, test AUC {results.get('auc', float('nan')):.3f}, "
           f"nDCG@10 {results.get('ndcg10', float('nan')):.3f}; best checkpoint {best}", flush=True)
+    from callbacks.mkd import MKDistillation
+
+    chains = [c.chain_embedding_seconds for c in cli.trainer.callbacks if isinstance(c, MKDistillation)]
     return {"test": results, "checkpoint": best, "fit_seconds": fit_s, "predictions": preds,
             "train_loop_seconds_per_epoch": timer.train_s / max(cli.trainer.current_epoch, 1),
-            "train_pairs": timer.train_pairs}
+            "train_pairs": timer.train_pairs, "chain_embedding_seconds": chains[0] if chains else None}
 
 
 def _predictions(trainer: Any, model: Any, dm: Any) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class TeacherSource:
     """Base class: teacher signals for the rows of a batch (None where an example has none)."""
 
     missing: Missing = "error"
+    #: ``signals`` is a cheap lookup (a cache), not a model run: a consumer may read every row up front
+    lookup: bool = False
 
     def bind(self, dm: Any) -> None:
         """Check the source against the data module and get ready (called once, after ``dm.setup``)."""
@@ -74,6 +76,8 @@ class CachedTeacher(TeacherSource):
             teacher's weights hash and prompt template.
         expect: further manifest keys and values the cache must have (e.g. ``{teacher: {readout: cot}}``).
     """
+
+    lookup = True
 
     def __init__(self, path: str, missing: Missing = "error", teacher_dir: str | None = None,
                  expect: dict[str, Any] | None = None):

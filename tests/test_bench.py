@@ -210,6 +210,9 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
         auc = r["metrics"]["auc"]
         assert auc["n"] == 2 and 0 <= auc["mean"] <= 1 and auc["std"] >= 0
     assert res["rows"][0]["epoch_overhead_vs_baseline"] == 0.0
+    # full MKD embeds the training chains once per run, reported apart from the epoch time; the baseline has none
+    assert res["rows"][1]["chain_embedding_seconds"]["n"] == 2 and res["rows"][1]["chain_embedding_seconds"]["mean"] > 0
+    assert res["rows"][0]["chain_embedding_seconds"] == {} and "chain embedding, once per run" in out_md.read_text()
     assert "<!-- bench:mkd_catalog -->" in out_md.read_text() and "± " in out_md.read_text()
     runs = tmp_path / "work" / "tensorboard"
     assert (runs / "cross_encoder_full_augment_s0").exists() and (runs / "cross_encoder_baseline_s1").exists()

@@ -273,7 +273,7 @@ def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, 
     logged = {k for r in rows for k, v in r.items() if v}
     for name in ("soft", "dim_kd", "rationale", "rationale_embedding"):
         assert f"train/loss/{name}" in logged and f"train/mkd/{name}" in logged
-    assert "train/mkd/rationale_factor" in logged
+    assert "train/mkd/rationale_factor" in logged and "train/mkd/chain_embedding_seconds" in logged
 
     path = tmp_path / "ckpt" / "last.ckpt"
     raw = torch.load(path, weights_only=False, map_location="cpu")
@@ -301,6 +301,33 @@ def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, 
     t2.callbacks.append(Peek())
     t2.fit(model2, datamodule=dm2, ckpt_path=path)
     assert torch.equal(seen["w"], raw["training_modules_state"]["training_modules.rationale_projection.linear.weight"])
+
+
+@pytest.mark.parametrize("kind", list(STUDENTS))
+def test_training_chains_are_embedded_once_before_the_first_epoch(kind, tiny_encoder, synth_dir, cache, tmp_path):
+    """With a teacher cache every training chain is embedded up front (length-sorted batches), each
+    vector equal to the chain alone through the frozen encoder; the training steps embed nothing."""
+    model, dm = build(kind, tiny_encoder, synth_dir, cache)
+    cb = MKDistillation()
+    calls = []
+
+    class Count(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pool = cb._pool
+            cb._pool = lambda ids, mask: calls.append(len(ids)) or pool(ids, mask)
+
+    trainer(tmp_path, [cb, Count()], max_steps=3, limit_val_batches=0).fit(model, datamodule=dm)
+    assert calls == []
+    signals = dict(zip([r["example_id"] for r in dm.datasets["train"].rows], dm.teacher.signals(dm.datasets["train"].rows)))
+    chained = {e for e, s in signals.items() if s is not None and s.rationale}
+    assert 0 < len(chained) < len(signals) and set(cb._rationale_cache) == chained
+    assert cb.chain_embedding_seconds is not None and cb.chain_embedding_seconds > 0
+    tok = model.tokenizer
+    for e in sorted(chained)[:5]:
+        enc = tok([signals[e].rationale], truncation=True, max_length=dm.rationale_max_length, return_tensors="pt")
+        with torch.no_grad():
+            h = cb._frozen(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        assert torch.allclose(cb._rationale_cache[e], h.mean(1)[0], atol=1e-5)
 
 
 def test_teacher_hidden_embedding_and_missing_hidden(tiny_encoder, synth_dir, cache, tmp_path):
