@@ -305,7 +305,7 @@ class MKDistillation(L.Callback):
         dm = trainer.datamodule
         rows = dm.datasets["train"].rows
         chains = {r["example_id"]: s.rationale for r, s in zip(rows, dm.teacher.signals(rows))
-                  if s is not None and s.rationale}
+                  if s is not None and s.rationale and s.parse_error is None}  # what batches carry
         ids = sorted(chains)[trainer.global_rank::trainer.world_size]
         tok = pl_module.tokenizer
         enc = tok([chains[e] for e in ids], truncation=True, max_length=dm.rationale_max_length)["input_ids"]

@@ -16,7 +16,7 @@ key                             type                meaning
 ``teacher_probs``               FloatTensor [B, K]  teacher level distribution (0 where absent)
 ``teacher_verdicts_present``    BoolTensor [B]      the signal has verdicts (a parsed chain)
 ``teacher_verdict_probs``       FloatTensor [B,D,V] verdict distributions (uniform where absent)
-``teacher_rationale``           list[str]           the teacher's chain ("" where none)
+``teacher_rationale``           list[str]           the teacher's chain ("" where none or unparsed)
 ``rationale_ids``               LongTensor [B, R]   the chain in student tokens (``[CLS]`` + ``[SEP]``
 ``rationale_attention_mask``    LongTensor [B, R]   where there is none), padded to the batch
 ``rationale_mask``              FloatTensor [B, T]  pair inputs: 1 on input tokens covered by evidence
@@ -84,7 +84,8 @@ def add_teacher_fields(batch: dict[str, Any], signals: list[Any], num_levels: in
     batch["teacher_probs"] = probs
     batch["teacher_verdicts_present"] = torch.tensor(has_verdicts, dtype=torch.bool)
     batch["teacher_verdict_probs"] = verdict
-    batch["teacher_rationale"] = [s.rationale if s is not None else "" for s in signals]
+    # a chain that did not parse is no rationale: its text stays in the cache, students see none
+    batch["teacher_rationale"] = [s.rationale if s is not None and s.parse_error is None else "" for s in signals]
     hidden = [s.hidden for s in signals if s is not None and s.hidden is not None]
     if hidden:
         h = torch.zeros(n, len(hidden[0]))

@@ -43,6 +43,18 @@ def test_spans_to_token_mask_overlap_rules():
     assert mask == [0, 0, 1, 0, 0, 1, 0, 0]  # partial overlap counts; sides never mix; specials never count
 
 
+def test_an_unparsed_chain_is_no_rationale_for_students(minilm_tokenizer):
+    from datamodules.teacher_batch import add_teacher_fields
+    from ellm_mkd.teacher_cache import TeacherSignal
+
+    ok = TeacherSignal("a", "red drill", "Title: Red Drill", [0.1, 0.2, 0.3, 0.4], rationale="level: exact")
+    bad = TeacherSignal("b", "red drill", "Title: Red Drill", [0.1, 0.2, 0.3, 0.4], rationale="The product is",
+                        parse_error="line 1: expected 'category: ...'")
+    batch = {}
+    add_teacher_fields(batch, [ok, bad, None], 4, minilm_tokenizer, "text", {})
+    assert batch["teacher_rationale"] == ["level: exact", "", ""]
+
+
 def test_signal_row_round_trip_and_weights_hash():
     s = TeacherSignal("e1", "red drill", "Title: Drill", [0.1, 0.9], [[0.25] * 4] * 5, "chain", None,
                       [("category", "query", 4, 9)], [0.5, -1.0])
