@@ -107,14 +107,25 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int,
         for s in range(0, len(rows), batch):
             ro.direct(q[s:s + batch], d[s:s + batch])
         out["direct_pairs_per_s"] = len(rows) / (time.perf_counter() - t)
-        t = time.perf_counter()
-        tokens = 0
-        for s in range(0, len(rows), batch):
-            r = ro.cot(q[s:s + batch], d[s:s + batch])
-            tokens += sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r.rationales)
-        dt = time.perf_counter() - t
-        out["cot_batched_pairs_per_s"] = len(rows) / dt
-        out["cot_batched_generated_tokens_per_s"] = tokens / dt
+        # cot batched twice: every chain written to its end, then (the readout's default) chains that
+        # break the schema stopped at their first broken line; the distributions must not change
+        levels = {}
+        for stop, key in ((False, "cot_batched_whole_chains"), (True, "cot_batched")):
+            ro.stop_unparseable = stop
+            t = time.perf_counter()
+            tokens, failures, probs = 0, 0, []
+            for s in range(0, len(rows), batch):
+                r = ro.cot(q[s:s + batch], d[s:s + batch])
+                tokens += sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r.rationales)
+                failures += r.parse_failures
+                probs.append(r.level_probs)
+            dt = time.perf_counter() - t
+            out[f"{key}_pairs_per_s"] = len(rows) / dt
+            out[f"{key}_generated_tokens_per_s"] = tokens / dt
+            out[f"{key}_generated_tokens"] = tokens
+            out[f"{key}_parse_failures"] = failures
+            levels[stop] = torch.cat(probs)
+        out["cot_stop_max_level_prob_difference"] = float((levels[True] - levels[False]).abs().max())
         # the naive loops time an evenly spaced subset: the rows are sorted by length, so the first few
         # would be the shortest prompts and chains
         n = min(naive_pairs, len(rows))
@@ -263,6 +274,10 @@ def markdown_section(result: dict[str, Any]) -> str:
               f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",
               f"| cot, batched generate (static cache), distributions recorded while generating | "
               f"{tp['cot_batched_pairs_per_s']:.2f} ({tp['cot_batched_generated_tokens_per_s']:.0f} generated tokens/s) |",
+              *([f"| ... every chain written to its end (`stop_unparseable: false`) | "
+                 f"{tp['cot_batched_whole_chains_pairs_per_s']:.2f} "
+                 f"({tp['cot_batched_whole_chains_generated_tokens_per_s']:.0f} generated tokens/s) |"]
+                if "cot_batched_whole_chains_pairs_per_s" in tp else []),
               f"| cot, naive per-pair generate() then parse | {tp['naive_pairs_per_s']:.2f} |"]
     naive_n = (run or {}).get("naive_pairs")
     if "naive_static_cache_pairs_per_s" in tp:
@@ -274,6 +289,14 @@ def markdown_section(result: dict[str, Any]) -> str:
               f"{'met' if result['targets']['cot_batched_ge_5x_naive']['met'] else 'NOT met'})"
               + (f"; over the naive loop with a static cache: {tp['cot_batched_over_naive_static_cache']:.2f}x."
                  if "cot_batched_over_naive_static_cache" in tp else ".")]
+    if "cot_batched_whole_chains_pairs_per_s" in tp:
+        lines += ["", f"Stopping a chain at its first line that breaks the schema: "
+                      f"{tp['cot_batched_parse_failures']} of {s['eval_pairs']} chains fail to parse with it, "
+                      f"{tp['cot_batched_whole_chains_parse_failures']} without; {tp['cot_batched_generated_tokens']} "
+                      f"generated tokens kept instead of {tp['cot_batched_whole_chains_generated_tokens']}; largest "
+                      f"level-probability difference {tp['cot_stop_max_level_prob_difference']:.1e}. With every chain "
+                      f"written to its end, cot batched / naive = "
+                      f"{tp['cot_batched_whole_chains_pairs_per_s'] / tp['naive_pairs_per_s']:.2f}x."]
     if result.get("notes"):
         lines += [""] + [f"Note: {n}" for n in result["notes"]]
     lines.append(f"<!-- /bench:{name} -->")

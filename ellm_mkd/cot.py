@@ -104,43 +104,183 @@ def parse(text: str, query: str, item_text: str, level_names: tuple[str, ...] | 
     for k, dim in enumerate(DIMENSIONS):
         if k >= len(lines):
             raise CoTParseError(f"missing the {dim!r} line (the chain stops after {len(lines)} line(s))", k + 1)
-        line = lines[k].strip()
-        m = _LINE.match(line)
-        if not m:
-            raise CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
-        if m["dim"] != dim:
-            raise CoTParseError(f"expected the {dim!r} line here, found {m['dim']!r}", k + 1, line)
-        if m["verdict"] not in VERDICTS:
-            raise CoTParseError(f"verdict {m['verdict']!r} is not one of {list(VERDICTS)}", k + 1, line)
-        ev = {}
-        for side, raw, source in (("query", m["q"], query), ("item", m["i"], item_text)):
-            if raw == "-":
-                ev[side] = None
-                continue
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                raise CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line) from None
-            if not value:
-                raise CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
-            if value not in source:
-                raise CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
-            ev[side] = value
-        judgements.append(Judgement(dim, ev["query"], ev["item"], m["verdict"]))
+        judgements.append(_dimension_line(k, lines[k].strip(), query, item_text))
     rest = [ln.strip() for ln in lines[n_dims:]]
     if not rest:
         if require_level:
             raise CoTParseError("missing the final 'level: ...' line", n_dims + 1)
         return ChainOfThought(tuple(judgements), "")
-    m = _LEVEL.match(rest[0])
-    if not m:
-        raise CoTParseError("expected 'level: <name>'", n_dims + 1, rest[0])
-    level = m["level"].strip()
-    if level not in level_names:
-        raise CoTParseError(f"level {level!r} is not one of {list(level_names)}", n_dims + 1, rest[0])
+    level = _level_line(rest[0], level_names, n_dims + 1)
     if len(rest) > 1:
         raise CoTParseError("text after the level line", n_dims + 2, rest[1])
     return ChainOfThought(tuple(judgements), level)
+
+
+def unfinishable(text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str]) -> CoTParseError | None:
+    """For the beginning of a chain still being written: a :class:`CoTParseError` when no continuation
+    of ``text`` can parse, or None while some continuation still could.
+
+    Every line of the stripped text but the last is final: it gets the checks of :func:`parse`, in
+    order. The last line is judged as a beginning: it must be able to grow into the line expected
+    there (the dimension's name and layout, quoted evidence that still occurs in the query / item
+    text, a verdict or level name it is the start of). The error names the line :func:`parse` fails
+    on; errors only the end of a chain reveals (a missing line) are never raised.
+    """
+    lines = text.strip().splitlines()
+    n_dims = len(DIMENSIONS)
+    try:
+        for k, line in enumerate(lines[:-1]):
+            if k < n_dims:
+                _dimension_line(k, line.strip(), query, item_text)
+            else:  # the level line is final: something follows it
+                _level_line(line.strip(), level_names, n_dims + 1)
+                raise CoTParseError("text after the level line", n_dims + 2, lines[k + 1].strip())
+    except CoTParseError as e:
+        return e
+    if not lines:
+        return None
+    k, last = len(lines) - 1, lines[-1].lstrip()
+    if k < n_dims:
+        return _dimension_line_start(k, last, query, item_text)
+    return _level_line_start(last, level_names, n_dims + 1)
+
+
+def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTParseError | None:
+    """Whether ``line`` can still grow into dimension ``k``'s line (see :func:`unfinishable`)."""
+    dim = DIMENSIONS[k]
+    shape = CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+    rest = line
+    for part, side, source in (("literal", f"{dim}: query ", ""), ("evidence", "query", query),
+                               ("literal", " | item ", ""), ("evidence", "item", item_text), ("literal", " => ", "")):
+        if part == "literal":
+            if not rest.startswith(side):
+                return None if side.startswith(rest) else shape
+            rest = rest[len(side):]
+            continue
+        if not rest:
+            return None
+        if rest[0] == "-":
+            rest = rest[1:]
+            continue
+        if rest[0] != '"':
+            return shape
+        end = _closing_quote(rest)
+        if end < 0:  # the quote is still open: what it holds so far must occur in the source
+            value = _decoded_start(rest[1:])
+            if value is not None and value not in source:
+                return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+            return None
+        try:
+            value = json.loads(rest[:end + 1])
+        except ValueError:
+            return CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line)
+        if not value:
+            return CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
+        if value not in source:
+            return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+        rest = rest[end + 1:]
+    if any(v.startswith(rest) for v in VERDICTS):
+        return None
+    if re.fullmatch(r"[a-z]+", rest):
+        return CoTParseError(f"verdict {rest!r} is not one of {list(VERDICTS)}", k + 1, line)
+    return shape
+
+
+def _level_line_start(line: str, level_names: tuple[str, ...] | list[str], lineno: int) -> CoTParseError | None:
+    """Whether ``line`` can still grow into the level line (see :func:`unfinishable`)."""
+    head = "level: "
+    if not line.startswith(head):
+        return None if head.startswith(line) else CoTParseError("expected 'level: <name>'", lineno, line)
+    name = line[len(head):]
+    if not re.fullmatch(r"[a-z0-9_ -]*", name):
+        return CoTParseError("expected 'level: <name>'", lineno, line)
+    name = name.strip()
+    if any(level.startswith(name) for level in level_names):
+        return None
+    return CoTParseError(f"level {name!r} is not one of {list(level_names)}", lineno, line)
+
+
+def _closing_quote(text: str) -> int:
+    """Index of the quote that closes the JSON string opening at ``text[0]``, or -1."""
+    i = 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _decoded_start(body: str) -> str | None:
+    """The value that the beginning ``body`` of an open JSON string decodes to, an unfinished escape at
+    the end left out; None when it cannot be told (an escape JSON does not know, a surrogate)."""
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            break
+        e = body[i + 1]
+        if e == "u":
+            if i + 6 > len(body):
+                break
+            if not re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2:i + 6]):
+                return None
+            code = int(body[i + 2:i + 6], 16)
+            if 0xD800 <= code <= 0xDFFF:
+                return None
+            out.append(chr(code))
+            i += 6
+        elif e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+        else:
+            return None
+    return "".join(out)
+
+
+def _dimension_line(k: int, line: str, query: str, item_text: str) -> Judgement:
+    dim = DIMENSIONS[k]
+    m = _LINE.match(line)
+    if not m:
+        raise CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+    if m["dim"] != dim:
+        raise CoTParseError(f"expected the {dim!r} line here, found {m['dim']!r}", k + 1, line)
+    if m["verdict"] not in VERDICTS:
+        raise CoTParseError(f"verdict {m['verdict']!r} is not one of {list(VERDICTS)}", k + 1, line)
+    ev = {}
+    for side, raw, source in (("query", m["q"], query), ("item", m["i"], item_text)):
+        if raw == "-":
+            ev[side] = None
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line) from None
+        if not value:
+            raise CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
+        if value not in source:
+            raise CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+        ev[side] = value
+    return Judgement(dim, ev["query"], ev["item"], m["verdict"])
+
+
+def _level_line(line: str, level_names: tuple[str, ...] | list[str], lineno: int) -> str:
+    m = _LEVEL.match(line)
+    if not m:
+        raise CoTParseError("expected 'level: <name>'", lineno, line)
+    level = m["level"].strip()
+    if level not in level_names:
+        raise CoTParseError(f"level {level!r} is not one of {list(level_names)}", lineno, line)
+    return level
 
 
 def evidence_spans(chain: ChainOfThought, query: str, item_text: str) -> list[tuple[str, str, int, int]]:

@@ -36,16 +36,17 @@ dominate memory).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from datamodules.schema import DIMENSIONS, VERDICTS
 
-from .cot import ChainOfThought, CoTParseError, parse
+from .cot import ChainOfThought, CoTParseError, parse, unfinishable
 from .prompts import PromptTemplate
 
 
@@ -326,6 +327,7 @@ class RecordedGeneration:
     pads: list[int]
     free_from: int
     cache_len: int = 0  # slots in ``cache``
+    stopped: list[bool] = field(default_factory=list)  # per pair: stopped as no longer viable
 
     def readable(self, i: int) -> range:
         start = self.prompt_len[i] - 1
@@ -384,15 +386,40 @@ class RecordedGeneration:
         return _renormalise(plan, logp_of)
 
 
+class _StopDeadRows(StoppingCriteria):
+    """A ``generate`` stopping criterion: a row is done once ``viable(row, text so far)`` is False.
+
+    Remembers how many tokens each stopped row had written (``stopped``); rows that wrote a stop
+    token are left to ``generate``."""
+
+    def __init__(self, tokenizer: Any, width: int, viable: Callable[[int, str], bool], stop_ids: Sequence[int]):
+        self.tokenizer, self.width, self.viable, self.stop_ids = tokenizer, width, viable, set(stop_ids)
+        self.stopped: dict[int, int] = {}
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None = None, **kwargs: Any) -> Tensor:
+        new = input_ids[:, self.width:].tolist()
+        done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(new):
+            if i in self.stopped:
+                done[i] = True
+            elif not self.stop_ids.intersection(row) and not self.viable(
+                    i, self.tokenizer.decode(row, skip_special_tokens=True)):
+                self.stopped[i] = len(row)
+                done[i] = True
+        return done
+
+
 @torch.inference_mode()
 def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                       record_ids: Sequence[int], stop_ids: Sequence[int], temperature: float = 0.0,
-                      node_room: int = 32) -> RecordedGeneration:
+                      node_room: int = 32, viable: Callable[[int, str], bool] | None = None) -> RecordedGeneration:
     """One ``generate`` call over ``prompts`` (left padding, a static key/value cache when the model
     supports one) that also records, at every step, the log-probabilities of ``record_ids`` (the
     readout's candidate tokens) from the output layer, so the chain need not be read a second time.
     ``temperature == 0`` is greedy decoding; recorded distributions are the model's own, before any
-    sampling warper."""
+    sampling warper. With ``viable``, a row stops as soon as ``viable(row, its text so far)`` is
+    False (a chain that can no longer parse): the batch ends when every row has stopped or written a
+    stop token, and the stopped row's text ends where it was stopped."""
     ensure_pad_token(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -430,6 +457,10 @@ def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if cache is not None:
         kw["past_key_values"] = cache
+    dead = None
+    if viable is not None:
+        dead = _StopDeadRows(tokenizer, width, viable, stop_ids)
+        kw["stopping_criteria"] = StoppingCriteriaList([dead])
     hook = head.register_forward_hook(record)
     try:
         out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
@@ -442,6 +473,8 @@ def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
     tokens, prompt_len, written = [], [], []
     for i, row in enumerate(new.tolist()):
         end = next((j for j, t in enumerate(row) if t in stops), len(row))
+        if dead is not None and i in dead.stopped:
+            end = min(end, dead.stopped[i])
         prompt = enc["input_ids"][i, pads[i]:].tolist()
         tokens.append(prompt + row[:end])
         prompt_len.append(len(prompt))
@@ -452,7 +485,7 @@ def generate_recorded(model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
         raise RuntimeError(f"generation left {int(cache.get_seq_length())} cache slots written, expected {free_from} "
                            f"({width} prompt + {len(steps)} steps - 1): the recorded steps do not match the cache")
     return RecordedGeneration(texts, tokens, prompt_len, torch.stack(steps, 1).cpu(), columns, cache, pads,
-                              free_from, cache_len)
+                              free_from, cache_len, [dead is not None and i in dead.stopped for i in range(len(texts))])
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -495,11 +528,17 @@ class TeacherReadout:
         level_names: the label scheme's level names, in order.
         template: the prompt template (the same one the teacher was trained with).
         max_new_tokens: generation budget of one chain.
+        stop_unparseable: in ``cot``, stop writing a chain as soon as a finished line breaks the schema
+            or can no longer grow into a valid line (:func:`~ellm_mkd.cot.unfinishable`): it fails to
+            parse either way (its error names the same line), its distributions come from the direct
+            question either way; only its text is shorter. A batch then runs as long as its longest
+            viable chain instead of to the token budget.
     """
 
     def __init__(self, model: Any, tokenizer: Any, level_names: Sequence[str], template: PromptTemplate | None = None,
-                 max_new_tokens: int = 160):
+                 max_new_tokens: int = 160, stop_unparseable: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.stop_unparseable = stop_unparseable
         ensure_pad_token(tokenizer)
         self.level_names = tuple(level_names)
         self.template = template or PromptTemplate()
@@ -532,8 +571,12 @@ class TeacherReadout:
         prompts = self.prompts(queries, items, "cot")
         gen = None
         if responses is None:
+            viable = None
+            if self.stop_unparseable:
+                def viable(i: int, text: str) -> bool:
+                    return unfinishable(text, queries[i], items[i], self.level_names) is None
             gen = generate_recorded(self.model, self.tokenizer, prompts, self.max_new_tokens, self.record_ids,
-                                    self.stop_ids, temperature=temperature)
+                                    self.stop_ids, temperature=temperature, viable=viable)
             responses = gen.texts
         n = len(prompts)
         texts: list[list[int]] = []
@@ -550,6 +593,8 @@ class TeacherReadout:
             try:
                 chain = parse(resp, q, d, self.level_names)
             except CoTParseError as e:
+                if gen is not None and gen.stopped[i]:  # cut short: say why it could not go on
+                    e = unfinishable(resp, q, d, self.level_names) or e
                 chains.append(None)
                 errors.append(str(e))
                 prefix = self._ids(prompt + self.template.answer_prefix)

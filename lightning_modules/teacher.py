@@ -75,6 +75,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             writing one: one pass per pair, the fast way to a cache with verdicts and evidence on a CPU;
             the evidence is then the annotator's, the distributions the teacher's).
         max_new_tokens: generation budget of one chain in ``cot`` readout.
+        stop_unparseable: in ``cot`` readout, stop writing a chain as soon as it can no longer parse (a
+            line that breaks the schema, or evidence that does not occur in the inputs): its distributions
+            come from the direct question either way, and its error names the same line; false writes
+            every chain to its end.
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
         weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory on GPUs).
         template: the prompt template (system and user messages, answer prefix).
@@ -107,6 +111,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         val_mode: ReadMode = "direct",
         test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
+        stop_unparseable: bool = True,
         gradient_checkpointing: bool = False,
         weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         template: PromptTemplate | None = None,
@@ -173,7 +178,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def readout(self) -> TeacherReadout:
         if self._readout is None:
             self._readout = TeacherReadout(self.model, self.tokenizer, self.level_names, self.template,
-                                           self.hparams.max_new_tokens)
+                                           self.hparams.max_new_tokens, self.hparams.stop_unparseable)
         return self._readout
 
     def _ids(self, text: str) -> list[int]:

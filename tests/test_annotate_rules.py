@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from datamodules.text import DEFAULT_ITEM_FIELDS, render_item
 from ellm_mkd.annotate_rules import RuleAnnotator
-from ellm_mkd.cot import parse, render
+from ellm_mkd.cot import parse, render, unfinishable
 
 LEVELS = ("irrelevant", "complement", "substitute", "exact")
 
@@ -27,6 +27,18 @@ def test_catalog_chains_render_truth_and_parse(synth_dir):
                 assert j.query_evidence is None
         with_evidence += sum(j.query_evidence is not None for j in chain.judgements if j.verdict == "match")
     assert with_evidence > len(rows)  # matched dimensions mostly cite the query's words
+
+
+def test_no_beginning_of_a_catalog_chain_is_ruled_out(synth_dir):
+    """Every prefix of every rule chain on the catalog (real titles, quotes, unicode) can still parse:
+    the readout never stops a chain that would have parsed."""
+    rows = pq.read_table(synth_dir / "train.parquet").to_pylist()[:60]
+    ann = RuleAnnotator(LEVELS, brands={r["brand"] for r in rows})
+    for r in rows:
+        item = render_item(r, DEFAULT_ITEM_FIELDS)[0]
+        text = render(ann.annotate(r, item))
+        bad = [i for i in range(len(text) + 1) if unfinishable(text[:i], r["query"], item, LEVELS) is not None]
+        assert not bad, (text[:bad[0]], r["query"], item)
 
 
 def test_lexical_rules_without_truth():

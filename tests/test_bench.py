@@ -183,6 +183,12 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     assert again["rows"] == res["rows"] and again["setup"] == res["setup"]
     assert again["throughput_run"]["adapter"] == str(tmp_path / "work" / "teacher" / "adapter")
     assert again["throughput"]["naive_static_cache_pairs_per_s"] > 0
+    # cot batched with and without stopping broken chains: the same failures and distributions
+    t2 = again["throughput"]
+    assert t2["cot_batched_whole_chains_pairs_per_s"] > 0
+    assert t2["cot_batched_parse_failures"] == t2["cot_batched_whole_chains_parse_failures"]
+    assert t2["cot_batched_generated_tokens"] <= t2["cot_batched_whole_chains_generated_tokens"]
+    assert t2["cot_stop_max_level_prob_difference"] < 1e-4 and "every chain written to its end" in out_md.read_text()
     assert again["targets"]["cot_batched_ge_5x_naive"]["value"] == again["throughput"]["cot_batched_over_naive"]
     assert "Throughput measured by a later run" in out_md.read_text()
     with pytest.raises(ValueError, match="8 pairs"):

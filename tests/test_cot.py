@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from datamodules.schema import DIMENSIONS
-from ellm_mkd.cot import ChainOfThought, CoTParseError, Judgement, evidence_spans, parse, render
+from ellm_mkd.cot import ChainOfThought, CoTParseError, Judgement, evidence_spans, parse, render, unfinishable
 
 LEVELS = ("irrelevant", "complement", "substitute", "exact")
 QUERY = 'voltara 20v "max" drill'
@@ -36,7 +36,7 @@ def test_spans_point_at_the_evidence():
         assert src[s:e] == (ev.query_evidence if side == "query" else ev.item_evidence)
 
 
-@pytest.mark.parametrize("mutate,line,reason", [
+PARSE_ERRORS = [
     (lambda t: t.replace("Cordless Drill", "Hammer Drill"), 1, "does not occur in the item"),
     (lambda t: t.replace('query "voltara"', 'query "dewalt"'), 2, "does not occur in the query"),
     (lambda t: t.replace("=> match", "=> maybe", 1), 1, "verdict 'maybe'"),
@@ -48,7 +48,10 @@ def test_spans_point_at_the_evidence():
     (lambda t: t.replace('query "voltara"', 'query ""'), 2, "evidence is empty"),
     (lambda t: "\n".join(t.splitlines()[:2]), 3, "missing the 'model' line"),
     (lambda t: "", 0, "empty chain"),
-])
+]
+
+
+@pytest.mark.parametrize("mutate,line,reason", PARSE_ERRORS)
 def test_strict_parser_says_what_is_wrong(mutate, line, reason):
     with pytest.raises(CoTParseError) as ei:
         parse(mutate(render(chain())), QUERY, ITEM, LEVELS)
@@ -66,3 +69,51 @@ def test_schema_objects_validate():
     with pytest.raises(ValueError, match="in that order"):
         ChainOfThought(tuple(reversed(chain().judgements)), "exact")
     assert tuple(chain().verdicts()) == DIMENSIONS
+
+
+def test_a_chain_being_written_is_never_stopped_while_it_can_parse():
+    text = render(chain())
+    for whole in (text, "\n " + text + "\n\n"):
+        assert all(unfinishable(whole[:i], QUERY, ITEM, LEVELS) is None for i in range(len(whole) + 1))
+
+
+@pytest.mark.parametrize("mutate,line,reason", PARSE_ERRORS)
+def test_a_broken_chain_stops_on_its_broken_line(mutate, line, reason):
+    """Over every prefix of a broken chain: nothing, then, from some point on the line parse fails on,
+    always an error naming that line, and parse's own error on the whole text; errors that only the
+    end reveals (a missing line) never stop a chain."""
+    text = mutate(render(chain()))
+    with pytest.raises(CoTParseError) as ei:
+        parse(text, QUERY, ITEM, LEVELS)
+    found = [unfinishable(text[:i], QUERY, ITEM, LEVELS) for i in range(len(text) + 1)]
+    first = next((i for i, e in enumerate(found) if e is not None), None)
+    assert (first is None) == (reason.startswith("missing") or reason == "empty chain")
+    if first is not None:
+        assert all(e is not None and e.line == ei.value.line for e in found[first:])
+        assert str(found[-1]) == str(ei.value)
+
+
+@pytest.mark.parametrize("text,stop_after", [
+    ("The product is relevant to the query.", "T"),  # not the schema at all
+    ('category: query "drill" | item "Hammer', 'item "H'),  # evidence that is not in the item
+    ('category: query "drill" | item "Cordless Drill" => maybe', "=> may"),
+    ('category: query "drill" | item "Cordless Drill" => match\nbrand: query "voltara" | item "Voltara" => match\n'
+     'model: query - | item - => absent\nattributes: query - | item - => absent\nusage: query - | item - => absent\n'
+     'level: relevant', "level: r"),
+    ('category: query "drill" | item "Cordless Drill" => match\nmodel: query', "\nm"),  # the wrong dimension
+    ('category: query "\\u0076oltara" | item', None),  # an escape that decodes into the query text
+    ('category: query "20v \\"max\\" drill" | item', None),
+])
+def test_a_chain_stops_at_the_first_character_that_rules_it_out(text, stop_after):
+    stops = [i for i in range(len(text) + 1) if unfinishable(text[:i], QUERY, ITEM, LEVELS) is not None]
+    if stop_after is None:
+        assert stops == []
+    else:
+        first = text.index(stop_after) + len(stop_after)
+        assert stops == list(range(first, len(text) + 1))
+
+
+def test_a_chain_with_escapes_is_never_stopped_while_it_can_parse():
+    text = render(chain()).replace('item "Voltara"', 'item "\\u0056oltara"')  # JSON escapes, decoded as they come
+    assert parse(text, QUERY, ITEM, LEVELS) == chain()
+    assert all(unfinishable(text[:i], QUERY, ITEM, LEVELS) is None for i in range(len(text) + 1))

@@ -124,6 +124,35 @@ def test_generation_records_what_a_second_pass_would_read(tiny_llama, impl, monk
     assert len({tuple(g.tolist()) for g in got}) > 1
 
 
+def test_generation_stops_rows_that_are_no_longer_viable(tiny_lm):
+    """A row whose text ``viable`` rejects stops there; the other rows write what they would have
+    written alone, with the same recorded distributions, and the batch ends with its longest row."""
+    from ellm_mkd.readout import generate_recorded
+
+    model, tok = tiny_lm
+    cs = CandidateSet(tok, ("level0", "level1"), "level:", [tok.eos_token_id])
+    record = sorted({t for ids in cs.token_ids for t in ids})
+    prompts = ["A short prompt:", "A much longer prompt than the other one, with more words in it:"]
+    full = generate_recorded(model, tok, prompts, 10, record, [tok.eos_token_id])
+    seen = []
+
+    def viable(i, text):
+        seen.append((i, text))
+        return i == 1 or len(tok(text, add_special_tokens=False)["input_ids"]) < 3
+
+    part = generate_recorded(model, tok, prompts, 10, record, [tok.eos_token_id], viable=viable)
+    n0 = part.prompt_len[0]
+    assert len(full.tokens[0]) - n0 == 10 and 3 <= len(part.tokens[0]) - n0 < 10
+    assert part.tokens[0] == full.tokens[0][:len(part.tokens[0])] and part.tokens[1] == full.tokens[1]
+    assert full.texts[0].startswith(part.texts[0]) and part.texts[1] == full.texts[1]
+    assert torch.allclose(part.step_logp[1], full.step_logp[1], atol=1e-5)
+    assert {i for i, _ in seen} == {0, 1} and all(t for _, t in seen)
+    # once every row is rejected the batch ends: fewer steps than the budget
+    short = generate_recorded(model, tok, prompts, 10, record, [tok.eos_token_id],
+                              viable=lambda i, t: len(tok(t, add_special_tokens=False)["input_ids"]) < 2)
+    assert short.step_logp.shape[1] < 10 and all(len(t) - n <= 3 for t, n in zip(short.tokens, short.prompt_len))
+
+
 def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
     model, tok = tiny_lm
     ro = TeacherReadout(model, tok, LEVELS)
@@ -318,3 +347,23 @@ def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
     assert r.parse_failures == 0
     assert torch.allclose(r.level_probs.sum(-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(r.verdict_probs.sum(-1), torch.ones(2, len(DIMENSIONS)), atol=1e-5)
+
+
+@pytest.mark.integration
+def test_smollm2_zero_shot_chains_stop_once_they_cannot_parse_with_the_same_readout():
+    """The bundled SmolLM2 without fine-tuning breaks the schema: stopping its chains as soon as they
+    cannot parse gives the same distributions and parse failures (on the same lines) as writing them
+    to the budget, in fewer tokens."""
+    from ellm_mkd.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm("smollm2-135m-instruct").eval(), load_tokenizer("smollm2-135m-instruct")
+    q = [QUERY, "blue paint", "cordless drill 20v"]
+    d = [ITEM, "Title: Paint", "Title: Voltara 20V Cordless Drill | Brand: Voltara"]
+    whole = TeacherReadout(model, tok, LEVELS, max_new_tokens=64, stop_unparseable=False).cot(q, d)
+    fast = TeacherReadout(model, tok, LEVELS, max_new_tokens=64).cot(q, d)
+    assert torch.allclose(fast.level_probs, whole.level_probs, atol=1e-5)
+    assert torch.allclose(fast.verdict_probs, whole.verdict_probs, atol=1e-5)
+    for f, w in zip(fast.errors, whole.errors):
+        assert (f is None) == (w is None) and (f is None or f.split(":")[0] == w.split(":")[0])  # "line N"
+    assert all(w.startswith(f) for f, w in zip(fast.rationales, whole.rationales))
+    assert sum(len(f) < len(w) for f, w in zip(fast.rationales, whole.rationales)) >= 1
