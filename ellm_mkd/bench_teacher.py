@@ -47,7 +47,8 @@ def _parser():
     p.add_argument("--batch_size", type=int, default=8, help="training examples per step (each: a cot and a direct response)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval_pairs", type=int, default=96, help="seeded sample of test pairs for quality and speed")
-    p.add_argument("--eval_batch_size", type=int, default=16, help="pairs per batched readout")
+    p.add_argument("--eval_batch_size", type=int, default=32,
+                   help="pairs per batched readout (--stage throughput: the batch it times)")
     p.add_argument("--naive_pairs", type=int, default=16, help="pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--precision", type=str, default="bf16-mixed",
@@ -176,11 +177,12 @@ def bench_throughput(opts, command: str) -> dict[str, Any]:
         raise ValueError(f"{out_json}: the quality run read {setup['eval_pairs']} pairs, this run would read {len(rows)}")
     model = TeacherLM(model=setup["model"], adapter=str(adapter), num_levels=dm.num_levels,
                       max_new_tokens=setup["max_new_tokens"], log_figures=False).eval()
-    speed = _throughput(model, rows, setup["eval_batch_size"], opts.naive_pairs, opts.precision.startswith("bf16"))
+    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, opts.precision.startswith("bf16"))
     result["throughput"] = speed
     result["targets"] = _target(speed)
     result["throughput_run"] = {"command": command, "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
-                                "adapter": str(adapter), "precision": opts.precision, "naive_pairs": opts.naive_pairs}
+                                "adapter": str(adapter), "precision": opts.precision, "naive_pairs": opts.naive_pairs,
+                                "eval_batch_size": opts.eval_batch_size}
     return result
 
 
@@ -268,7 +270,7 @@ def markdown_section(result: dict[str, Any]) -> str:
     if run:
         lines += [f"Throughput measured by a later run: `{run['command']}` (adapter `{run['adapter']}` from the run "
                   f"above; machine: {run['machine']}; date {run['date']}; precision {run['precision']}).", ""]
-    lines += [f"Readout throughput of the fine-tuned teacher (batch {s['eval_batch_size']}, "
+    lines += [f"Readout throughput of the fine-tuned teacher (batch {(run or {}).get('eval_batch_size', s['eval_batch_size'])}, "
               f"max {s['max_new_tokens']} new tokens, the {s['eval_pairs']} pairs above):", "",
               "| readout | pairs/s |", "|---|---|",
               f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",

@@ -182,6 +182,7 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     again = json.loads(out_json.read_text())
     assert again["rows"] == res["rows"] and again["setup"] == res["setup"]
     assert again["throughput_run"]["adapter"] == str(tmp_path / "work" / "teacher" / "adapter")
+    assert again["throughput_run"]["eval_batch_size"] == 32 and "(batch 32," in out_md.read_text()
     assert again["throughput"]["naive_static_cache_pairs_per_s"] > 0
     # cot batched with and without stopping broken chains: the same failures and distributions
     t2 = again["throughput"]
