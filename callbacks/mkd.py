@@ -307,18 +307,15 @@ class MKDistillation(L.Callback):
         chains = {r["example_id"]: s.rationale for r, s in zip(rows, dm.teacher.signals(rows))
                   if s is not None and s.rationale and s.parse_error is None}  # what batches carry
         ids = sorted(chains)[trainer.global_rank::trainer.world_size]
-        tok = pl_module.tokenizer
-        enc = tok([chains[e] for e in ids], truncation=True, max_length=dm.rationale_max_length)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda j: len(enc[j]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tok, kw = pl_module.tokenizer, dict(truncation=True, max_length=dm.rationale_max_length)
+        lengths = [len(x) for x in tok([chains[e] for e in ids], **kw)["input_ids"]]
+        ids = [e for _, e in sorted(zip(lengths, ids))]
         mine: dict[str, Tensor] = {}
-        for start in range(0, len(order), self.CHAIN_BATCH):
-            idx = order[start:start + self.CHAIN_BATCH]
-            seqs = [torch.tensor(enc[j]) for j in idx]
-            input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)
-            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
-            vecs = self._pool(input_ids.to(pl_module.device), mask.to(pl_module.device))
-            mine.update({ids[j]: vecs[k].clone() for k, j in enumerate(idx)})
+        for start in range(0, len(ids), self.CHAIN_BATCH):
+            part = ids[start:start + self.CHAIN_BATCH]
+            enc = tok([chains[e] for e in part], padding=True, return_tensors="pt", **kw)
+            vecs = self._pool(enc["input_ids"].to(pl_module.device), enc["attention_mask"].to(pl_module.device))
+            mine.update({e: vecs[k].clone() for k, e in enumerate(part)})
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(parts, mine)

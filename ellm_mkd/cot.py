@@ -148,7 +148,7 @@ def unfinishable(text: str, query: str, item_text: str, level_names: tuple[str, 
 def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTParseError | None:
     """Whether ``line`` can still grow into dimension ``k``'s line (see :func:`unfinishable`)."""
     dim = DIMENSIONS[k]
-    shape = CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+    shape = _shape_error(k, line)
     rest = line
     for part, side, source in (("literal", f"{dim}: query ", ""), ("evidence", "query", query),
                                ("literal", " | item ", ""), ("evidence", "item", item_text), ("literal", " => ", "")):
@@ -171,13 +171,9 @@ def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTP
                 return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
             return None
         try:
-            value = json.loads(rest[:end + 1])
-        except ValueError:
-            return CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line)
-        if not value:
-            return CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
-        if value not in source:
-            return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+            _evidence(side, rest[:end + 1], source, k, line)
+        except CoTParseError as e:
+            return e
         rest = rest[end + 1:]
     if any(v.startswith(rest) for v in VERDICTS):
         return None
@@ -251,26 +247,32 @@ def _dimension_line(k: int, line: str, query: str, item_text: str) -> Judgement:
     dim = DIMENSIONS[k]
     m = _LINE.match(line)
     if not m:
-        raise CoTParseError(f"expected '{dim}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+        raise _shape_error(k, line)
     if m["dim"] != dim:
         raise CoTParseError(f"expected the {dim!r} line here, found {m['dim']!r}", k + 1, line)
     if m["verdict"] not in VERDICTS:
         raise CoTParseError(f"verdict {m['verdict']!r} is not one of {list(VERDICTS)}", k + 1, line)
-    ev = {}
-    for side, raw, source in (("query", m["q"], query), ("item", m["i"], item_text)):
-        if raw == "-":
-            ev[side] = None
-            continue
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line) from None
-        if not value:
-            raise CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
-        if value not in source:
-            raise CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
-        ev[side] = value
-    return Judgement(dim, ev["query"], ev["item"], m["verdict"])
+    return Judgement(dim, _evidence("query", m["q"], query, k, line), _evidence("item", m["i"], item_text, k, line),
+                     m["verdict"])
+
+
+def _shape_error(k: int, line: str) -> CoTParseError:
+    return CoTParseError(f"expected '{DIMENSIONS[k]}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+
+
+def _evidence(side: str, raw: str, source: str, k: int, line: str) -> str | None:
+    """A side's evidence on dimension line ``k``: ``-`` (None) or a JSON string that occurs in ``source``."""
+    if raw == "-":
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line) from None
+    if not value:
+        raise CoTParseError(f"{side} evidence is empty; write - when the {side} says nothing", k + 1, line)
+    if value not in source:
+        raise CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
+    return value
 
 
 def _level_line(line: str, level_names: tuple[str, ...] | list[str], lineno: int) -> str:
