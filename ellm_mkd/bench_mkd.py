@@ -70,7 +70,7 @@ def _parser():
                    help="rewrite the markdown section (and targets) from the existing result JSON; runs nothing")
     p.add_argument("--teacher_model", type=str, default="smollm2-135m-instruct", help="teacher base model")
     p.add_argument("--encoder", type=str, default="minilm-l6", help="student encoder")
-    p.add_argument("--teacher_steps", type=int, default=16, help="teacher LoRA steps")
+    p.add_argument("--teacher_steps", type=int, default=96, help="teacher LoRA steps")
     p.add_argument("--teacher_batch", type=int, default=8, help="teacher examples per step")
     p.add_argument("--teacher_eval", type=int, default=32, help="pairs per teacher readout batch")
     p.add_argument("--students", type=list[str], default=list(STUDENTS))
