@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -78,6 +79,10 @@ def _parser():
     p.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="student training seeds")
     p.add_argument("--epochs", type=int, default=2, help="student epochs")
     p.add_argument("--train_batches", type=int | None, default=None, help="cap on student training batches per epoch")
+    p.add_argument("--keep_checkpoints", type=bool, default=False,
+                   help="keep each student run's checkpoint (about 270 MB for MiniLM with its optimizer state; 30 "
+                        "runs by default); the benchmark needs only the test figures, stored under "
+                        "<work_dir>/bench_state")
     p.add_argument("--seed", type=int, default=0, help="catalog and teacher seed")
     p.add_argument("--name", type=str, default="mkd_catalog")
     p.add_argument("--out_json", type=str | None, default=None)
@@ -144,6 +149,13 @@ def _load_state(path: Path, *fingerprints: str) -> dict[str, Any] | None:
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(state, indent=2, default=str) + "\n")
+
+
+def _drop_checkpoints(run: dict[str, Any]) -> None:
+    """Remove a finished student run's checkpoint directory (its test figures are already in ``run``)."""
+    best = Path(run.pop("checkpoint") or "")
+    if best.parent.name == "checkpoints":
+        shutil.rmtree(best.parent, ignore_errors=True)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -219,6 +231,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                                       [REPO / "configs" / "mkd" / f"{row}.yaml"], extra, predictions=False)
                     r = {**{k: v for k, v in r.items() if k != "predictions"}, "fingerprint": own,
                          "machine": machine_description()}
+                    if not opts.keep_checkpoints:
+                        _drop_checkpoints(r)
                     _save_state(state / "runs" / f"{name}.json", r)
                 else:
                     resumed += 1

@@ -223,6 +223,10 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert "<!-- bench:mkd_catalog -->" in out_md.read_text() and "± " in out_md.read_text()
     runs = tmp_path / "work" / "tensorboard"
     assert (runs / "cross_encoder_full_augment_s0").exists() and (runs / "cross_encoder_baseline_s1").exists()
+    # each run's checkpoints go once its figures are stored (--keep_checkpoints false, the default)
+    students = [d for d in runs.iterdir() if d.name.startswith("cross_encoder_")]
+    assert len(students) == 6 and all(list(d.rglob("events.out.tfevents.*")) for d in students)
+    assert not [c for d in students for c in d.rglob("*.ckpt")]
     # a second invocation with the same settings reads the teacher, cache and finished runs back
     args = ["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir", str(tmp_path / "work"),
             "--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1", "--teacher_batch", "2",
@@ -238,9 +242,10 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert other["setup"]["resumed_runs"] == 2 and other["setup"]["setup_seconds"] != res["setup"]["setup_seconds"]
     assert other["rows"][0] == res["rows"][0] and other["setup"]["teacher"]["steps"] == 2
     # other student settings: nothing is reused
-    assert bench_main([*args[:-4], "--seeds", "[0]", "--epochs", "2", "--rows", "[baseline]", "--out_json",
-                       str(out_json), "--out_md", str(out_md)]) == 0
+    assert bench_main([*args[:-4], "--seeds", "[0]", "--epochs", "2", "--rows", "[baseline]", "--keep_checkpoints",
+                       "true", "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
     assert json.loads(out_json.read_text())["setup"]["resumed_runs"] == 0
+    assert len(list((runs / "cross_encoder_baseline_s0").rglob("*.ckpt"))) == 1  # kept this time
 
 
 @pytest.mark.integration
