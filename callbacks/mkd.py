@@ -298,22 +298,20 @@ class MKDistillation(L.Callback):
     def _embed_training_chains(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Embed every training example's chain once, before the first epoch.
 
-        The chains are tokenized as the collator does (``rationale_max_length``), sorted by length so
-        that a batch pads little, and shared out over the DDP ranks; each rank ends with all of them.
+        The chains are shared out over the DDP ranks, sorted by length so that a batch pads little, and
+        tokenized as the collator does (``rationale_max_length``); each rank ends with all of them.
         """
         t0 = time.perf_counter()
         dm = trainer.datamodule
         rows = dm.datasets["train"].rows
         chains = {r["example_id"]: s.rationale for r, s in zip(rows, dm.teacher.signals(rows))
                   if s is not None and s.rationale and s.parse_error is None}  # what batches carry
-        ids = sorted(chains)[trainer.global_rank::trainer.world_size]
-        tok, kw = pl_module.tokenizer, dict(truncation=True, max_length=dm.rationale_max_length)
-        lengths = [len(x) for x in tok([chains[e] for e in ids], **kw)["input_ids"]]
-        ids = [e for _, e in sorted(zip(lengths, ids))]
+        ids = sorted(sorted(chains)[trainer.global_rank::trainer.world_size], key=lambda e: len(chains[e]))
         mine: dict[str, Tensor] = {}
         for start in range(0, len(ids), self.CHAIN_BATCH):
             part = ids[start:start + self.CHAIN_BATCH]
-            enc = tok([chains[e] for e in part], padding=True, return_tensors="pt", **kw)
+            enc = pl_module.tokenizer([chains[e] for e in part], padding=True, truncation=True,
+                                      max_length=dm.rationale_max_length, return_tensors="pt")
             vecs = self._pool(enc["input_ids"].to(pl_module.device), enc["attention_mask"].to(pl_module.device))
             mine.update({e: vecs[k].clone() for k, e in enumerate(part)})
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
