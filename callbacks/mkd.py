@@ -8,12 +8,13 @@ callback adds, from the teacher keys every batch carries when the data module ha
 ============================  ====================================================================
 term (``train/loss/<name>``)  what it is
 ============================  ====================================================================
-``hard``                      only when ``w_hard`` is set: replaces the student's level
-                              cross-entropy, with this weight and schedule
+``labels``                    only when ``w_labels`` is set: the level cross-entropy with this
+                              weight and schedule, in place of the student's own ``hard`` term
+                              (the callback names what it replaces: :meth:`replaces`)
 ``soft``                      ``T^2 * KL(teacher_T || student_T)`` on the level distribution
                               (``w_soft``, ``kd_temperature``)
 ``dim_kd``                    KL between the teacher's verdict distributions and the student's
-                              dimension heads, weighted per dimension (``w_dim``, ``dim_weights``)
+                              dimension heads, weighted per dimension (``w_dim_kd``, ``dim_weights``)
 ``rationale``                 KL between the normalised evidence mask and the student's token
                               distribution: the cross-encoder's [CLS]-to-token attention (chosen
                               ``attention_layers`` / ``attention_heads``), each tower's pooling
@@ -47,7 +48,7 @@ YAML (LightningCLI, section ``distill`` of ``ellm-mkd fit``)::
       enabled: true
       w_soft: 1.0
       kd_temperature: 2.0
-      w_dim: 0.5
+      w_dim_kd: 0.5
       w_rationale: 0.1
       w_rationale_embedding: 0.1
       schedules: {rationale: {delay: 0.1, ramp: 0.2}}
@@ -66,13 +67,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.schema import DIMENSIONS
+from ellm_mkd.schema import DIMENSIONS
 
-from .losses import (RationaleProjection, cls_attention, dimension_kd_loss, distribution_kd_loss,
-                     rationale_attention_loss, rationale_embedding_loss)
+from .losses import (
+    RationaleProjection,
+    dimension_kd_loss,
+    distribution_kd_loss,
+    rationale_attention_loss,
+    rationale_embedding_loss,
+)
 
 log = logging.getLogger(__name__)
-TERMS = ("hard", "soft", "dim_kd", "rationale", "rationale_embedding")
+TERMS = ("labels", "soft", "dim_kd", "rationale", "rationale_embedding")
 
 
 @dataclass
@@ -106,11 +112,13 @@ class MKDistillation(L.Callback):
 
     Args:
         enabled: False makes the callback a no-op (a baseline run from the same config).
-        w_hard: weight of the level cross-entropy; ``None`` keeps the student's own ``w_hard``.
-            Set it to give the hard term a schedule (e.g. ramp the teacher in while labels fade).
+        w_labels: weight of the level cross-entropy under this callback's schedule, replacing the
+            student's own ``hard`` term; ``None`` keeps the student's (e.g. set it to let labels fade
+            while the teacher ramps in).
         w_soft: weight of the level-distribution KD.
         kd_temperature: temperature T of the level KD (the loss is scaled by T^2).
-        w_dim: weight of the dimension-verdict KD.
+        w_dim_kd: weight of the dimension-verdict KD (the student's own ``w_dim`` weighs its
+            dimension heads against known verdicts).
         dim_weights: per-dimension weights (by name; missing dimensions weigh 1).
         dim_temperature: temperature of the verdict KD.
         w_rationale: weight of the evidence-mask alignment.
@@ -119,7 +127,7 @@ class MKDistillation(L.Callback):
         w_rationale_embedding: weight of the pair-embedding alignment to the projected rationale.
         rationale_embedding: ``chain`` (the chain through a frozen copy of the student encoder) or
             ``teacher_hidden`` (the teacher's vector from the cache).
-        schedules: a :class:`Schedule` per term name (hard, soft, dim_kd, rationale,
+        schedules: a :class:`Schedule` per term name (labels, soft, dim_kd, rationale,
             rationale_embedding).
     """
 
@@ -128,10 +136,10 @@ class MKDistillation(L.Callback):
     def __init__(
         self,
         enabled: bool = True,
-        w_hard: float | None = None,
+        w_labels: float | None = None,
         w_soft: float = 1.0,
         kd_temperature: float = 2.0,
-        w_dim: float = 0.5,
+        w_dim_kd: float = 0.5,
         dim_weights: dict[str, float] | None = None,
         dim_temperature: float = 1.0,
         w_rationale: float = 0.1,
@@ -142,8 +150,13 @@ class MKDistillation(L.Callback):
         schedules: dict[str, Schedule] | None = None,
     ):
         super().__init__()
-        for name, w in (("w_soft", w_soft), ("w_dim", w_dim), ("w_rationale", w_rationale),
-                        ("w_rationale_embedding", w_rationale_embedding), ("w_hard", w_hard or 0.0)):
+        for name, w in (
+            ("w_soft", w_soft),
+            ("w_dim_kd", w_dim_kd),
+            ("w_rationale", w_rationale),
+            ("w_rationale_embedding", w_rationale_embedding),
+            ("w_labels", w_labels or 0.0),
+        ):
             if w < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {w}")
         if kd_temperature <= 0 or dim_temperature <= 0:
@@ -156,8 +169,8 @@ class MKDistillation(L.Callback):
         if unknown:
             raise ValueError(f"distill.schedules: unknown term(s) {sorted(unknown)}; known: {list(TERMS)}")
         self.enabled = enabled
-        self.w_hard, self.w_soft, self.kd_temperature = w_hard, w_soft, kd_temperature
-        self.w_dim, self.dim_temperature = w_dim, dim_temperature
+        self.w_labels, self.w_soft, self.kd_temperature = w_labels, w_soft, kd_temperature
+        self.w_dim_kd, self.dim_temperature = w_dim_kd, dim_temperature
         self.dim_weights = torch.tensor([(dim_weights or {}).get(d, 1.0) for d in DIMENSIONS], dtype=torch.float32)
         self.w_rationale = w_rationale
         self.attention_layers = tuple(attention_layers or (-1,))
@@ -177,20 +190,23 @@ class MKDistillation(L.Callback):
         dm = trainer.datamodule
         teacher = getattr(dm, "teacher", None)
         if teacher is None:
-            raise ValueError("distill: MKDistillation needs a teacher signal: set data.teacher (e.g. "
-                             "class_path: ellm_mkd.teacher_signal.CachedTeacher, init_args: {path: <cache dir>}), "
-                             "or distill.enabled: false for a run on labels alone")
+            raise ValueError(
+                "distill: MKDistillation needs a teacher signal: set data.teacher (e.g. "
+                "class_path: datamodules.teacher_signal.CachedTeacher, init_args: {cache_dir: <cache dir>}), "
+                "or distill.enabled: false for a run on labels alone"
+            )
         if not hasattr(pl_module, "add_training_module"):
             raise TypeError(f"distill: {type(pl_module).__name__} is not a relevance student")
         if self.w_rationale_embedding:
             if self.rationale_embedding == "teacher_hidden":
                 width = teacher.hidden_size
                 if width is None:
-                    raise ValueError("distill: rationale_embedding: teacher_hidden needs a teacher cache written with "
-                                     "store_hidden: true (this cache has no hidden vectors)")
+                    raise ValueError(
+                        "distill: rationale_embedding: teacher_hidden needs a teacher cache written with "
+                        "store_hidden: true (this cache has no hidden vectors)"
+                    )
             else:
-                encoder = pl_module.encoder if pl_module.inputs == "pair" else pl_module.item_encoder
-                self._frozen = copy.deepcopy(encoder).eval().requires_grad_(False)
+                self._frozen = copy.deepcopy(pl_module.chain_encoder()).eval().requires_grad_(False)
                 width = self._frozen.config.hidden_size
             if "training_modules" not in pl_module._modules or "rationale_projection" not in pl_module.training_modules:
                 with torch.random.fork_rng(devices=[]):  # the same start for any number of processes
@@ -198,12 +214,7 @@ class MKDistillation(L.Callback):
                     proj = RationaleProjection(width, pl_module.pair_dim)
                 pl_module.add_training_module("rationale_projection", proj)
         if self.w_rationale:  # after the frozen copy, which keeps the fast attention
-            if pl_module.inputs == "pair":
-                pl_module.request_attentions(self.attention_layers)
-            elif getattr(pl_module.hparams, "pooling", None) != "weighted":
-                log.warning("distill: w_rationale aligns the towers' pooling weights, which only learn with "
-                            "pooling: weighted (this student pools by %s): the term will not train anything",
-                            pl_module.hparams.pooling)
+            pl_module.prepare_rationale_alignment(self.attention_layers)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled and self._frozen is not None and getattr(trainer.datamodule.teacher, "lookup", False):
@@ -219,26 +230,43 @@ class MKDistillation(L.Callback):
         sched = self.schedules.get(name)
         return 1.0 if sched is None else sched.factor(step / self._total_steps)
 
+    def replaces(self) -> set[str]:
+        """The student's own terms this callback takes the place of while training (``hard`` when
+        ``w_labels`` is set); the student leaves them out."""
+        return {"hard"} if self.enabled and self.w_labels is not None else set()
+
     def loss_terms(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> dict[str, Tensor]:
         if not self.enabled or not pl_module.training or "teacher_probs" not in batch:
             return {}
         step = pl_module.global_step
-        weights = {"hard": self.w_hard or 0.0, "soft": self.w_soft, "dim_kd": self.w_dim,
-                   "rationale": self.w_rationale, "rationale_embedding": self.w_rationale_embedding}
+        weights = {
+            "labels": self.w_labels or 0.0,
+            "soft": self.w_soft,
+            "dim_kd": self.w_dim_kd,
+            "rationale": self.w_rationale,
+            "rationale_embedding": self.w_rationale_embedding,
+        }
         factors = {k: self.factor(k, step) for k in TERMS}
         terms: dict[str, Tensor] = {}
-        if self.w_hard is not None:
+        if self.w_labels is not None:
             labels = batch["labels"]
-            terms["hard"] = (F.cross_entropy(out.level_logits.float(), labels, ignore_index=-100)
-                             if (labels != -100).any() else out.level_logits.sum() * 0.0)
+            terms["labels"] = (
+                F.cross_entropy(out.level_logits.float(), labels, ignore_index=-100)
+                if (labels != -100).any()
+                else out.level_logits.sum() * 0.0
+            )
         if self.w_soft:
-            terms["soft"] = distribution_kd_loss(out.level_logits, batch["teacher_probs"], self.kd_temperature,
-                                                 mask=batch["teacher_present"])
-        if self.w_dim:
-            terms["dim_kd"] = dimension_kd_loss(out.dim_logits, batch["teacher_verdict_probs"],
-                                                mask=batch["teacher_verdicts_present"],
-                                                dim_weights=self.dim_weights.to(out.dim_logits.device),
-                                                temperature=self.dim_temperature)
+            terms["soft"] = distribution_kd_loss(
+                out.level_logits, batch["teacher_probs"], self.kd_temperature, mask=batch["teacher_present"]
+            )
+        if self.w_dim_kd:
+            terms["dim_kd"] = dimension_kd_loss(
+                out.dim_logits,
+                batch["teacher_verdict_probs"],
+                mask=batch["teacher_verdicts_present"],
+                dim_weights=self.dim_weights.to(out.dim_logits.device),
+                temperature=self.dim_temperature,
+            )
         if self.w_rationale:
             terms["rationale"] = self._rationale_term(pl_module, batch, out)
         if self.w_rationale_embedding:
@@ -253,13 +281,10 @@ class MKDistillation(L.Callback):
         return weighted
 
     def _rationale_term(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> Tensor:
-        if pl_module.inputs == "pair":
-            rows = out.extras["attentions"]  # the chosen layers only, in order
-            att = cls_attention(rows, range(len(rows)), self.attention_heads, batch["attention_mask"])
-            return rationale_attention_loss(att, batch["rationale_mask"], batch["attention_mask"])
-        losses = [rationale_attention_loss(out.extras[f"{side}_pool_weights"], batch[f"{side}_rationale_mask"],
-                                           batch[f"{side}_attention_mask"]) for side in ("query", "item")]
-        return (losses[0] + losses[1]) / 2
+        """The mean over the student's input sequences (the pair; or each tower) of the KL between the
+        normalised evidence mask and the student's token distribution on that sequence."""
+        parts = pl_module.rationale_alignment(batch, out, self.attention_heads)
+        return torch.stack([rationale_attention_loss(*part) for part in parts]).mean()
 
     def _embedding_term(self, pl_module: L.LightningModule, batch: dict[str, Any], out: Any) -> Tensor:
         proj = pl_module.training_modules["rationale_projection"]
@@ -268,8 +293,9 @@ class MKDistillation(L.Callback):
             mask = batch["teacher_present"]
         else:
             target = self._chain_embeddings(batch, out.pair_embedding.device)
-            mask = batch["teacher_present"] & torch.tensor([bool(r) for r in batch["teacher_rationale"]],
-                                                           device=batch["teacher_present"].device)
+            mask = batch["teacher_present"] & torch.tensor(
+                [bool(r) for r in batch["teacher_rationale"]], device=batch["teacher_present"].device
+            )
         return rationale_embedding_loss(out.pair_embedding, target, proj, mask=mask.to(out.pair_embedding.device))
 
     @torch.no_grad()
@@ -304,14 +330,22 @@ class MKDistillation(L.Callback):
         t0 = time.perf_counter()
         dm = trainer.datamodule
         rows = dm.datasets["train"].rows
-        chains = {r["example_id"]: s.rationale for r, s in zip(rows, dm.teacher.signals(rows))
-                  if s is not None and s.rationale and s.parse_error is None}  # what batches carry
-        ids = sorted(sorted(chains)[trainer.global_rank::trainer.world_size], key=lambda e: len(chains[e]))
+        chains = {
+            r["example_id"]: s.rationale
+            for r, s in zip(rows, dm.teacher.signals(rows))
+            if s is not None and s.rationale and s.parse_error is None
+        }  # what batches carry
+        ids = sorted(sorted(chains)[trainer.global_rank :: trainer.world_size], key=lambda e: len(chains[e]))
         mine: dict[str, Tensor] = {}
         for start in range(0, len(ids), self.CHAIN_BATCH):
-            part = ids[start:start + self.CHAIN_BATCH]
-            enc = pl_module.tokenizer([chains[e] for e in part], padding=True, truncation=True,
-                                      max_length=dm.rationale_max_length, return_tensors="pt")
+            part = ids[start : start + self.CHAIN_BATCH]
+            enc = pl_module.tokenizer(
+                [chains[e] for e in part],
+                padding=True,
+                truncation=True,
+                max_length=dm.rationale_max_length,
+                return_tensors="pt",
+            )
             vecs = self._pool(enc["input_ids"].to(pl_module.device), enc["attention_mask"].to(pl_module.device))
             mine.update({e: vecs[k].clone() for k, e in enumerate(part)})
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -322,11 +356,19 @@ class MKDistillation(L.Callback):
         else:
             self._rationale_cache.update(mine)
         self.chain_embedding_seconds = time.perf_counter() - t0
-        log.info("distill: embedded %d training chains in %.1f s (once, before the first epoch)",
-                 len(chains), self.chain_embedding_seconds)
+        log.info(
+            "distill: embedded %d training chains in %.1f s (once, before the first epoch)",
+            len(chains),
+            self.chain_embedding_seconds,
+        )
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # settings only: the cached chain vectors are recomputed, the frozen encoder is rebuilt
-        return {"w_soft": self.w_soft, "w_dim": self.w_dim, "w_rationale": self.w_rationale,
-                "w_rationale_embedding": self.w_rationale_embedding, "kd_temperature": self.kd_temperature}
+        return {
+            "w_soft": self.w_soft,
+            "w_dim_kd": self.w_dim_kd,
+            "w_rationale": self.w_rationale,
+            "w_rationale_embedding": self.w_rationale_embedding,
+            "kd_temperature": self.kd_temperature,
+        }

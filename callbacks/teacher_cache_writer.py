@@ -21,7 +21,7 @@ Example (YAML)::
     trainer:
       callbacks:
         - class_path: callbacks.TeacherCacheWriter
-          init_args: {output_dir: runs/demo/teacher_cache, store_hidden: false}
+          init_args: {cache_dir: runs/demo/teacher_cache, store_hidden: false}
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ class TeacherCacheWriter(BasePredictionWriter):
     """Write teacher predictions as a sharded, resumable cache; see the module docstring.
 
     Args:
-        output_dir: the cache directory.
+        cache_dir: the cache directory.
         rows_per_shard: rows per Parquet shard (at most this many rows are lost to a kill).
-        overwrite: delete an existing cache in ``output_dir`` first (otherwise a matching cache is
+        overwrite: delete an existing cache in ``cache_dir`` first (otherwise a matching cache is
             resumed and a different one is an error).
         store_hidden: also store the teacher's pooled hidden vector (float16) per example; costs one
             more forward pass per batch and ``2 * hidden_size`` bytes per example.
     """
 
-    def __init__(self, output_dir: str, rows_per_shard: int = 1024, overwrite: bool = False, store_hidden: bool = False):
+    def __init__(self, cache_dir: str, rows_per_shard: int = 1024, overwrite: bool = False, store_hidden: bool = False):
         super().__init__(write_interval="batch")
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-        self.output_dir = Path(output_dir)
+        self.cache_dir = Path(cache_dir)
         self.rows_per_shard = rows_per_shard
         self.overwrite = overwrite
         self.store_hidden = store_hidden
@@ -72,31 +72,39 @@ class TeacherCacheWriter(BasePredictionWriter):
         if stage != "predict":
             return
         if not hasattr(pl_module, "cache_identity"):
-            raise TypeError(f"TeacherCacheWriter needs a teacher (a module with cache_identity()), got "
-                            f"{type(pl_module).__name__}")
+            raise TypeError(
+                f"TeacherCacheWriter needs a teacher (a module with cache_identity()), got {type(pl_module).__name__}"
+            )
         self._finalised = False
         dm = trainer.datamodule
-        if self.overwrite and trainer.is_global_zero and self.output_dir.exists():
+        if self.overwrite and trainer.is_global_zero and self.cache_dir.exists():
             self._clear()
         trainer.strategy.barrier("teacher_cache_clear")
         done: set[str] = set()
-        if (self.output_dir / MANIFEST).exists():
-            read_manifest(self.output_dir, KIND)  # a damaged directory fails here, before any work
-            done = set(read_annotations(self.output_dir, KIND).column(ID).to_pylist())
+        if (self.cache_dir / MANIFEST).exists():
+            read_manifest(self.cache_dir, KIND)  # a damaged directory fails here, before any work
+            done = set(read_annotations(self.cache_dir, KIND).column(ID).to_pylist())
         self.expected_rows = len(dm.full_predict_dataset())
         trainer.predict_loop.return_predictions = False  # the cache is the output: keep nothing in memory
         self.skipped = dm.exclude_from_predict(done) if done else 0
         if self.skipped:
-            log.info("teacher cache %s: %d of %d examples are cached already; predicting the other %d",
-                     self.output_dir, self.skipped, self.expected_rows, self.expected_rows - self.skipped)
+            log.info(
+                "teacher cache %s: %d of %d examples are cached already; predicting the other %d",
+                self.cache_dir,
+                self.skipped,
+                self.expected_rows,
+                self.expected_rows - self.skipped,
+            )
         pl_module.predict_hidden = self.store_hidden
 
     def _clear(self) -> None:
-        if not (self.output_dir / MANIFEST).exists() and any(self.output_dir.iterdir()):
-            raise StoreError(f"{self.output_dir} is not empty and is not a teacher cache; overwrite: true "
-                             "only replaces a teacher cache. Choose another output_dir")
-        log.info("teacher cache %s: overwrite=true, removing the old cache", self.output_dir)
-        shutil.rmtree(self.output_dir)
+        if not (self.cache_dir / MANIFEST).exists() and any(self.cache_dir.iterdir()):
+            raise StoreError(
+                f"{self.cache_dir} is not empty and is not a teacher cache; overwrite: true "
+                "only replaces a teacher cache. Choose another cache_dir"
+            )
+        log.info("teacher cache %s: overwrite=true, removing the old cache", self.cache_dir)
+        shutil.rmtree(self.cache_dir)
 
     def _manifest(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         dm = trainer.datamodule
@@ -116,18 +124,32 @@ class TeacherCacheWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # weights are restored from --ckpt_path by now, so the weights hash is the one that predicts
         manifest = self._manifest(trainer, pl_module)
-        kwargs = dict(manifest=manifest, fmt="parquet", rows_per_shard=self.rows_per_shard,
-                      shard_prefix=f"part-r{trainer.global_rank}", volatile_keys=VOLATILE_KEYS, kind=KIND,
-                      schema=cache_schema())
+        kwargs = dict(
+            manifest=manifest,
+            fmt="parquet",
+            rows_per_shard=self.rows_per_shard,
+            shard_prefix=f"part-r{trainer.global_rank}",
+            volatile_keys=VOLATILE_KEYS,
+            kind=KIND,
+            schema=cache_schema(),
+        )
         if trainer.is_global_zero:  # the first to open writes the manifest; the others check against it
-            self.store = AnnotationStore(self.output_dir, **kwargs)
+            self.store = AnnotationStore(self.cache_dir, **kwargs)
         trainer.strategy.barrier("teacher_cache_open")
         if not trainer.is_global_zero:
-            self.store = AnnotationStore(self.output_dir, **kwargs)
+            self.store = AnnotationStore(self.cache_dir, **kwargs)
         self._t0 = time.perf_counter()
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
-                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         assert self.store is not None
         self.store.append([s.to_row() for s in signals_from_prediction(prediction)])
 
@@ -149,19 +171,27 @@ class TeacherCacheWriter(BasePredictionWriter):
         self._finalised = True
         if not trainer.is_global_zero:
             return
-        ids = read_annotations(self.output_dir, KIND).column(ID).to_pylist()
+        ids = read_annotations(self.cache_dir, KIND).column(ID).to_pylist()
         if len(ids) != len(set(ids)):
-            raise StoreError(f"{self.output_dir}: {len(ids) - len(set(ids))} example ids were written twice")
+            raise StoreError(f"{self.cache_dir}: {len(ids) - len(set(ids))} example ids were written twice")
         store = self.store
         if store is None:  # nothing predicted this run: reopen to update the manifest
-            manifest = read_manifest(self.output_dir, KIND)
-            store = AnnotationStore(self.output_dir, manifest={k: v for k, v in manifest.items()
-                                                                if k not in ("store_version", "format")},
-                                    fmt="parquet", volatile_keys=VOLATILE_KEYS, kind=KIND, schema=cache_schema())
-        store.update_manifest(row_count=len(ids), expected_rows=self.expected_rows,
-                              complete=len(ids) >= self.expected_rows)
+            manifest = read_manifest(self.cache_dir, KIND)
+            store = AnnotationStore(
+                self.cache_dir,
+                manifest={k: v for k, v in manifest.items() if k not in ("store_version", "format")},
+                fmt="parquet",
+                volatile_keys=VOLATILE_KEYS,
+                kind=KIND,
+                schema=cache_schema(),
+            )
+        store.update_manifest(
+            row_count=len(ids), expected_rows=self.expected_rows, complete=len(ids) >= self.expected_rows
+        )
         dt = time.perf_counter() - self._t0 if self._t0 else 0.0
         rate = f", {written / dt:.2f} pairs/s on rank 0" if written and dt else ""
-        print(f"teacher cache: {len(ids)} of {self.expected_rows} examples in {self.output_dir} "
-              f"({written} written by rank 0 this run{rate})", flush=True)
-
+        print(
+            f"teacher cache: {len(ids)} of {self.expected_rows} examples in {self.cache_dir} "
+            f"({written} written by rank 0 this run{rate})",
+            flush=True,
+        )

@@ -29,7 +29,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import make_example_id, normalize_text
+from ellm_mkd.schema import make_example_id, normalize_text
+
 from .validation import DataSource
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,19 @@ class Augmentation:
 
 
 def _blank(row: dict[str, Any], example_id: str, query: str, item_id: str, item_text: str) -> dict[str, Any]:
-    return {"example_id": example_id, "query": query, "item_id": item_id, "item_text": item_text, "label": None,
-            "grade": None, "gain": None, "bucket": row["bucket"], "query_id": row["query_id"],
-            "dims": [None] * len(row["dims"]), "augmented": True}
+    return {
+        "example_id": example_id,
+        "query": query,
+        "item_id": item_id,
+        "item_text": item_text,
+        "label": None,
+        "grade": None,
+        "gain": None,
+        "bucket": row["bucket"],
+        "query_id": row["query_id"],
+        "dims": [None] * len(row["dims"]),
+        "augmented": True,
+    }
 
 
 def sample_pairs(train_rows: list[dict[str, Any]], items_per_query: int, seed: int) -> list[dict[str, Any]]:
@@ -81,8 +92,9 @@ def sample_pairs(train_rows: list[dict[str, Any]], items_per_query: int, seed: i
     return out
 
 
-def file_pairs(rows: list[dict[str, Any]], held_out_queries: set[str], known_ids: set[str],
-               path: str) -> list[dict[str, Any]]:
+def file_pairs(
+    rows: list[dict[str, Any]], held_out_queries: set[str], known_ids: set[str], path: str
+) -> list[dict[str, Any]]:
     """The rows of an augmentation file less held-out queries and already-judged pairs."""
     keep, held, dup = [], 0, 0
     for r in rows:
@@ -93,6 +105,10 @@ def file_pairs(rows: list[dict[str, Any]], held_out_queries: set[str], known_ids
         else:
             keep.append(_blank(r, r["example_id"], r["query"], r["item_id"], r["item_text"]))
     if held or dup:
-        log.info("augmentation %s: %d pairs with a validation/test query and %d already-judged pairs left out",
-                 path, held, dup)
+        log.info(
+            "augmentation %s: %d pairs with a validation/test query and %d already-judged pairs left out",
+            path,
+            held,
+            dup,
+        )
     return keep

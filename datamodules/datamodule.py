@@ -1,14 +1,15 @@
 """``RelevanceDataModule``: one LightningDataModule for the teacher and every student.
 
 It loads a :class:`~datamodules.validation.DataSource` once (validated, split, bucketed), serves
-train/val/test/predict loaders, and tokenizes in the collator with dynamic padding (each batch is
-padded to its own longest sequence, not to ``max_seq_length``).
+train/val/test/predict loaders, and lets the model's input layout tokenize in the collator, with
+dynamic padding (each batch is padded to its own longest sequence, not to the token budget).
 
-The tokenizer is bound late with :meth:`RelevanceDataModule.connect`, because it belongs to the
-model: the LightningCLI builds the data module from config, then the model calls
-``datamodule.connect(tokenizer=..., inputs=...)`` in its ``setup``. One data module thus serves a
-cross-encoder (``inputs="pair"``), a two-tower student (``inputs="towers"``) and a causal-LM
-teacher (``inputs="text"``: strings only; the teacher builds its own prompts).
+The input layout (tokenizer, token budget, pair or towers: :mod:`datamodules.inputs`) is bound late
+with :meth:`RelevanceDataModule.connect`, because it belongs to the model: the LightningCLI builds
+the data module from config, then the model calls ``datamodule.connect(layout=...)`` in its
+``setup``. The model's ``max_seq_length`` is thus the one token budget; the data section has none.
+One data module serves a cross-encoder (pair input), a two-tower student (one input per tower) and
+a causal-LM teacher (strings only; the teacher builds its own prompts).
 
 Every batch carries, besides token ids:
 
@@ -28,7 +29,7 @@ key                type                      meaning
                                              ``annotations``; ``None`` where a row has none)
 =================  ========================  ==============================================
 
-With ``teacher`` (a :class:`~ellm_mkd.teacher_signal.TeacherSource`: a teacher cache, or a live
+With ``teacher`` (a :class:`~datamodules.teacher_signal.TeacherSource`: a teacher cache, or a live
 teacher) every batch also carries the teacher's level and verdict distributions, its chain, and
 *rationale tokens*: masks over the student's own input tokens covered by the chain's evidence
 (through the tokenizer's offsets, for pair and tower inputs) and the chain in student tokens;
@@ -56,17 +57,18 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
+from ellm_mkd.schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
+
 from .augment import Augmentation, file_pairs, sample_pairs
+from .inputs import InputLayout, TextInputs
 from .splits import limit_by_query, select_split
 from .teacher_batch import add_teacher_fields
+from .teacher_signal import TeacherSource
 from .text import DEFAULT_ITEM_FIELDS, check_item_fields, render_item
 from .validation import DataSource, LoadReport, load_examples
-from ellm_mkd.teacher_signal import TeacherSource
 
 log = logging.getLogger(__name__)
 
-Inputs = Literal["pair", "towers", "text"]
 _VERDICT_INDEX = {v: i for i, v in enumerate(VERDICTS)}
 _BUCKET_INDEX = {b: i for i, b in enumerate(BUCKETS)}
 
@@ -74,25 +76,28 @@ _BUCKET_INDEX = {b: i for i, b in enumerate(BUCKETS)}
 class RelevanceDataset(Dataset):
     """Rows of one split as plain dicts (picklable, so ``num_workers > 0`` works)."""
 
-    def __init__(self, table: pa.Table, item_fields: Sequence[str], query_index: dict[str, int],
-                 sort_by_length: bool = False):
+    def __init__(
+        self, table: pa.Table, item_fields: Sequence[str], query_index: dict[str, int], sort_by_length: bool = False
+    ):
         cols = table.to_pydict()
         self.rows: list[dict[str, Any]] = []
         for i in range(table.num_rows):
             r = {k: cols[k][i] for k in cols}
             item_text, _ = render_item(r, item_fields)
-            self.rows.append({
-                "example_id": r["example_id"],
-                "query": r["query"],
-                "item_id": r["item_id"],
-                "item_text": item_text,
-                "label": r["label"],
-                "grade": r["grade"],
-                "gain": r["gain"],
-                "bucket": r["query_bucket"],
-                "query_id": query_index[normalize_text(r["query"])],
-                "dims": [r.get(f"dim_{d}") for d in DIMENSIONS],
-            })
+            self.rows.append(
+                {
+                    "example_id": r["example_id"],
+                    "query": r["query"],
+                    "item_id": r["item_id"],
+                    "item_text": item_text,
+                    "label": r["label"],
+                    "grade": r["grade"],
+                    "gain": r["gain"],
+                    "bucket": r["query_bucket"],
+                    "query_id": query_index[normalize_text(r["query"])],
+                    "dims": [r.get(f"dim_{d}") for d in DIMENSIONS],
+                }
+            )
         if sort_by_length:
             # evaluation order does not change any metric; similar lengths share a batch, so less padding
             self.rows.sort(key=lambda r: len(r["query"]) + len(r["item_text"]))
@@ -105,15 +110,20 @@ class RelevanceDataset(Dataset):
 
 
 class Collator:
-    """Rows -> batch dict, tokenizing with dynamic padding."""
+    """Rows -> batch dict: the fields every model gets, then the model's own inputs from its
+    :class:`~datamodules.inputs.InputLayout` (tokenized with dynamic padding), then the teacher's."""
 
-    def __init__(self, tokenizer: Any = None, max_seq_length: int = 128, inputs: Inputs = "pair",
-                 extra_fields: dict[str, torch.dtype] | None = None, teacher: Any = None, num_levels: int = 0,
-                 rationale_max_length: int = 128, rationale: bool = False):
-        self.tokenizer = tokenizer
+    def __init__(
+        self,
+        layout: InputLayout,
+        extra_fields: dict[str, torch.dtype] | None = None,
+        teacher: Any = None,
+        num_levels: int = 0,
+        rationale_max_length: int = 128,
+        rationale: bool = False,
+    ):
+        self.layout = layout
         self.rationale = rationale
-        self.max_seq_length = max_seq_length
-        self.inputs = inputs
         self.extra_fields = dict(extra_fields or {})
         self.teacher = teacher
         self.num_levels = num_levels
@@ -130,33 +140,19 @@ class Collator:
             "gains": torch.tensor([nan if r["gain"] is None else r["gain"] for r in rows], dtype=torch.float32),
             "bucket_ids": torch.tensor([_BUCKET_INDEX[r["bucket"]] for r in rows], dtype=torch.long),
             "query_ids": torch.tensor([r["query_id"] for r in rows], dtype=torch.long),
-            "dim_targets": torch.tensor([[_VERDICT_INDEX.get(v, -100) if v else -100 for v in r["dims"]] for r in rows],
-                                        dtype=torch.long),
+            "dim_targets": torch.tensor(
+                [[_VERDICT_INDEX.get(v, -100) if v else -100 for v in r["dims"]] for r in rows], dtype=torch.long
+            ),
         }
         if self.rationale:  # annotations joined (a row without a kept chain, or an augmented one: None)
             batch["rationale"] = [r.get("rationale") for r in rows]
         for name, dtype in self.extra_fields.items():
             batch[name] = torch.as_tensor([r[name] for r in rows], dtype=dtype)
-        tok = self.tokenizer
-        offsets: dict[str, Any] = {}
-        if tok is not None and self.inputs != "text":
-            kw = dict(truncation=True, max_length=self.max_seq_length, padding=True, return_tensors="pt",
-                      return_offsets_mapping=self.teacher is not None)
-            if self.inputs == "pair":
-                enc = tok(batch["query"], batch["item_text"], **{**kw, "truncation": "only_second"})
-                offsets["pair"] = enc
-                batch.update({k: v for k, v in enc.items() if k != "offset_mapping"})
-            elif self.inputs == "towers":
-                q = tok(batch["query"], **kw)
-                d = tok(batch["item_text"], **kw)
-                offsets.update(query=q, item=d)
-                batch.update({f"query_{k}": v for k, v in q.items() if k != "offset_mapping"})
-                batch.update({f"item_{k}": v for k, v in d.items() if k != "offset_mapping"})
-            else:
-                raise ValueError(f"inputs must be pair, towers or text, got {self.inputs!r}")
+        encodings = self.layout.encode(batch, with_offsets=self.teacher is not None)
         if self.teacher is not None:
-            add_teacher_fields(batch, self.teacher.signals(rows), self.num_levels, tok, self.inputs, offsets,
-                               self.rationale_max_length)
+            add_teacher_fields(
+                batch, self.teacher.signals(rows), self.num_levels, self.layout, encodings, self.rationale_max_length
+            )
         return batch
 
 
@@ -168,9 +164,7 @@ class RelevanceDataModule(L.LightningDataModule):
         batch_size: training batch size per process.
         eval_batch_size: validation/test/predict batch size (default: ``2 * batch_size``).
         num_workers: DataLoader worker processes.
-        max_seq_length: token budget of one model input (truncation; padding is dynamic).
         item_fields: item fields rendered into the item text, in order.
-        inputs: ``pair`` (cross-encoder), ``towers`` (two-tower), ``text`` (no tokenization).
         predict_split: the split ``predict`` runs over (``all``: train, val and test, e.g. for a teacher cache).
         sort_eval_by_length: serve val/test/predict rows ordered by text length (less padding,
             faster evaluation; predictions carry their ``example_id``).
@@ -180,7 +174,7 @@ class RelevanceDataModule(L.LightningDataModule):
         missing_annotations: a training row without a kept chain is an ``error`` (listing the first
             ids), is left out of training (``skip``, counted in the log), or stays with no chain
             (``keep``: e.g. a forced teacher readout writes one for it).
-        teacher: where the teacher's signals come from (``ellm_mkd.teacher_signal.CachedTeacher`` for a
+        teacher: where the teacher's signals come from (``datamodules.teacher_signal.CachedTeacher`` for a
             cache written by ``ellm-mkd predict``, or ``LiveTeacher``); adds the teacher keys to batches.
         rationale_max_length: token budget of the teacher's chain in student tokens (``rationale_ids``).
         augment: teacher-labelled augmentation: unlabelled pairs (a file, or catalog items sampled for
@@ -196,9 +190,7 @@ class RelevanceDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        max_seq_length: int = 128,
         item_fields: Sequence[str] = DEFAULT_ITEM_FIELDS,
-        inputs: Inputs = "pair",
         predict_split: Literal["train", "val", "test", "all"] = "test",
         relevant_level: int | None = None,
         sort_eval_by_length: bool = True,
@@ -228,9 +220,8 @@ class RelevanceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.max_seq_length = max_seq_length
         self.item_fields = check_item_fields(item_fields)
-        self.inputs = inputs
+        self.layout: InputLayout = TextInputs()  # until a model connects its own
         self.predict_split = predict_split
         self.sort_eval_by_length = sort_eval_by_length
         self.annotations = annotations
@@ -241,7 +232,6 @@ class RelevanceDataModule(L.LightningDataModule):
         self._augmented = False
         self._teacher_bound = False
         self.predict_dataset: RelevanceDataset | None = None  # the predict split less excluded rows
-        self.tokenizer: Any = None
         self.extra_fields: dict[str, torch.dtype] = {}
         self.scheme = source.resolved_scheme()
         k = self.scheme.num_levels
@@ -253,17 +243,16 @@ class RelevanceDataModule(L.LightningDataModule):
         self.datasets: dict[str, RelevanceDataset] = {}
 
     # Late binding -----------------------------------------------------------------------------
-    def connect(self, tokenizer: Any = None, batch_size: int | None = None, max_seq_length: int | None = None,
-                inputs: Inputs | None = None) -> None:
-        """Bind what the model knows and the config does not: its tokenizer and input layout."""
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
+    def connect(self, layout: InputLayout | None = None, batch_size: int | None = None) -> None:
+        """Bind what the model knows and the config does not: how it takes its inputs (tokenizer,
+        token budget, pair or towers; :mod:`datamodules.inputs`). Models call it in their ``setup``;
+        until then batches carry strings only."""
+        if layout is not None:
+            if not isinstance(layout, InputLayout):
+                raise TypeError(f"connect(layout=...) needs an InputLayout, got {type(layout).__name__}")
+            self.layout = layout
         if batch_size is not None:
             self.batch_size = batch_size
-        if max_seq_length is not None:
-            self.max_seq_length = max_seq_length
-        if inputs is not None:
-            self.inputs = inputs
 
     @property
     def num_levels(self) -> int:
@@ -295,11 +284,16 @@ class RelevanceDataModule(L.LightningDataModule):
         rationales = self._load_annotations() if self.annotations else None
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                ds = RelevanceDataset(select_split(self.table, split), self.item_fields, self._query_index,
-                                      sort_by_length=self.sort_eval_by_length and split != "train")
+                ds = RelevanceDataset(
+                    select_split(self.table, split),
+                    self.item_fields,
+                    self._query_index,
+                    sort_by_length=self.sort_eval_by_length and split != "train",
+                )
                 if split in self.limit_pairs:
-                    ds.rows = limit_by_query(ds.rows, self.limit_pairs[split], self.source.split.seed, split,
-                                             f"data.limit_pairs.{split}")
+                    ds.rows = limit_by_query(
+                        ds.rows, self.limit_pairs[split], self.source.split.seed, split, f"data.limit_pairs.{split}"
+                    )
                 if rationales is not None:
                     self._join_rationales(ds, split, rationales)
                 self.datasets[split] = ds
@@ -323,8 +317,9 @@ class RelevanceDataModule(L.LightningDataModule):
                 self._query_index[q] = len(self._query_index)
             held_out = {normalize_text(r["query"]) for split in ("val", "test") for r in self.datasets[split].rows}
             known = {r["example_id"] for ds in self.datasets.values() for r in ds.rows}
-            rows += file_pairs(RelevanceDataset(table, self.item_fields, self._query_index).rows, held_out, known,
-                               aug.source.path)
+            rows += file_pairs(
+                RelevanceDataset(table, self.item_fields, self._query_index).rows, held_out, known, aug.source.path
+            )
         if aug.items_per_query:
             rows += sample_pairs(train.rows, aug.items_per_query, aug.seed)
         seen = {r["example_id"] for r in train.rows}
@@ -335,15 +330,20 @@ class RelevanceDataModule(L.LightningDataModule):
                 unique.append(r)
         rows = unique
         train.rows = train.rows + rows
-        log.info("augmentation: %d unlabelled pairs join the %d training examples", len(rows), len(train.rows) - len(rows))
+        log.info(
+            "augmentation: %d unlabelled pairs join the %d training examples", len(rows), len(train.rows) - len(rows)
+        )
 
     def _drop_unlabelled_without_teacher(self) -> None:
         train = self.datasets["train"]
         keep = [r for r in train.rows if not r.get("augmented") or self.teacher.covers(r["example_id"])]
         dropped = len(train.rows) - len(keep)
         if dropped:
-            log.info("augmentation: %d unlabelled pairs have no teacher signal and are left out of training "
-                     "(write the teacher cache with the same data.augment setting to use them)", dropped)
+            log.info(
+                "augmentation: %d unlabelled pairs have no teacher signal and are left out of training "
+                "(write the teacher cache with the same data.augment setting to use them)",
+                dropped,
+            )
         train.rows = keep
 
     def full_predict_dataset(self) -> RelevanceDataset:
@@ -372,9 +372,11 @@ class RelevanceDataModule(L.LightningDataModule):
         for key, ours in (("level_names", list(self.level_names)), ("item_fields", list(self.item_fields))):
             theirs = manifest.get(key)
             if theirs is not None and list(theirs) != ours:
-                raise ValueError(f"{self.annotations}: the annotations were made with {key}={theirs}, this data "
-                                 f"module uses {ours}; the chains quote the item text, so annotate again with "
-                                 "the same data settings (or set item_fields to match)")
+                raise ValueError(
+                    f"{self.annotations}: the annotations were made with {key}={theirs}, this data "
+                    f"module uses {ours}; the chains quote the item text, so annotate again with "
+                    "the same data settings (or set item_fields to match)"
+                )
         table = read_annotations(self.annotations)
         if table.num_rows == 0:
             raise ValueError(f"{self.annotations}: the annotation store has no rows")
@@ -392,18 +394,30 @@ class RelevanceDataModule(L.LightningDataModule):
         if split != "train" or not missing or self.missing_annotations == "keep":
             return
         if self.missing_annotations == "error":
-            raise ValueError(f"{self.annotations}: {len(missing)} of {len(ds.rows)} training examples have no kept "
-                             f"chain of thought (first: {missing[:5]}); run ellm-mkd annotate over the training "
-                             "split, or set data.missing_annotations: skip to train on the annotated rows only")
+            raise ValueError(
+                f"{self.annotations}: {len(missing)} of {len(ds.rows)} training examples have no kept "
+                f"chain of thought (first: {missing[:5]}); run ellm-mkd annotate over the training "
+                "split, or set data.missing_annotations: skip to train on the annotated rows only"
+            )
         ds.rows = [r for r in ds.rows if r["rationale"] is not None]
-        log.info("%s: %d training examples have no kept chain and are left out (%d remain)",
-                 self.annotations, len(missing), len(ds.rows))
+        log.info(
+            "%s: %d training examples have no kept chain and are left out (%d remain)",
+            self.annotations,
+            len(missing),
+            len(ds.rows),
+        )
         if not ds.rows:
             raise ValueError(f"{self.annotations}: no training example has a kept chain of thought")
 
     def collator(self) -> Collator:
-        return Collator(self.tokenizer, self.max_seq_length, self.inputs, self.extra_fields, self.teacher,
-                        self.num_levels, self.rationale_max_length, rationale=self.annotations is not None)
+        return Collator(
+            self.layout,
+            self.extra_fields,
+            self.teacher,
+            self.num_levels,
+            self.rationale_max_length,
+            rationale=self.annotations is not None,
+        )
 
     def _loader(self, split: str, train: bool, ds: RelevanceDataset | None = None) -> DataLoader:
         if split not in self.datasets:
@@ -413,8 +427,15 @@ class RelevanceDataModule(L.LightningDataModule):
         if len(ds) == 0 and not excluded:
             raise ValueError(f"{self.source.path}: the {split} split is empty; check split fractions")
         bs = self.batch_size if train else (self.eval_batch_size or 2 * self.batch_size)
-        return DataLoader(ds, batch_size=bs, shuffle=train, num_workers=self.num_workers, collate_fn=self.collator(),
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -426,8 +447,11 @@ class RelevanceDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("train" if self.predict_split == "all" else self.predict_split, False,
-                            self.predict_dataset or self.full_predict_dataset())
+        return self._loader(
+            "train" if self.predict_split == "all" else self.predict_split,
+            False,
+            self.predict_dataset or self.full_predict_dataset(),
+        )
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

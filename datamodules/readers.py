@@ -8,9 +8,10 @@ that cannot be parsed at all (broken quoting, wrong field count, invalid JSON) c
 Parquet) raise :class:`DataError`. Mapping columns to the example contract and checking values is
 ``validation``'s job.
 
-Encodings (text formats): ``auto`` reads UTF-8 (a BOM is dropped). When the bytes are not UTF-8 and
-hold no valid multi-byte UTF-8 sequence either — the signature of a single-byte code page, like
-Home Depot's ``train.csv`` — it falls back to cp1252 with a warning. cp1252 is decoded as the WHATWG
+Encodings (text formats): ``auto`` reads UTF-8 (a BOM is dropped). When the bytes that are not UTF-8
+outnumber the valid multi-byte UTF-8 characters more than :data:`UTF8_CORRUPTION_RATIO` times — the
+signature of a single-byte code page, like Home Depot's ``train.csv`` — it falls back to cp1252 with
+a warning. cp1252 is decoded as the WHATWG
 encoding standard does (the five bytes cp1252 leaves undefined map to the C1 code points of the
 same value, as in every browser), so no byte is lost. A UTF-8 file with a few corrupt bytes stays
 UTF-8 and the rows holding them are reported as ``undecodable``. Any other Python codec name is
@@ -38,8 +39,16 @@ log = logging.getLogger(__name__)
 
 TEXT_FORMATS = ("csv", "tsv", "jsonl")
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
-_EXT_FORMAT = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-               ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+_EXT_FORMAT = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _DELIMS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
 #: csv's own per-field limit is set well above the validator's ``max_field_chars`` so that an
 #: absurdly long field is reported by the validator (with its column) rather than by csv.
@@ -71,8 +80,14 @@ class Problem:
         return f"{self.location}: {self.message} [{self.kind}]"
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, self.unit: self.line, "field": self.field, "kind": self.kind,
-                "message": self.message, "raw": self.raw}
+        return {
+            "file": self.file,
+            self.unit: self.line,
+            "field": self.field,
+            "kind": self.kind,
+            "message": self.message,
+            "raw": self.raw,
+        }
 
 
 class DataError(ValueError):
@@ -84,7 +99,7 @@ class DataError(ValueError):
 
 
 def _whatwg_cp1252(err: UnicodeDecodeError) -> tuple[str, int]:
-    return err.object[err.start:err.end].decode("latin-1"), err.end
+    return err.object[err.start : err.end].decode("latin-1"), err.end
 
 
 codecs.register_error("ellm_mkd_whatwg", _whatwg_cp1252)
@@ -136,21 +151,28 @@ def open_source(path: str | Path, fmt: str = "auto", member: str | None = None) 
                 raise DataError(f"{name}: zip has no member {member!r}; members: {names[:10]}")
             raw = zf.read(member)
         except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
-            raise DataError(f"{name}: truncated or corrupt zip archive ({e})",
-                            [Problem(name, None, None, "truncated", f"corrupt zip: {e}")]) from None
+            raise DataError(
+                f"{name}: truncated or corrupt zip archive ({e})",
+                [Problem(name, None, None, "truncated", f"corrupt zip: {e}")],
+            ) from None
         inner = member
         name = f"{name}::{member}"
         if not raw:
-            raise DataError(f"{name}: file is empty (0 bytes)", [Problem(name, None, None, "empty_file", "file is empty")])
+            raise DataError(
+                f"{name}: file is empty (0 bytes)", [Problem(name, None, None, "empty_file", "file is empty")]
+            )
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise DataError(f"{name}: truncated or corrupt gzip stream ({e})",
-                            [Problem(name, None, None, "truncated", f"corrupt gzip: {e}")]) from None
+            raise DataError(
+                f"{name}: truncated or corrupt gzip stream ({e})",
+                [Problem(name, None, None, "truncated", f"corrupt gzip: {e}")],
+            ) from None
         if not raw:
-            raise DataError(f"{name}: file is empty after decompression",
-                            [Problem(name, None, None, "empty_file", "file is empty")])
+            raise DataError(
+                f"{name}: file is empty after decompression", [Problem(name, None, None, "empty_file", "file is empty")]
+            )
     fmt = detect_format(inner) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise DataError(f"{name}: unknown format {fmt!r}; choose one of {list(FORMATS)}")
@@ -158,10 +180,18 @@ def open_source(path: str | Path, fmt: str = "auto", member: str | None = None) 
         try:
             table = pq.read_table(io.BytesIO(raw))
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{name}: not a readable Parquet file, truncated or corrupt ({e})",
-                            [Problem(name, None, None, "truncated", f"unreadable Parquet: {e}", unit="row")]) from None
+            raise DataError(
+                f"{name}: not a readable Parquet file, truncated or corrupt ({e})",
+                [Problem(name, None, None, "truncated", f"unreadable Parquet: {e}", unit="row")],
+            ) from None
         return Source(name, fmt, table=table)
     return Source(name, fmt, data=raw)
+
+
+#: ``auto`` keeps a text UTF-8 while its invalid bytes number at most this many times its valid multi-byte
+#: characters (a UTF-8 file with a few corrupt bytes); past that it is a single-byte code page (Home Depot's
+#: train.csv: 529 invalid bytes against 14 accidental multi-byte sequences) and is read as cp1252
+UTF8_CORRUPTION_RATIO = 4
 
 
 def decode(src: Source, encoding: str = "auto") -> str:
@@ -175,7 +205,7 @@ def decode(src: Source, encoding: str = "auto") -> str:
         if not bad:
             return text
         good_multibyte = sum(1 for c in text if ord(c) > 127 and not "\udc80" <= c <= "\udcff")
-        if good_multibyte > bad:
+        if bad <= UTF8_CORRUPTION_RATIO * good_multibyte:
             src.warnings.append(f"{src.name}: {bad} byte(s) are not valid UTF-8; rows holding them are reported")
             return text
         c1 = sum(data.count(bytes([b])) for b in (0x81, 0x8D, 0x8F, 0x90, 0x9D))
@@ -204,25 +234,33 @@ def _sniff_delimiter(header_line: str, current: str) -> str | None:
     return best
 
 
-def iter_delimited(src: Source, text: str, delimiter: str) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
+def iter_delimited(
+    src: Source, text: str, delimiter: str
+) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
     """Header and an iterator of records from CSV/TSV text (strict quoting)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     lines = text.splitlines(keepends=True)
     if not lines or not text.strip():
-        raise DataError(f"{src.name}: file has no header line",
-                        [Problem(src.name, None, None, "empty_file", "no header line")])
+        raise DataError(
+            f"{src.name}: file has no header line", [Problem(src.name, None, None, "empty_file", "no header line")]
+        )
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = [h.strip() for h in next(reader)]
     except csv.Error as e:
-        raise DataError(f"{src.name}:1: cannot parse the header ({e})",
-                        [Problem(src.name, 1, None, "broken_quoting", f"header: {e}")]) from None
+        raise DataError(
+            f"{src.name}:1: cannot parse the header ({e})",
+            [Problem(src.name, 1, None, "broken_quoting", f"header: {e}")],
+        ) from None
     if len(header) == 1:
         other = _sniff_delimiter(lines[0], delimiter)
         if other is not None:
             cols = next(csv.reader([lines[0].rstrip("\r\n")], delimiter=other))
-            msg = (f"{src.name}:1: the header has one column with delimiter {delimiter!r} ({_DELIMS.get(delimiter, delimiter)}) "
-                   f"but {len(cols)} with {other!r} ({_DELIMS[other]}): {cols[:8]}; set delimiter: {other!r}")
+            msg = (
+                f"{src.name}:1: the header has one column with delimiter {delimiter!r} "
+                f"({_DELIMS.get(delimiter, delimiter)}) "
+                f"but {len(cols)} with {other!r} ({_DELIMS[other]}): {cols[:8]}; set delimiter: {other!r}"
+            )
             raise DataError(msg, [Problem(src.name, 1, None, "wrong_delimiter", msg)])
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
@@ -239,17 +277,19 @@ def iter_delimited(src: Source, text: str, delimiter: str) -> tuple[list[str], I
                 return
             except csv.Error as e:
                 end = reader.line_num
-                raw = "".join(lines[start - 1:end])
+                raw = "".join(lines[start - 1 : end])
                 if "unexpected end of data" in str(e) or end >= len(lines):
-                    msg = (f"unterminated quoted field: the record starting here runs to the end of the file "
-                           f"(lines {start}..{end}); the file is truncated or a quote is unbalanced")
+                    msg = (
+                        f"unterminated quoted field: the record starting here runs to the end of the file "
+                        f"(lines {start}..{end}); the file is truncated or a quote is unbalanced"
+                    )
                 else:
                     msg = f"broken quoting ({e})"
                 prev_end = end
                 yield start, None, raw, Problem(src.name, start, None, "broken_quoting", msg, raw)
                 continue
             end = reader.line_num
-            raw = "".join(lines[start - 1:end])
+            raw = "".join(lines[start - 1 : end])
             prev_end = end
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # a blank line holds no record
@@ -269,7 +309,9 @@ def iter_jsonl(src: Source, text: str) -> tuple[list[str], Iterator[tuple[int, d
     """Columns (union of keys of the first 1000 objects) and an iterator of records."""
     lines = text.splitlines()
     if not any(ln.strip() for ln in lines):
-        raise DataError(f"{src.name}: file holds no JSON lines", [Problem(src.name, None, None, "empty_file", "no records")])
+        raise DataError(
+            f"{src.name}: file holds no JSON lines", [Problem(src.name, None, None, "empty_file", "no records")]
+        )
     keys: dict[str, None] = {}
     for ln in lines[:1000]:
         try:
@@ -292,19 +334,28 @@ def iter_jsonl(src: Source, text: str) -> tuple[list[str], Iterator[tuple[int, d
                 yield i, None, ln, Problem(src.name, i, None, kind, msg, ln)
                 continue
             if not isinstance(obj, dict):
-                yield i, None, ln, Problem(src.name, i, None, "invalid_json", f"expected a JSON object, got {type(obj).__name__}", ln)
+                yield (
+                    i,
+                    None,
+                    ln,
+                    Problem(src.name, i, None, "invalid_json", f"expected a JSON object, got {type(obj).__name__}", ln),
+                )
                 continue
             yield i, obj, ln, None
 
     return list(keys), records()
 
 
-def iter_parquet(src: Source, batch_size: int = 65536) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
+def iter_parquet(
+    src: Source, batch_size: int = 65536
+) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
     table = src.table
     assert table is not None
     if table.num_rows == 0:
-        raise DataError(f"{src.name}: Parquet file has no rows",
-                        [Problem(src.name, None, None, "empty_file", "no rows", unit="row")])
+        raise DataError(
+            f"{src.name}: Parquet file has no rows",
+            [Problem(src.name, None, None, "empty_file", "no rows", unit="row")],
+        )
 
     def records() -> Iterator[tuple[int, dict | None, str, Problem | None]]:
         row = 0

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import normalize_text
+from ellm_mkd.schema import normalize_text
 
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -43,7 +43,7 @@ def query_terms(query: str) -> set[str]:
 
 def split_of(query: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """The split a query belongs to, by a seeded hash of its normalised text."""
-    h = hashlib.blake2b(f"{seed}\x1f{normalize_text(query)}".encode("utf-8"), digest_size=8)
+    h = hashlib.blake2b(f"{seed}\x1f{normalize_text(query)}".encode(), digest_size=8)
     u = int.from_bytes(h.digest(), "big") / 2**64
     if u < test_fraction:
         return "test"
@@ -153,7 +153,9 @@ def split_summary(table: pa.Table) -> dict[str, dict[str, int]]:
     splits = np.array(table.column("split").to_pylist(), dtype=object)
     buckets = np.array(table.column("query_bucket").to_pylist(), dtype=object)
     queries = [normalize_text(q) for q in table.column("query").to_pylist()]
-    for s in sorted(set(splits.tolist()), key=lambda x: ("train", "val", "test").index(x) if x in ("train", "val", "test") else 3):
+    for s in sorted(
+        set(splits.tolist()), key=lambda x: ("train", "val", "test").index(x) if x in ("train", "val", "test") else 3
+    ):
         mask = splits == s
         d = {"rows": int(mask.sum()), "queries": len({q for q, m in zip(queries, mask) if m})}
         for b in ("head", "torso", "tail", "unseen"):
@@ -162,8 +164,9 @@ def split_summary(table: pa.Table) -> dict[str, dict[str, int]]:
     return out
 
 
-def limit_by_query(rows: list[dict[str, Any]], limit: int, seed: int, split: str = "train",
-                   option: str = "--train_limit") -> list[dict[str, Any]]:
+def limit_by_query(
+    rows: list[dict[str, Any]], limit: int, seed: int, split: str = "train", option: str = "--train_limit"
+) -> list[dict[str, Any]]:
     """Whole queries of ``rows`` in the order of a seeded hash of the normalised query, while the pairs
     kept stay within ``limit`` (a query-disjoint subsample: every kept query keeps all its pairs).
     Rows keep their order. ``option`` names the setting in errors."""
@@ -176,7 +179,7 @@ def limit_by_query(rows: list[dict[str, Any]], limit: int, seed: int, split: str
     tag = "train_limit" if split == "train" else f"{split}_limit"
 
     def key(q: str) -> bytes:
-        return hashlib.blake2b(f"{seed}\x1f{tag}\x1f{q}".encode("utf-8"), digest_size=8).digest()
+        return hashlib.blake2b(f"{seed}\x1f{tag}\x1f{q}".encode(), digest_size=8).digest()
 
     keep: set[str] = set()
     total = 0
@@ -186,7 +189,7 @@ def limit_by_query(rows: list[dict[str, Any]], limit: int, seed: int, split: str
         keep.add(q)
         total += by_query[q]
     if by_query and not keep:
-        raise ValueError(f"{option} {limit} is smaller than the first {split} query's "
-                         f"{by_query[min(by_query, key=key)]} pairs")
+        raise ValueError(
+            f"{option} {limit} is smaller than the first {split} query's {by_query[min(by_query, key=key)]} pairs"
+        )
     return [r for r in rows if normalize_text(r["query"]) in keep]
-

@@ -19,11 +19,12 @@ key                             type                meaning
 ``teacher_rationale``           list[str]           the teacher's chain ("" where none or unparsed)
 ``rationale_ids``               LongTensor [B, R]   the chain in student tokens (``[CLS]`` + ``[SEP]``
 ``rationale_attention_mask``    LongTensor [B, R]   where there is none), padded to the batch
-``rationale_mask``              FloatTensor [B, T]  pair inputs: 1 on input tokens covered by evidence
-``query_rationale_mask``,       FloatTensor [B, T]  tower inputs: the same per tower
-``item_rationale_mask``
 ``teacher_hidden``              FloatTensor [B, H]  pooled teacher vector, when the signals carry one
 ==============================  ==================  ===============================================
+
+and the masks over the model's own input tokens that the model's input layout adds
+(:meth:`datamodules.inputs.InputLayout.rationale_masks`): ``rationale_mask`` for the cross-encoder's
+pair input, ``query_rationale_mask`` / ``item_rationale_mask`` for the two towers.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .schema import DIMENSIONS, VERDICTS
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 
-def spans_to_token_mask(offsets: Sequence[Sequence[int]], sequence_ids: Sequence[int | None],
-                        spans: dict[int, list[tuple[int, int]]]) -> list[float]:
+def spans_to_token_mask(
+    offsets: Sequence[Sequence[int]], sequence_ids: Sequence[int | None], spans: dict[int, list[tuple[int, int]]]
+) -> list[float]:
     """1.0 for each token that overlaps a span of its own sequence, else 0.0.
 
     Args:
@@ -58,16 +60,23 @@ def spans_to_token_mask(offsets: Sequence[Sequence[int]], sequence_ids: Sequence
     return out
 
 
-def _side_spans(signal: Any, side: str) -> list[tuple[int, int]]:
+def side_spans(signal: Any, side: str) -> list[tuple[int, int]]:
+    """The evidence spans of a teacher signal on one side (``query`` or ``item``); none without a signal."""
     return [(a, b) for _, s, a, b in signal.evidence if s == side] if signal is not None else []
 
 
-def add_teacher_fields(batch: dict[str, Any], signals: list[Any], num_levels: int, tokenizer: Any, inputs: str,
-                       offsets: dict[str, Any], rationale_max_length: int = 128) -> None:
+def add_teacher_fields(
+    batch: dict[str, Any],
+    signals: list[Any],
+    num_levels: int,
+    layout: Any,
+    encodings: dict[str, Any],
+    rationale_max_length: int = 128,
+) -> None:
     """Add the keys of the module docstring to ``batch`` (in place).
 
-    ``offsets`` holds the tokenizer encodings made with ``return_offsets_mapping=True``:
-    ``{"pair": enc}`` or ``{"query": enc_q, "item": enc_d}`` (``inputs="text"``: empty).
+    ``layout`` is the model's :class:`~datamodules.inputs.InputLayout`; ``encodings`` what its
+    ``encode`` returned for this batch (made with character offsets).
     """
     n = len(signals)
     present = [s is not None for s in signals]
@@ -93,22 +102,20 @@ def add_teacher_fields(batch: dict[str, Any], signals: list[Any], num_levels: in
             if s is not None and s.hidden is not None:
                 h[i] = torch.tensor(s.hidden, dtype=torch.float32)
         batch["teacher_hidden"] = h
-    if tokenizer is None or inputs == "text":
+    if layout.tokenizer is None:
         return
-    rat = tokenizer(batch["teacher_rationale"], truncation=True, max_length=rationale_max_length, padding=True,
-                    return_tensors="pt")
+    rat = layout.tokenizer(
+        batch["teacher_rationale"], truncation=True, max_length=rationale_max_length, padding=True, return_tensors="pt"
+    )
     batch["rationale_ids"] = rat["input_ids"]
     batch["rationale_attention_mask"] = rat["attention_mask"]
-    if inputs == "pair":
-        enc = offsets["pair"]
-        batch["rationale_mask"] = _mask(enc, [{0: _side_spans(s, "query"), 1: _side_spans(s, "item")} for s in signals])
-    else:
-        for side in ("query", "item"):
-            enc = offsets[side]
-            batch[f"{side}_rationale_mask"] = _mask(enc, [{0: _side_spans(s, side)} for s in signals])
+    layout.rationale_masks(batch, signals, encodings)
 
 
-def _mask(enc: Any, spans: list[dict[int, list[tuple[int, int]]]]) -> Tensor:
-    rows = [spans_to_token_mask(enc["offset_mapping"][i].tolist(), enc.sequence_ids(i), spans[i])
-            for i in range(len(spans))]
+def evidence_token_mask(enc: Any, spans: list[dict[int, list[tuple[int, int]]]]) -> Tensor:
+    """``[B, T]`` float mask: per row, the tokens of ``enc`` (a batch encoding with ``offset_mapping``)
+    that overlap the row's spans, given per sequence id (0: first text, 1: second text of a pair)."""
+    rows = [
+        spans_to_token_mask(enc["offset_mapping"][i].tolist(), enc.sequence_ids(i), spans[i]) for i in range(len(spans))
+    ]
     return torch.tensor(rows, dtype=torch.float32)

@@ -15,10 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .schema import ITEM_FIELDS
+from ellm_mkd.schema import ITEM_FIELDS
 
-FIELD_LABELS = {"title": "Title", "brand": "Brand", "color": "Color", "description": "Description",
-                "bullets": "Bullets", "attributes": "Attributes"}
+FIELD_LABELS = {
+    "title": "Title",
+    "brand": "Brand",
+    "color": "Color",
+    "description": "Description",
+    "bullets": "Bullets",
+    "attributes": "Attributes",
+}
 SEPARATOR = " | "
 DEFAULT_ITEM_FIELDS: tuple[str, ...] = ("title", "brand", "color", "attributes", "bullets", "description")
 
@@ -32,8 +38,9 @@ def check_item_fields(fields: Sequence[str]) -> tuple[str, ...]:
     return tuple(fields)
 
 
-def render_item(row: Mapping[str, Any], fields: Sequence[str] = DEFAULT_ITEM_FIELDS,
-                max_chars_per_field: int = 1000) -> tuple[str, dict[str, tuple[int, int]]]:
+def render_item(
+    row: Mapping[str, Any], fields: Sequence[str] = DEFAULT_ITEM_FIELDS, max_chars_per_field: int = 1000
+) -> tuple[str, dict[str, tuple[int, int]]]:
     """Item text and the ``[start, end)`` character span of each field's value inside it."""
     parts: list[str] = []
     spans: dict[str, tuple[int, int]] = {}

@@ -24,191 +24,43 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import math
-import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .labels import ESCI_GAINS, LabelError, LabelScheme, make_scheme
+from ellm_mkd.schema import DIMENSIONS, VERDICTS, make_example_id, rows_to_table
+
+from .data_source import PRESETS as PRESETS
+from .data_source import ColumnMapping, DataSource
+from .data_source import SplitOptions as SplitOptions
+from .labels import LabelError, LabelScheme
+from .load_report import LoadReport, _problem_message, _write_quarantine, quarantine_file
 from .readers import DataError, Problem, Source, iter_records, open_source
-from .schema import DIMENSIONS, VERDICTS, make_example_id, rows_to_table
 from .splits import assign_splits
 
-log = logging.getLogger(__name__)
-
 PROBLEM_KINDS = (
-    "missing_column", "wrong_delimiter", "empty_file", "truncated", "broken_quoting", "field_count",
-    "invalid_json", "empty_field", "bad_label", "undecodable", "too_long", "duplicate_id",
-    "conflicting_duplicate", "missing_product", "bad_value",
+    "missing_column",
+    "wrong_delimiter",
+    "empty_file",
+    "truncated",
+    "broken_quoting",
+    "field_count",
+    "invalid_json",
+    "empty_field",
+    "bad_label",
+    "undecodable",
+    "too_long",
+    "duplicate_id",
+    "conflicting_duplicate",
+    "missing_product",
+    "bad_value",
 )
 _TEXT_FIELDS = ("query", "title", "brand", "color", "description", "bullets", "attributes")
-
-
-@dataclass
-class ColumnMapping:
-    """Which source column holds each example field (None: the preset's choice, or absent)."""
-
-    query: str | None = None
-    """search query text (required)"""
-    title: str | None = None
-    """item title (required)"""
-    item_id: str | None = None
-    """item id; when absent the item's text identifies it"""
-    brand: str | None = None
-    color: str | None = None
-    description: str | None = None
-    bullets: str | None = None
-    attributes: str | None = None
-    label: str | None = None
-    """raw relevance label, read by the label scheme"""
-    source_id: str | None = None
-    """the row's own id in the source; must be unique"""
-    frequency: str | None = None
-    """query traffic count, for head/torso/tail buckets"""
-    split: str | None = None
-    """a split the file already assigns (train/val/test); else splits are made by hash"""
-
-    def merged_over(self, base: ColumnMapping) -> ColumnMapping:
-        return replace(base, **{f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
-
-    def used(self) -> dict[str, str]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
-
-
-_EXAMPLES_MAPPING = ColumnMapping(
-    query="query", title="title", item_id="item_id", brand="brand", color="color", description="description",
-    bullets="bullets", attributes="attributes", label="label", source_id="source_id", frequency="frequency", split="split",
-)
-#: Known layouts: a column mapping and a label scheme each.
-PRESETS: dict[str, dict[str, Any]] = {
-    "homedepot": {
-        "mapping": ColumnMapping(query="search_term", title="product_title", item_id="product_uid", label="relevance", source_id="id"),
-        "scheme": {"name": "graded", "low": 1.0, "high": 3.0, "cut_points": [2.0, 2.5]},
-    },
-    "esci": {
-        "mapping": ColumnMapping(query="query", title="product_title", item_id="product_id", brand="product_brand",
-                                 color="product_color", description="product_description",
-                                 bullets="product_bullet_point", label="esci_label", source_id="example_id"),
-        "scheme": "esci",
-    },
-    "crowdflower": {
-        "mapping": ColumnMapping(query="query", title="product_title", description="product_description",
-                                 label="median_relevance", source_id="id"),
-        "scheme": {"name": "ordinal", "low": 1, "high": 4},
-    },
-    "examples": {"mapping": _EXAMPLES_MAPPING, "scheme": {"name": "levels", "num_levels": 4,
-                                                          "level_names": ["irrelevant", "complement", "substitute", "exact"],
-                                                          "level_gains": list(ESCI_GAINS)}},
-}
-_DEFAULT_MAPPING = ColumnMapping(query="query", title="title", label="label")
-
-
-@dataclass
-class SplitOptions:
-    """How examples are split and bucketed (see ``datamodules.splits``)."""
-
-    seed: int = 0
-    """seed of the query hash; the same seed gives the same split"""
-    val_fraction: float = 0.1
-    """expected share of queries in validation"""
-    test_fraction: float = 0.2
-    """expected share of queries held out for test"""
-    head_share: float = 1 / 3
-    """share of query traffic carried by head queries"""
-    torso_share: float = 1 / 3
-    """share of query traffic carried by torso queries"""
-    mark_unseen: bool = True
-    """mark held-out queries with a term absent from training as 'unseen'"""
-
-
-@dataclass
-class DataSource:
-    """One dataset: where it is, how to read it, how to map and label it, what to do with bad rows."""
-
-    path: str
-    """a CSV/TSV/JSONL/Parquet file (plain, .gz or .zip), or a directory of train/val/test.parquet example files"""
-    preset: str | None = None
-    """homedepot | esci | crowdflower | examples: a column mapping and label scheme to start from"""
-    format: str = "auto"
-    """auto (from the file name) | csv | tsv | jsonl | parquet"""
-    products: str | None = None
-    """ESCI two-file layout: the products Parquet, joined on product_locale, product_id"""
-    member: str | None = None
-    """the file to read inside a zip holding several"""
-    encoding: str = "auto"
-    """auto (UTF-8, falling back to cp1252 with a warning) or a codec name"""
-    delimiter: str | None = None
-    """field delimiter of delimited text; default comma for .csv, tab for .tsv"""
-    mapping: ColumnMapping = field(default_factory=ColumnMapping)
-    """source column per example field, over the preset's"""
-    scheme: str | dict[str, Any] | None = None
-    """label scheme: a name or {name: ..., options}; default the preset's"""
-    require_label: bool = True
-    """a row without a label is a problem (False: unlabelled pairs, e.g. for teacher augmentation)"""
-    on_error: Literal["error", "quarantine"] = "error"
-    """error: refuse the file listing every problem; quarantine: set bad rows aside in a side file"""
-    quarantine_path: str | None = None
-    """where quarantined rows go (JSON lines); default runs/rejected/<file name>.rejected.jsonl"""
-    on_conflict: Literal["auto", "mean", "problem"] = "auto"
-    """a pair judged twice with different labels: mean (average the grades: right for graded means,
-    whose label already averages raters), problem (a conflicting_duplicate under on_error), or
-    auto (mean for the graded scheme, problem otherwise)"""
-    max_field_chars: int = 20000
-    """a text field longer than this is a problem (too_long)"""
-    max_problems_shown: int = 20
-    """how many problems an error message lists"""
-    split: SplitOptions = field(default_factory=SplitOptions)
-
-    def resolved_mapping(self) -> ColumnMapping:
-        base = PRESETS[self.preset]["mapping"] if self.preset else _DEFAULT_MAPPING
-        return self.mapping.merged_over(base)
-
-    def resolved_scheme(self) -> LabelScheme:
-        if self.scheme is not None:
-            return make_scheme(self.scheme)
-        if self.preset:
-            return make_scheme(PRESETS[self.preset]["scheme"])
-        return make_scheme(PRESETS["examples"]["scheme"])
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.on_conflict not in ("auto", "mean", "problem"):
-            raise ValueError(f"on_conflict must be auto, mean or problem, got {self.on_conflict!r}")
-        if self.on_error not in ("error", "quarantine"):
-            raise ValueError(f"on_error must be 'error' or 'quarantine', got {self.on_error!r}")
-        if isinstance(self.mapping, dict):
-            self.mapping = ColumnMapping(**self.mapping)
-        if isinstance(self.split, dict):
-            self.split = SplitOptions(**self.split)
-
-
-@dataclass
-class LoadReport:
-    """What reading a source did: counts, warnings, rejects, where the quarantine went."""
-
-    file: str
-    format: str = ""
-    rows_read: int = 0
-    rows_loaded: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    duplicates_merged: int = 0
-    conflicts_averaged: int = 0
-    warnings: list[str] = field(default_factory=list)
-    quarantine_path: str | None = None
-    scheme: dict[str, Any] = field(default_factory=dict)
-
-    rows_rejected: int = 0
-    """distinct records rejected (a record may have several problems)"""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _text(value: Any) -> str | None:
@@ -235,8 +87,14 @@ def _has_surrogate(s: str) -> int:
     return -1
 
 
-def _check_columns(name: str, columns: list[str], mapping: ColumnMapping, require_label: bool, unit: str,
-                   optional_may_be_absent: bool = False) -> None:
+def _check_columns(
+    name: str,
+    columns: list[str],
+    mapping: ColumnMapping,
+    require_label: bool,
+    unit: str,
+    optional_may_be_absent: bool = False,
+) -> None:
     """Every mapped column must exist (for the project's own example files, only the required ones)."""
     problems = []
     required = {"query", "title"} | ({"label"} if require_label else set())
@@ -245,8 +103,16 @@ def _check_columns(name: str, columns: list[str], mapping: ColumnMapping, requir
             continue  # unlabelled pairs (require_label: false) may have no label column at all
         close = difflib.get_close_matches(col, columns, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        problems.append(Problem(name, 1 if unit == "line" else None, col, "missing_column",
-                                f"column {col!r} (mapping.{fld}) not found; the file has {columns}{hint}", unit=unit))
+        problems.append(
+            Problem(
+                name,
+                1 if unit == "line" else None,
+                col,
+                "missing_column",
+                f"column {col!r} (mapping.{fld}) not found; the file has {columns}{hint}",
+                unit=unit,
+            )
+        )
     if problems:
         raise DataError(f"{name}: " + "; ".join(p.message for p in problems), problems)
 
@@ -258,8 +124,13 @@ def _join_products(src: Source, products_path: str) -> Source:
     for s, what in ((src, "examples"), (prod, "products")):
         missing = [k for k in keys if k not in s.table.column_names]
         if missing:
-            raise DataError(f"{s.name}: the {what} file lacks join column(s) {missing}",
-                            [Problem(s.name, None, m, "missing_column", f"join column {m!r} not found", unit="row") for m in missing])
+            raise DataError(
+                f"{s.name}: the {what} file lacks join column(s) {missing}",
+                [
+                    Problem(s.name, None, m, "missing_column", f"join column {m!r} not found", unit="row")
+                    for m in missing
+                ],
+            )
     ex = src.table.append_column("__row", pa.array(range(1, src.table.num_rows + 1), pa.int64()))
     pt = prod.table.append_column("__has_product", pa.array([True] * prod.table.num_rows))
     dup_cols = [c for c in pt.column_names if c in ex.column_names and c not in keys]
@@ -268,15 +139,18 @@ def _join_products(src: Source, products_path: str) -> Source:
     return Source(f"{src.name} + {prod.name}", "parquet", table=joined, warnings=src.warnings + prod.warnings)
 
 
-def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
-    """Read, map, validate and split one source. See the module docstring for the policy."""
+def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[pa.Table, LoadReport]:
+    """Read, map, validate and split one source. See the module docstring for the policy.
+    ``append_quarantine`` adds this source's rejects to the quarantine file instead of replacing it."""
     path = Path(source.path)
     if path.is_dir():
         return _load_example_dir(source)
     src = open_source(path, source.format, source.member)
     if source.products:
         if src.format != "parquet":
-            raise DataError(f"{src.name}: products: is for the ESCI two-Parquet layout; the examples file must be Parquet")
+            raise DataError(
+                f"{src.name}: products: is for the ESCI two-Parquet layout; the examples file must be Parquet"
+            )
         src = _join_products(src, source.products)
     mapping = source.resolved_mapping()
     scheme = source.resolved_scheme()
@@ -301,14 +175,27 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
             problems.append(prob)
             continue
 
-        def bad(fld: str | None, kind: str, msg: str) -> Problem:
-            return Problem(src.name, line, fld, kind, msg, raw if raw is not None else json.dumps(rec, default=str, ensure_ascii=False), unit)
+        def bad(fld: str | None, kind: str, msg: str, line=line, raw=raw, rec=rec) -> Problem:
+            return Problem(
+                src.name,
+                line,
+                fld,
+                kind,
+                msg,
+                raw if raw is not None else json.dumps(rec, default=str, ensure_ascii=False),
+                unit,
+            )
 
         row_problems: list[Problem] = []
         row: dict[str, Any] = {"source_line": line}
         if joined and not rec.get("__has_product"):
-            problems.append(bad("product_id", "missing_product",
-                                f"no product ({rec.get('product_locale')!r}, {rec.get('product_id')!r}) in the products file"))
+            problems.append(
+                bad(
+                    "product_id",
+                    "missing_product",
+                    f"no product ({rec.get('product_locale')!r}, {rec.get('product_id')!r}) in the products file",
+                )
+            )
             continue
         for fld in _TEXT_FIELDS:
             col = getattr(mapping, fld)
@@ -318,10 +205,22 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
             if val is not None:
                 pos = _has_surrogate(val)
                 if pos >= 0:
-                    row_problems.append(bad(col, "undecodable", f"undecodable byte 0x{ord(val[pos]) - 0xDC00:02x} at character {pos + 1}"))
+                    row_problems.append(
+                        bad(
+                            col,
+                            "undecodable",
+                            f"undecodable byte 0x{ord(val[pos]) - 0xDC00:02x} at character {pos + 1}",
+                        )
+                    )
                     continue
                 if len(val) > source.max_field_chars:
-                    row_problems.append(bad(col, "too_long", f"{len(val)} characters, more than max_field_chars={source.max_field_chars}"))
+                    row_problems.append(
+                        bad(
+                            col,
+                            "too_long",
+                            f"{len(val)} characters, more than max_field_chars={source.max_field_chars}",
+                        )
+                    )
                     continue
                 val = val.strip()
             if fld in ("query", "title") and not val:
@@ -331,8 +230,11 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
 
         if mapping.label and mapping.label in rec:
             raw_label = rec[mapping.label]
-            empty = raw_label is None or (isinstance(raw_label, str) and not raw_label.strip()) or \
-                (isinstance(raw_label, float) and math.isnan(raw_label))
+            empty = (
+                raw_label is None
+                or (isinstance(raw_label, str) and not raw_label.strip())
+                or (isinstance(raw_label, float) and math.isnan(raw_label))
+            )
             if empty and not source.require_label:
                 row.update(label=None, grade=None, gain=None)
             else:
@@ -357,12 +259,18 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
                 if row["frequency"] < 0:
                     raise ValueError
             except (TypeError, ValueError):
-                row_problems.append(bad(mapping.frequency, "bad_value", f"expected a non-negative count, got {rec[mapping.frequency]!r}"))
+                row_problems.append(
+                    bad(
+                        mapping.frequency, "bad_value", f"expected a non-negative count, got {rec[mapping.frequency]!r}"
+                    )
+                )
         if mapping.split and mapping.split in rec and rec[mapping.split] not in (None, ""):
             sp = str(rec[mapping.split]).strip().lower()
             sp = {"validation": "val", "dev": "val"}.get(sp, sp)
             if sp not in ("train", "val", "test"):
-                row_problems.append(bad(mapping.split, "bad_value", f"expected train/val/test, got {rec[mapping.split]!r}"))
+                row_problems.append(
+                    bad(mapping.split, "bad_value", f"expected train/val/test, got {rec[mapping.split]!r}")
+                )
             row["split"] = sp
         for d in present_dims:
             v = rec.get(f"dim_{d}")
@@ -374,7 +282,9 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
             problems.extend(row_problems)
             continue
         if not row.get("item_id"):
-            row["item_id"] = "t:" + make_example_id(row["title"], " | ".join(row.get(f) or "" for f in _TEXT_FIELDS[1:]))
+            row["item_id"] = "t:" + make_example_id(
+                row["title"], " | ".join(row.get(f) or "" for f in _TEXT_FIELDS[1:])
+            )
         row["example_id"] = make_example_id(row["query"], row["item_id"])
 
         sid = row.get("source_id")
@@ -394,13 +304,24 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
             if average and other.get("grade") is not None and row.get("grade") is not None:
                 grades_seen.setdefault(j, [other["grade"]]).append(row["grade"])
                 continue
-            msg = (f"the pair ({row['query']!r}, item {row['item_id']!r}) appears at {unit} {other['source_line']} "
-                   f"with label {other.get('grade')!r} and here with {row.get('grade')!r}")
+            msg = (
+                f"the pair ({row['query']!r}, item {row['item_id']!r}) appears at {unit} {other['source_line']} "
+                f"with label {other.get('grade')!r} and here with {row.get('grade')!r}"
+            )
             problems.append(bad(mapping.label, "conflicting_duplicate", msg))
             if j not in bad_rows:
                 bad_rows.add(j)
-                problems.append(Problem(src.name, other["source_line"], mapping.label, "conflicting_duplicate",
-                                        msg, json.dumps({k: v for k, v in other.items()}, default=str, ensure_ascii=False), unit))
+                problems.append(
+                    Problem(
+                        src.name,
+                        other["source_line"],
+                        mapping.label,
+                        "conflicting_duplicate",
+                        msg,
+                        json.dumps({k: v for k, v in other.items()}, default=str, ensure_ascii=False),
+                        unit,
+                    )
+                )
             continue
         first_by_example[eid] = len(rows)
         rows.append(row)
@@ -410,8 +331,10 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
         rows[j]["label"], rows[j]["grade"], rows[j]["gain"] = scheme.parse(sum(grades) / len(grades))
     if grades_seen:
         report.conflicts_averaged = sum(len(g) - 1 for g in grades_seen.values())
-        report.warnings.append(f"{src.name}: {len(grades_seen)} pair(s) judged more than once with different grades; "
-                               f"grades averaged ({report.conflicts_averaged} judgment(s) folded in)")
+        report.warnings.append(
+            f"{src.name}: {len(grades_seen)} pair(s) judged more than once with different grades; "
+            f"grades averaged ({report.conflicts_averaged} judgment(s) folded in)"
+        )
     if bad_rows:
         rows = [r for i, r in enumerate(rows) if i not in bad_rows]
     if problems:
@@ -419,44 +342,17 @@ def load_examples(source: DataSource) -> tuple[pa.Table, LoadReport]:
         report.rows_rejected = len({p.line for p in problems})
         if source.on_error == "error":
             raise DataError(_problem_message(src.name, problems, report, source.max_problems_shown), problems)
-        report.quarantine_path = _write_quarantine(source, src.name, problems)
+        report.quarantine_path = _write_quarantine(source, src.name, problems, append=append_quarantine)
     if report.duplicates_merged:
         report.warnings.append(f"{src.name}: {report.duplicates_merged} exact duplicate pair(s) merged (first kept)")
     if not rows:
-        raise DataError(f"{src.name}: no usable rows ({report.rows_read} read, {report.rows_rejected} rejected)", problems)
+        raise DataError(
+            f"{src.name}: no usable rows ({report.rows_read} read, {report.rows_rejected} rejected)", problems
+        )
     table = rows_to_table(rows)
     table = assign_splits(table, keep_existing_split=bool(mapping.split), **asdict(source.split))
     report.rows_loaded = table.num_rows
     return table, report
-
-
-def _problem_message(name: str, problems: list[Problem], report: LoadReport, shown: int) -> str:
-    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.rejected.items()))
-    lines = [f"{name}: {len(problems)} problem(s) in {report.rows_read} record(s) ({kinds})"]
-    lines += [f"  {p}" for p in problems[:shown]]
-    if len(problems) > shown:
-        lines.append(f"  ... and {len(problems) - shown} more")
-    lines.append("Fix the file, or set on_error: quarantine to set these rows aside and load the rest.")
-    return "\n".join(lines)
-
-
-def _write_quarantine(source: DataSource, name: str, problems: list[Problem]) -> str:
-    """One JSON line per rejected record: its location, every problem found, and its original text."""
-    out = Path(source.quarantine_path or Path("runs") / "rejected" / (Path(source.path).name + ".rejected.jsonl"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    by_line: dict[Any, list[Problem]] = {}
-    for p in problems:
-        by_line.setdefault(p.line, []).append(p)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in sorted(by_line, key=lambda x: (x is None, x or 0)):
-            ps = by_line[line]
-            rec = {"file": name, ps[0].unit: line, "problems": [{"field": p.field, "kind": p.kind, "message": p.message} for p in ps],
-                   "raw": ps[0].raw}
-            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, out)
-    log.warning("%s: %d record(s) quarantined to %s", name, len(by_line), out)
-    return str(out)
 
 
 def _load_example_dir(source: DataSource) -> tuple[pa.Table, LoadReport]:
@@ -466,9 +362,14 @@ def _load_example_dir(source: DataSource) -> tuple[pa.Table, LoadReport]:
     if not files:
         raise DataError(f"{d}: directory holds none of train.parquet, val.parquet, test.parquet")
     tables, reports = [], []
+    # one quarantine file for the directory: the first split file with rejects starts it, the others add
+    quarantine = str(quarantine_file(source))
     for f in files:
-        sub = replace(source, path=str(f), preset=source.preset or "examples", format="parquet")
-        t, r = load_examples_file_keep_split(sub, f.stem)
+        sub = replace(
+            source, path=str(f), preset=source.preset or "examples", format="parquet", quarantine_path=quarantine
+        )
+        started = any(r.quarantine_path for r in reports)
+        t, r = load_examples_file_keep_split(sub, f.stem, append_quarantine=started)
         tables.append(t)
         reports.append(r)
     table = pa.concat_tables(tables)
@@ -487,9 +388,11 @@ def _load_example_dir(source: DataSource) -> tuple[pa.Table, LoadReport]:
     return table, report
 
 
-def load_examples_file_keep_split(source: DataSource, split: str) -> tuple[pa.Table, LoadReport]:
+def load_examples_file_keep_split(
+    source: DataSource, split: str, append_quarantine: bool = False
+) -> tuple[pa.Table, LoadReport]:
     """Load one example file whose rows all belong to ``split`` (when they carry no split of their own)."""
-    table, report = load_examples(source)
+    table, report = load_examples(source, append_quarantine)
     if "split" not in pq.read_schema(source.path).names:
         table = table.set_column(table.column_names.index("split"), "split", pa.array([split] * table.num_rows))
     return table, report
@@ -497,7 +400,8 @@ def load_examples_file_keep_split(source: DataSource, split: str) -> tuple[pa.Ta
 
 def summarize(table: pa.Table, scheme: LabelScheme) -> dict[str, Any]:
     """Counts a person checks first: rows, queries, items, labels, buckets per split."""
-    from .schema import normalize_text
+    from ellm_mkd.schema import normalize_text
+
     from .splits import split_summary
 
     labels = Counter(table.column("label").to_pylist())
@@ -506,7 +410,9 @@ def summarize(table: pa.Table, scheme: LabelScheme) -> dict[str, Any]:
         "queries": len({normalize_text(q) for q in table.column("query").to_pylist()}),
         "query_strings": len(set(table.column("query").to_pylist())),
         "items": len(set(table.column("item_id").to_pylist())),
-        "labels": {scheme.level_names[k] if k is not None else "unlabelled": labels[k]
-                   for k in sorted(labels, key=lambda x: -1 if x is None else x)},
+        "labels": {
+            scheme.level_names[k] if k is not None else "unlabelled": labels[k]
+            for k in sorted(labels, key=lambda x: -1 if x is None else x)
+        },
         "splits": split_summary(table),
     }

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ellm_mkd.commands.main import main
 
 sys.exit(main())

@@ -29,20 +29,25 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from datamodules.schema import DIMENSIONS, VERDICTS
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 from .cot import ChainOfThought, Judgement
 
 _WORD = re.compile(r"[^\W_]+(?:[-./][^\W_]+)*", re.UNICODE)
 _UNITS = r"in|inch|ft|v|w|k|oz|gal|mm|cm|m|lb|lbs|pc|pcs|pk|pack|count|ct|qt|l|ml|amp|a|btu|watt|volt|piece"
-_MEASURE = re.compile(r"^\d+(?:[./]\d+)*-?(?:" + _UNITS + r")?$",
-                      re.IGNORECASE)
-_MEASURE_PAIR = re.compile(r"\b\d+(?:[./]\d+)*[\s-]?(?:in\.?|inch|ft\.?|v|w|k|oz|gal|mm|cm|lb|lbs|pc|pcs|pk|pack|count|ct|qt|ml|amp|btu|piece)\b",
-                           re.IGNORECASE)
-COLOURS = frozenset("""black white red blue green yellow orange purple pink brown gray grey silver gold beige ivory
-navy teal bronze copper chrome nickel brass tan cream charcoal white""".split())
-MATERIALS = frozenset("""ceramic steel stainless aluminum aluminium wood wooden oak pine plastic glass metal iron brass
-copper vinyl rubber leather cotton polyester nylon concrete stone marble granite bamboo fiberglass""".split())
+_MEASURE = re.compile(r"^\d+(?:[./]\d+)*-?(?:" + _UNITS + r")?$", re.IGNORECASE)
+_MEASURE_PAIR = re.compile(
+    r"\b\d+(?:[./]\d+)*[\s-]?(?:in\.?|inch|ft\.?|v|w|k|oz|gal|mm|cm|lb|lbs|pc|pcs|pk|pack|count|ct|qt|ml|amp|btu|piece)\b",
+    re.IGNORECASE,
+)
+COLOURS = frozenset(
+    """black white red blue green yellow orange purple pink brown gray grey silver gold beige ivory
+navy teal bronze copper chrome nickel brass tan cream charcoal white""".split()
+)
+MATERIALS = frozenset(
+    """ceramic steel stainless aluminum aluminium wood wooden oak pine plastic glass metal iron brass
+copper vinyl rubber leather cotton polyester nylon concrete stone marble granite bamboo fiberglass""".split()
+)
 STOPWORDS = frozenset("""a an and the for with of to in on by at or from best new cheap buy set pack kit""".split())
 
 
@@ -97,8 +102,9 @@ class RuleAnnotator:
         q_ev = _find(brand, query) if brand else None
         if q_ev is None and brand:
             for w in _WORD.findall(query):
-                if len(w) >= 4 and any(_edit_distance(w.casefold(), bw.casefold()) <= 2
-                                       for bw in brand.split() if len(bw) >= 4):
+                if len(w) >= 4 and any(
+                    _edit_distance(w.casefold(), bw.casefold()) <= 2 for bw in brand.split() if len(bw) >= 4
+                ):
                     q_ev = w
                     break
         if q_ev is not None:
@@ -138,12 +144,18 @@ class RuleAnnotator:
         found = [(a, _find(a, item)) for a in asked]
         hits = [(a, f) for a, f in found if f]
         verdict = "match" if len(hits) == len(asked) else ("partial" if hits else "mismatch")
-        q_ev, i_ev = (hits[0] if hits else (asked[0], None))
+        q_ev, i_ev = hits[0] if hits else (asked[0], None)
         return q_ev, i_ev, verdict, used
 
     def _category(self, query: str, title: str, item: str, skip: set[str]) -> tuple[str | None, str | None, str]:
-        words = [w for w in _WORD.findall(query) if w.casefold() not in skip and w.casefold() not in STOPWORDS
-                 and not _is_model_word(w) and not _MEASURE.match(w)]
+        words = [
+            w
+            for w in _WORD.findall(query)
+            if w.casefold() not in skip
+            and w.casefold() not in STOPWORDS
+            and not _is_model_word(w)
+            and not _MEASURE.match(w)
+        ]
         if not words:
             return None, None, "absent"
         title_stems = {_stem(w): w for w in _WORD.findall(title)}
@@ -168,8 +180,13 @@ class RuleAnnotator:
         skip |= {t.casefold() for t in _WORD.findall(row.get("brand") or "")}
         cq, ci, cv = self._category(query, title, item_text, skip)
         uq, ui, uv = cq, ci, cv
-        found = {"category": (cq, ci, cv), "brand": (bq, bi, bv), "model": (mq, mi, mv),
-                 "attributes": (aq, ai, av), "usage": (uq, ui, uv)}
+        found = {
+            "category": (cq, ci, cv),
+            "brand": (bq, bi, bv),
+            "model": (mq, mi, mv),
+            "attributes": (aq, ai, av),
+            "usage": (uq, ui, uv),
+        }
         judgements = []
         for d in DIMENSIONS:
             q_ev, i_ev, verdict = found[d]

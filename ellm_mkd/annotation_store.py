@@ -132,8 +132,10 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StoreError(f"{path}, line {lineno}: not valid JSON ({e.msg}); the shard is corrupt: "
-                                 "delete it to re-annotate its rows") from e
+                raise StoreError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}); the shard is corrupt: "
+                    "delete it to re-annotate its rows"
+                ) from e
             if not isinstance(row, dict) or not isinstance(row.get(ID), str):
                 raise StoreError(f"{path}, line {lineno}: expected a JSON object with a string {ID!r}")
             rows.append(row)
@@ -193,17 +195,26 @@ class AnnotationStore:
     ``overwrite=True`` (before the others open the store): it deletes every shard in the directory.
     """
 
-    def __init__(self, out_dir: str | Path, manifest: dict, fmt: Literal["jsonl", "parquet"] = "jsonl",
-                 rows_per_shard: int = 256, overwrite: bool = False, shard_prefix: str = "part",
-                 volatile_keys: tuple[str, ...] | list[str] = ("created",), kind: str = "annotation store",
-                 schema: pa.Schema | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        manifest: dict,
+        fmt: Literal["jsonl", "parquet"] = "jsonl",
+        rows_per_shard: int = 256,
+        overwrite: bool = False,
+        shard_prefix: str = "part",
+        volatile_keys: tuple[str, ...] | list[str] = ("created",),
+        kind: str = "annotation store",
+        schema: pa.Schema | None = None,
+    ):
         if fmt not in _EXT:
             raise ValueError(f"fmt must be one of {list(_EXT)}, got {fmt!r}")
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         if not _PREFIX.match(shard_prefix):
-            raise ValueError(f"shard_prefix must be letters, digits, '_', '.' in '-'-separated parts, "
-                             f"got {shard_prefix!r}")
+            raise ValueError(
+                f"shard_prefix must be letters, digits, '_', '.' in '-'-separated parts, got {shard_prefix!r}"
+            )
         clash = [k for k in _RESERVED if k in manifest]
         if clash:
             raise ValueError(f"manifest keys {clash} are reserved: the store sets them itself")
@@ -268,28 +279,38 @@ class AnnotationStore:
         if not file.exists():
             others = _shard_files(self.out_dir, "jsonl") + _shard_files(self.out_dir, "parquet")
             if others:
-                raise StoreError(f"{self.out_dir} holds shard files ({others[0].name} ...) but no {MANIFEST}: "
-                                 f"it is not a {self.kind} or it was damaged. Choose another directory "
-                                 "or pass overwrite=True to delete them")
+                raise StoreError(
+                    f"{self.out_dir} holds shard files ({others[0].name} ...) but no {MANIFEST}: "
+                    f"it is not a {self.kind} or it was damaged. Choose another directory "
+                    "or pass overwrite=True to delete them"
+                )
             self._write_manifest(manifest)
             return manifest
         stored = read_manifest(self.out_dir, self.kind)
         if stored["format"] != self.fmt:
-            raise StoreError(f"the {self.kind} {self.out_dir} holds {stored['format']} shards, this run asked "
-                             f"for {self.fmt}: pass fmt={stored['format']!r}, or overwrite=True (deletes the old "
-                             "shards and manifest), or choose another directory")
+            raise StoreError(
+                f"the {self.kind} {self.out_dir} holds {stored['format']} shards, this run asked "
+                f"for {self.fmt}: pass fmt={stored['format']!r}, or overwrite=True (deletes the old "
+                "shards and manifest), or choose another directory"
+            )
         keys = sorted((set(stored) | set(manifest)) - set(self.volatile_keys))
         missing = object()
-        diffs = [(k, stored.get(k, missing), manifest.get(k, missing)) for k in keys
-                 if stored.get(k, missing) != manifest.get(k, missing)]
+        diffs = [
+            (k, stored.get(k, missing), manifest.get(k, missing))
+            for k in keys
+            if stored.get(k, missing) != manifest.get(k, missing)
+        ]
         if diffs:
+
             def show(v: Any) -> str:
                 return "(absent)" if v is missing else json.dumps(v, ensure_ascii=False)
 
             lines = "; ".join(f"{k!r}: stored {show(a)}, now {show(b)}" for k, a, b in diffs)
-            raise StoreError(f"the {self.kind} {self.out_dir} was made with a different manifest "
-                             f"(differing keys {[k for k, _, _ in diffs]}): {lines}. Pass overwrite=True "
-                             "(deletes the old shards and manifest) or choose another directory")
+            raise StoreError(
+                f"the {self.kind} {self.out_dir} was made with a different manifest "
+                f"(differing keys {[k for k, _, _ in diffs]}): {lines}. Pass overwrite=True "
+                "(deletes the old shards and manifest) or choose another directory"
+            )
         return stored
 
     # -- public API -----------------------------------------------------------------------------
@@ -381,8 +402,10 @@ class AnnotationStore:
         name = f"{self.shard_prefix}-{self.run_id}-{self._seq:05d}{_EXT[self.fmt]}"
         path = self.out_dir / name
         if path.exists():
-            raise StoreError(f"{path} exists already; two stores share shard_prefix {self.shard_prefix!r} "
-                             "and run id (give each process its own shard_prefix)")
+            raise StoreError(
+                f"{path} exists already; two stores share shard_prefix {self.shard_prefix!r} "
+                "and run id (give each process its own shard_prefix)"
+            )
         if self.fmt == "jsonl":
             data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
@@ -393,11 +416,14 @@ class AnnotationStore:
 
             def write(f: Any) -> None:
                 pq.write_table(table, f)
+
         try:
             _write_atomic(path, self.out_dir / f".tmp-{name}", write)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise StoreError(f"{path}: cannot write the rows as parquet ({e}); an empty dict value or a field "
-                             "with mixed types cannot be stored as a parquet column (use fmt='jsonl')") from e
+            raise StoreError(
+                f"{path}: cannot write the rows as parquet ({e}); an empty dict value or a field "
+                "with mixed types cannot be stored as a parquet column (use fmt='jsonl')"
+            ) from e
         self._seq += 1
         ids = [row[ID] for row in rows]
         self._done.update(ids)

@@ -60,8 +60,14 @@ class GenerationBackend(Protocol):
 
     name: str
 
-    def generate(self, conversations: list[Conversation], n: int, temperature: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        conversations: list[Conversation],
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         """For each conversation (OpenAI-style messages: ``[{"role": "system"|"user", "content": ...}]``),
         ``n`` sampled completions (assistant text only). The output has ``len(conversations)`` lists
         of ``n`` strings each, in input order."""
@@ -115,13 +121,23 @@ class OpenAIChatBackend:
 
     name = "openai-chat"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 4, backoff_s: float = 1.0,
-                 n_per_request: bool = True, extra_body: dict | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        n_per_request: bool = True,
+        extra_body: dict | None = None,
+    ):
         base_url = base_url.strip().rstrip("/")
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r} "
-                             "(e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {base_url!r} (e.g. http://127.0.0.1:8000/v1)"
+            )
         if not model:
             raise ValueError("model must name the served model (the server's /v1/models lists them)")
         if concurrency < 1:
@@ -158,8 +174,14 @@ class OpenAIChatBackend:
 
     # -- public API -----------------------------------------------------------------------------
 
-    def generate(self, conversations: list[Conversation], n: int, temperature: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        conversations: list[Conversation],
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if max_new_tokens < 1:
@@ -178,14 +200,13 @@ class OpenAIChatBackend:
         def run(task: tuple[int, int, int]) -> None:
             i, k, start = task
             texts = self._collect(conversations[i], k, start, temperature, max_new_tokens, seed)
-            results[i][start:start + k] = texts
+            results[i][start : start + k] = texts
 
         if len(tasks) == 1 or self.concurrency == 1:
             for task in tasks:
                 run(task)
         else:
-            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(tasks)),
-                                      thread_name_prefix="openai-chat")
+            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(tasks)), thread_name_prefix="openai-chat")
             try:
                 futures = [pool.submit(run, t) for t in tasks]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -216,14 +237,20 @@ class OpenAIChatBackend:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _collect(self, messages: Conversation, k: int, start: int, temperature: float,
-                 max_new_tokens: int, seed: int | None) -> list[str]:
+    def _collect(
+        self, messages: Conversation, k: int, start: int, temperature: float, max_new_tokens: int, seed: int | None
+    ) -> list[str]:
         """``k`` completions of one conversation, asking again while the server returns fewer."""
         texts: list[str] = []
         while len(texts) < k:
             want = k - len(texts)
-            body: dict[str, Any] = {"model": self.model, "messages": messages, "n": want,
-                                    "temperature": temperature, "max_tokens": max_new_tokens}
+            body: dict[str, Any] = {
+                "model": self.model,
+                "messages": messages,
+                "n": want,
+                "temperature": temperature,
+                "max_tokens": max_new_tokens,
+            }
             if seed is not None:
                 body["seed"] = seed + start + len(texts)
             body.update(self.extra_body)
@@ -235,22 +262,28 @@ class OpenAIChatBackend:
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices:
             got = _shorten(json.dumps(payload, ensure_ascii=False), 200)
-            raise BackendError(f"malformed answer from {self.url}: no 'choices' list (got {got}); "
-                               "is base_url an OpenAI-compatible API root such as http://host:port/v1?")
+            raise BackendError(
+                f"malformed answer from {self.url}: no 'choices' list (got {got}); "
+                "is base_url an OpenAI-compatible API root such as http://host:port/v1?"
+            )
         if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
             choices = sorted(choices, key=lambda c: c["index"])
         texts = []
         for pos, choice in enumerate(choices):
             message = choice.get("message") if isinstance(choice, dict) else None
             if not isinstance(message, dict) or "content" not in message:
-                raise BackendError(f"malformed answer from {self.url}: choice {pos} has no message.content "
-                                   f"({_shorten(json.dumps(choice, ensure_ascii=False), 200)})")
+                raise BackendError(
+                    f"malformed answer from {self.url}: choice {pos} has no message.content "
+                    f"({_shorten(json.dumps(choice, ensure_ascii=False), 200)})"
+                )
             content = message["content"]
             if content is None:
                 content = ""
             if not isinstance(content, str):
-                raise BackendError(f"malformed answer from {self.url}: choice {pos} message.content is "
-                                   f"{type(content).__name__}, not a string")
+                raise BackendError(
+                    f"malformed answer from {self.url}: choice {pos} message.content is "
+                    f"{type(content).__name__}, not a string"
+                )
             texts.append(content)
         return texts
 
@@ -263,42 +296,52 @@ class OpenAIChatBackend:
                 response = self._client.post(self.url, json=body)
             except httpx.TimeoutException as e:
                 problem = f"no answer within timeout_s={self.timeout_s:g}s ({type(e).__name__})"
-                final = BackendError(f"the chat-completions server at {self.url} timed out: {problem}, "
-                                     f"{attempts} attempt(s). Raise timeout_s, lower concurrency or "
-                                     "max_new_tokens, or check the server's load")
+                final = BackendError(
+                    f"the chat-completions server at {self.url} timed out: {problem}, "
+                    f"{attempts} attempt(s). Raise timeout_s, lower concurrency or "
+                    "max_new_tokens, or check the server's load"
+                )
             except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 problem = f"{type(e).__name__}: {e}"
-                final = BackendError(f"cannot reach the chat-completions server at {self.url}: {e or type(e).__name__} "
-                                     f"({attempts} attempt(s)). Start it (vLLM, SGLang, llama.cpp server ...) "
-                                     "or fix base_url")
+                final = BackendError(
+                    f"cannot reach the chat-completions server at {self.url}: {e or type(e).__name__} "
+                    f"({attempts} attempt(s)). Start it (vLLM, SGLang, llama.cpp server ...) "
+                    "or fix base_url"
+                )
             except httpx.HTTPError as e:  # bad URL, unsupported protocol ...: retrying cannot help
-                raise BackendError(f"cannot send a request to {self.url}: {type(e).__name__}: {e}; "
-                                   "fix base_url") from e
+                raise BackendError(f"cannot send a request to {self.url}: {type(e).__name__}: {e}; fix base_url") from e
             else:
                 status = response.status_code
                 if status < 300:
                     try:
                         return response.json()
                     except ValueError:
-                        raise BackendError(f"malformed answer from {self.url}: HTTP {status} but the body is not "
-                                           f"JSON ({_shorten(response.text, 200)!r})") from None
+                        raise BackendError(
+                            f"malformed answer from {self.url}: HTTP {status} but the body is not "
+                            f"JSON ({_shorten(response.text, 200)!r})"
+                        ) from None
                 message = _error_message(response)
                 if status != 429 and status < 500:
-                    hint = {401: " (set the API key in the environment variable "
-                                 f"{self.api_key_env or '(api_key_env is None)'})",
-                            404: " (check base_url, which should end in /v1, and the model name)"}.get(status, "")
-                    raise BackendError(f"the chat-completions server at {self.url} refused the request: "
-                                       f"HTTP {status}: {message}{hint}")
+                    hint = {
+                        401: " (set the API key in the environment variable "
+                        f"{self.api_key_env or '(api_key_env is None)'})",
+                        404: " (check base_url, which should end in /v1, and the model name)",
+                    }.get(status, "")
+                    raise BackendError(
+                        f"the chat-completions server at {self.url} refused the request: HTTP {status}: {message}{hint}"
+                    )
                 problem = f"HTTP {status}: {message}"
                 retry_after = _retry_after(response)
-                final = BackendError(f"the chat-completions server at {self.url} answered {problem} "
-                                     f"({attempts} attempt(s)); the server is overloaded or failing, retry later")
+                final = BackendError(
+                    f"the chat-completions server at {self.url} answered {problem} "
+                    f"({attempts} attempt(s)); the server is overloaded or failing, retry later"
+                )
             if attempt == attempts - 1:
                 raise final
             if retry_after is not None:
                 delay = retry_after
             else:
-                delay = self.backoff_s * 2 ** attempt
+                delay = self.backoff_s * 2**attempt
                 delay += _jitter.uniform(0, 0.25 * delay)
             log.warning("%s: %s; retry %d/%d in %.2fs", self.url, problem, attempt + 1, self.max_retries, delay)
             time.sleep(delay)
@@ -319,8 +362,14 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, device: str | None = None,
-                 dtype: str = "float32", trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
         import torch
 
         from .models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
@@ -335,12 +384,21 @@ class TransformersBackend:
         self.dtype = dtype
         self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
         ensure_pad_token(self.tokenizer)
-        self.model = load_causal_lm(self.path, trust_remote_code=trust_remote_code,
-                                    torch_dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = (
+            load_causal_lm(self.path, trust_remote_code=trust_remote_code, torch_dtype=getattr(torch, dtype))
+            .to(self.device)
+            .eval()
+        )
         self.fingerprint = model_fingerprint(self.path)
 
-    def generate(self, conversations: list[Conversation], n: int, temperature: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        conversations: list[Conversation],
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         import torch
 
         from .prompts import chat_prompt
@@ -353,8 +411,14 @@ class TransformersBackend:
         out: list[list[str]] = []
         prompts = [chat_prompt(self.tokenizer, c) for c in conversations]
         for start in range(0, len(prompts), self.batch_size):
-            out += generate_batched(self.model, self.tokenizer, prompts[start:start + self.batch_size], max_new_tokens,
-                                    temperature=temperature, num_return_sequences=n)
+            out += generate_batched(
+                self.model,
+                self.tokenizer,
+                prompts[start : start + self.batch_size],
+                max_new_tokens,
+                temperature=temperature,
+                num_return_sequences=n,
+            )
         return out
 
     def describe(self) -> dict:

@@ -26,11 +26,12 @@ import json
 import re
 from dataclasses import dataclass
 
-from datamodules.schema import DIMENSIONS, VERDICTS
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 SCHEMA_VERSION = 1
 _LINE = re.compile(
-    r'^(?P<dim>[a-z]+): query (?P<q>-|"(?:[^"\\]|\\.)*") \| item (?P<i>-|"(?:[^"\\]|\\.)*") => (?P<verdict>[a-z]+)$')
+    r'^(?P<dim>[a-z]+): query (?P<q>-|"(?:[^"\\]|\\.)*") \| item (?P<i>-|"(?:[^"\\]|\\.)*") => (?P<verdict>[a-z]+)$'
+)
 _LEVEL = re.compile(r"^level: (?P<level>[a-z0-9_ -]+)$")
 
 
@@ -62,7 +63,7 @@ class Judgement:
 
 @dataclass(frozen=True)
 class ChainOfThought:
-    """Judgements for every dimension, in :data:`~datamodules.schema.DIMENSIONS` order, and a level."""
+    """Judgements for every dimension, in :data:`~ellm_mkd.schema.DIMENSIONS` order, and a level."""
 
     judgements: tuple[Judgement, ...]
     level: str
@@ -82,14 +83,17 @@ def _quote(evidence: str | None) -> str:
 
 def render(chain: ChainOfThought) -> str:
     """Compact text of a chain (what the teacher learns to write)."""
-    lines = [f"{j.dimension}: query {_quote(j.query_evidence)} | item {_quote(j.item_evidence)} => {j.verdict}"
-             for j in chain.judgements]
+    lines = [
+        f"{j.dimension}: query {_quote(j.query_evidence)} | item {_quote(j.item_evidence)} => {j.verdict}"
+        for j in chain.judgements
+    ]
     lines.append(f"level: {chain.level}")
     return "\n".join(lines)
 
 
-def parse(text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str],
-          require_level: bool = True) -> ChainOfThought:
+def parse(
+    text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str], require_level: bool = True
+) -> ChainOfThought:
     """Text -> :class:`ChainOfThought`, or :class:`CoTParseError` naming the line and the reason.
 
     Leading/trailing blank space is ignored; anything after the level line is an error (a model
@@ -116,7 +120,9 @@ def parse(text: str, query: str, item_text: str, level_names: tuple[str, ...] | 
     return ChainOfThought(tuple(judgements), level)
 
 
-def unfinishable(text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str]) -> CoTParseError | None:
+def unfinishable(
+    text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str]
+) -> CoTParseError | None:
     """For the beginning of a chain still being written: a :class:`CoTParseError` when no continuation
     of ``text`` can parse, or None while some continuation still could.
 
@@ -150,12 +156,17 @@ def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTP
     dim = DIMENSIONS[k]
     shape = _shape_error(k, line)
     rest = line
-    for part, side, source in (("literal", f"{dim}: query ", ""), ("evidence", "query", query),
-                               ("literal", " | item ", ""), ("evidence", "item", item_text), ("literal", " => ", "")):
+    for part, side, source in (
+        ("literal", f"{dim}: query ", ""),
+        ("evidence", "query", query),
+        ("literal", " | item ", ""),
+        ("evidence", "item", item_text),
+        ("literal", " => ", ""),
+    ):
         if part == "literal":
             if not rest.startswith(side):
                 return None if side.startswith(rest) else shape
-            rest = rest[len(side):]
+            rest = rest[len(side) :]
             continue
         if not rest:
             return None
@@ -171,10 +182,10 @@ def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTP
                 return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
             return None
         try:
-            _evidence(side, rest[:end + 1], source, k, line)
+            _evidence(side, rest[: end + 1], source, k, line)
         except CoTParseError as e:
             return e
-        rest = rest[end + 1:]
+        rest = rest[end + 1 :]
     if any(v.startswith(rest) for v in VERDICTS):
         return None
     if re.fullmatch(r"[a-z]+", rest):
@@ -187,7 +198,7 @@ def _level_line_start(line: str, level_names: tuple[str, ...] | list[str], linen
     head = "level: "
     if not line.startswith(head):
         return None if head.startswith(line) else CoTParseError("expected 'level: <name>'", lineno, line)
-    name = line[len(head):]
+    name = line[len(head) :]
     if not re.fullmatch(r"[a-z0-9_ -]*", name):
         return CoTParseError("expected 'level: <name>'", lineno, line)
     name = name.strip()
@@ -228,9 +239,9 @@ def _decoded_start(body: str) -> str | None:
         if e == "u":
             if i + 6 > len(body):
                 break
-            if not re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2:i + 6]):
+            if not re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2 : i + 6]):
                 return None
-            code = int(body[i + 2:i + 6], 16)
+            code = int(body[i + 2 : i + 6], 16)
             if 0xD800 <= code <= 0xDFFF:
                 return None
             out.append(chr(code))
@@ -252,12 +263,13 @@ def _dimension_line(k: int, line: str, query: str, item_text: str) -> Judgement:
         raise CoTParseError(f"expected the {dim!r} line here, found {m['dim']!r}", k + 1, line)
     if m["verdict"] not in VERDICTS:
         raise CoTParseError(f"verdict {m['verdict']!r} is not one of {list(VERDICTS)}", k + 1, line)
-    return Judgement(dim, _evidence("query", m["q"], query, k, line), _evidence("item", m["i"], item_text, k, line),
-                     m["verdict"])
+    return Judgement(
+        dim, _evidence("query", m["q"], query, k, line), _evidence("item", m["i"], item_text, k, line), m["verdict"]
+    )
 
 
 def _shape_error(k: int, line: str) -> CoTParseError:
-    return CoTParseError(f"expected '{DIMENSIONS[k]}: query \"...\"|- | item \"...\"|- => verdict'", k + 1, line)
+    return CoTParseError(f'expected \'{DIMENSIONS[k]}: query "..."|- | item "..."|- => verdict\'', k + 1, line)
 
 
 def _evidence(side: str, raw: str, source: str, k: int, line: str) -> str | None:

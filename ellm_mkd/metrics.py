@@ -66,22 +66,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.aggregation import MaxMetric, MinMetric, SumMetric
-from torchmetrics.classification import (
-    BinaryAUROC,
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
-from torchmetrics.regression import MeanSquaredError, SpearmanCorrCoef
-from torchmetrics.retrieval import RetrievalNormalizedDCG
+from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from datamodules.schema import BUCKETS
+from ellm_mkd.schema import BUCKETS
+
+from .metric_plots import _no_data, _reliability
+from .metric_slice import _quiet, _Slice
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -92,77 +83,6 @@ __all__ = ["RelevanceMetrics", "format_table", "ALL"]
 ALL = "all"
 IGNORE_INDEX = -100
 DEFAULT_TABLE_METRICS = ("rmse", "auc", "spearman", "ndcg10", "macro_f1", "ece")
-
-_QUIET = (
-    r".*was called before the ``update`` method.*",  # a process that saw no row of a bucket
-    r".*will save all targets and predictions in (the )?buffer.*",  # cat-state metrics, by design
-)
-
-
-class _quiet(warnings.catch_warnings):
-    def __enter__(self):
-        out = super().__enter__()
-        for msg in _QUIET:
-            warnings.filterwarnings("ignore", message=msg)
-        return out
-
-
-class _Slice(nn.Module):
-    """The torchmetrics of one slice of rows: all rows, or one query bucket's."""
-
-    def __init__(self, num_levels: int, ndcg_k: int, calibration_bins: int, ndcg_empty_target_action: str):
-        super().__init__()
-        # synchronised counts: they decide what is computable, identically on every process
-        self.count = SumMetric()
-        self.positives = SumMetric()
-        self.graded = SumMetric()
-        self.ranked = SumMetric()
-        self.ranked_positive = SumMetric()
-        self.grade_min, self.grade_max = MinMetric(), MaxMetric()
-        self.pred_min, self.pred_max = MinMetric(), MaxMetric()
-        k = num_levels
-        self.classification = MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(k, average="micro"),
-                "macro_f1": MulticlassF1Score(k, average="macro"),
-                "precision": MulticlassPrecision(k, average=None),
-                "recall": MulticlassRecall(k, average=None),
-                "ece": MulticlassCalibrationError(k, n_bins=calibration_bins, norm="l1"),
-                "confusion_matrix": MulticlassConfusionMatrix(k),
-            },
-            compute_groups=False,
-        )
-        self.rmse = MeanSquaredError(squared=False)
-        self.spearman = SpearmanCorrCoef()
-        self.auc = BinaryAUROC()
-        self.ndcg = RetrievalNormalizedDCG(top_k=ndcg_k, empty_target_action=ndcg_empty_target_action)
-
-    def update(self, probs: Tensor, expected: Tensor, labels: Tensor, grades: Tensor, gains: Tensor,
-               query_ids: Tensor, relevant_level: int) -> None:
-        if labels.numel() == 0:
-            return
-        positive = labels >= relevant_level
-        self.count.update(torch.tensor(float(labels.numel()), device=labels.device))
-        self.positives.update(positive.sum().float())
-        self.classification.update(probs, labels)
-        self.auc.update(probs[:, relevant_level:].sum(dim=1).clamp(0.0, 1.0), positive.long())
-        graded = torch.isfinite(grades)
-        n_graded = int(graded.sum())
-        if n_graded:
-            e, g = expected[graded], grades[graded]
-            self.graded.update(torch.tensor(float(n_graded), device=labels.device))
-            self.rmse.update(e, g)
-            self.spearman.update(e, g)
-            self.grade_min.update(g)
-            self.grade_max.update(g)
-            self.pred_min.update(e)
-            self.pred_max.update(e)
-        ranked = torch.isfinite(gains)
-        n_ranked = int(ranked.sum())
-        if n_ranked:
-            self.ranked.update(torch.tensor(float(n_ranked), device=labels.device))
-            self.ranked_positive.update((gains[ranked] > 0).sum().float())
-            self.ndcg.update(expected[ranked], gains[ranked], indexes=query_ids[ranked])
 
 
 class RelevanceMetrics(nn.Module):
@@ -179,9 +99,16 @@ class RelevanceMetrics(nn.Module):
             ``"skip"`` (default, leave them out of the mean) or ``"neg"`` (count them as 0).
     """
 
-    def __init__(self, num_levels: int, level_names: Sequence[str], relevant_level: int, ndcg_k: int = 10,
-                 calibration_bins: int = 15, buckets: Sequence[str] = BUCKETS,
-                 ndcg_empty_target_action: str = "skip"):
+    def __init__(
+        self,
+        num_levels: int,
+        level_names: Sequence[str],
+        relevant_level: int,
+        ndcg_k: int = 10,
+        calibration_bins: int = 15,
+        buckets: Sequence[str] = BUCKETS,
+        ndcg_empty_target_action: str = "skip",
+    ):
         super().__init__()
         level_names = tuple(str(n) for n in level_names)
         if num_levels < 2:
@@ -220,8 +147,15 @@ class RelevanceMetrics(nn.Module):
         probe = _Slice(*args)
         k = self.num_levels
         probs = torch.full((2, k), 1.0 / k)
-        probe.update(probs, torch.tensor([0.5, 1.0]), torch.tensor([0, k - 1]), torch.tensor([0.0, 1.0]),
-                     torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), self.relevant_level)
+        probe.update(
+            probs,
+            torch.tensor([0.5, 1.0]),
+            torch.tensor([0, k - 1]),
+            torch.tensor([0.0, 1.0]),
+            torch.tensor([0.0, 1.0]),
+            torch.tensor([0, 0]),
+            self.relevant_level,
+        )
         specs: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
         for name, m in probe.named_modules():
             if not isinstance(m, Metric):
@@ -255,8 +189,16 @@ class RelevanceMetrics(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, probs: Tensor, expected_grade: Tensor, labels: Tensor, grades: Tensor, gains: Tensor,
-               query_ids: Tensor, bucket_ids: Tensor) -> None:
+    def update(
+        self,
+        probs: Tensor,
+        expected_grade: Tensor,
+        labels: Tensor,
+        grades: Tensor,
+        gains: Tensor,
+        query_ids: Tensor,
+        bucket_ids: Tensor,
+    ) -> None:
         """Accumulate one batch. Rows with ``labels == -100`` are ignored entirely.
 
         ``probs`` [B, K] are level probabilities (softmax), ``expected_grade`` [B] the model's
@@ -266,8 +208,14 @@ class RelevanceMetrics(nn.Module):
         if probs.ndim != 2 or probs.shape[1] != self.num_levels:
             raise ValueError(f"probs must be [B, {self.num_levels}], got {tuple(probs.shape)}")
         n = probs.shape[0]
-        for name, t in (("expected_grade", expected_grade), ("labels", labels), ("grades", grades),
-                        ("gains", gains), ("query_ids", query_ids), ("bucket_ids", bucket_ids)):
+        for name, t in (
+            ("expected_grade", expected_grade),
+            ("labels", labels),
+            ("grades", grades),
+            ("gains", gains),
+            ("query_ids", query_ids),
+            ("bucket_ids", bucket_ids),
+        ):
             if t.reshape(-1).shape[0] != n:
                 raise ValueError(f"{name} has {t.numel()} rows, probs {n}")
         keep = labels.reshape(-1) != IGNORE_INDEX
@@ -309,8 +257,10 @@ class RelevanceMetrics(nn.Module):
         graded = self._value(sl.graded)
         if graded > 0:
             out["rmse"] = self._value(sl.rmse)
-        constant = graded < 2 or (self._value(sl.grade_min) == self._value(sl.grade_max)
-                                  or self._value(sl.pred_min) == self._value(sl.pred_max))
+        constant = graded < 2 or (
+            self._value(sl.grade_min) == self._value(sl.grade_max)
+            or self._value(sl.pred_min) == self._value(sl.pred_max)
+        )
         out["spearman"] = math.nan if constant else self._value(sl.spearman)
         positives = self._value(sl.positives)
         if 0 < positives < count:
@@ -371,10 +321,7 @@ class RelevanceMetrics(nn.Module):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from torchmetrics.classification import BinaryPrecisionRecallCurve
-        from torchmetrics.functional.classification import (
-            binary_average_precision,
-            binary_precision_recall_curve,
-        )
+        from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
 
         def new(size=(6.0, 5.0)) -> Figure:
             fig = Figure(figsize=size, layout="constrained")
@@ -440,32 +387,11 @@ class RelevanceMetrics(nn.Module):
         return figs
 
 
-def _no_data(ax) -> None:
-    ax.text(0.5, 0.5, "no labelled rows", ha="center", va="center", transform=ax.transAxes)
-
-
-def _reliability(ax, ax_n, conf: Tensor, acc: Tensor, n_bins: int) -> None:
-    edges = torch.linspace(0, 1, n_bins + 1)
-    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
-    counts = torch.bincount(idx, minlength=n_bins).float()
-    acc_bin = torch.bincount(idx, weights=acc, minlength=n_bins) / counts.clamp(min=1)
-    conf_bin = torch.bincount(idx, weights=conf, minlength=n_bins) / counts.clamp(min=1)
-    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
-    width = 1.0 / n_bins
-    filled = (counts > 0).numpy()
-    acc_np, conf_np = acc_bin.numpy(), conf_bin.numpy()
-    ax.bar(centers[filled], acc_np[filled], width=width, edgecolor="black", label="accuracy")
-    ax.bar(centers[filled], (conf_np - acc_np)[filled], bottom=acc_np[filled], width=width, color="red",
-           alpha=0.3, edgecolor="red", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.legend(loc="upper left")
-    ax_n.bar(centers, counts.numpy(), width=width, edgecolor="black")
-
-
-def format_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[str] = DEFAULT_TABLE_METRICS,
-                 buckets: Sequence[str] = (ALL, *BUCKETS)) -> str:
+def format_table(
+    results: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str] = DEFAULT_TABLE_METRICS,
+    buckets: Sequence[str] = (ALL, *BUCKETS),
+) -> str:
     """Plain-text table: a row per (model, bucket), a column per metric, 3 decimals, ``-`` if missing.
 
     ``results`` maps a model name to its ``RelevanceMetrics.compute()`` dict; bucket ``"all"``

@@ -13,7 +13,7 @@ One row per example (:class:`TeacherSignal` is the same record in memory):
 ==================  ==========================  ================================================
 column              type                        meaning
 ==================  ==========================  ================================================
-``example_id``      string                      join key (``datamodules.schema.make_example_id``)
+``example_id``      string                      join key (``ellm_mkd.schema.make_example_id``)
 ``query``           string                      the query the teacher read
 ``item_text``       string                      the rendered item the teacher read; evidence
                                                 offsets point into these two strings, and the
@@ -49,7 +49,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from datamodules.schema import DIMENSIONS, VERDICTS
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 from .annotation_store import ID, StoreError, read_annotations, read_manifest
 
@@ -58,23 +58,26 @@ KIND = "teacher cache"
 #: manifest keys that may change between runs writing the same cache
 VOLATILE_KEYS = ("created", "row_count", "expected_rows", "complete", "source_path", "split")
 
-EVIDENCE_TYPE = pa.struct([("dimension", pa.string()), ("side", pa.string()), ("start", pa.int32()),
-                           ("end", pa.int32())])
+EVIDENCE_TYPE = pa.struct(
+    [("dimension", pa.string()), ("side", pa.string()), ("start", pa.int32()), ("end", pa.int32())]
+)
 
 
 def cache_schema() -> pa.Schema:
     """Parquet schema of a cache shard (see the module docstring)."""
-    return pa.schema([
-        pa.field(ID, pa.string(), nullable=False),
-        pa.field("query", pa.string(), nullable=False),
-        pa.field("item_text", pa.string(), nullable=False),
-        pa.field("level_probs", pa.list_(pa.float32()), nullable=False),
-        pa.field("verdict_probs", pa.list_(pa.float32())),
-        pa.field("rationale", pa.string()),
-        pa.field("parse_error", pa.string()),
-        pa.field("evidence", pa.list_(EVIDENCE_TYPE)),
-        pa.field("hidden", pa.list_(pa.float16())),
-    ])
+    return pa.schema(
+        [
+            pa.field(ID, pa.string(), nullable=False),
+            pa.field("query", pa.string(), nullable=False),
+            pa.field("item_text", pa.string(), nullable=False),
+            pa.field("level_probs", pa.list_(pa.float32()), nullable=False),
+            pa.field("verdict_probs", pa.list_(pa.float32())),
+            pa.field("rationale", pa.string()),
+            pa.field("parse_error", pa.string()),
+            pa.field("evidence", pa.list_(EVIDENCE_TYPE)),
+            pa.field("hidden", pa.list_(pa.float16())),
+        ]
+    )
 
 
 class CacheMismatchError(StoreError):
@@ -101,22 +104,33 @@ class TeacherSignal:
 
     def to_row(self) -> dict[str, Any]:
         vp = None if self.verdict_probs is None else [float(x) for row in self.verdict_probs for x in row]
-        return {ID: self.example_id, "query": self.query, "item_text": self.item_text,
-                "level_probs": [float(x) for x in self.level_probs], "verdict_probs": vp,
-                "rationale": self.rationale, "parse_error": self.parse_error,
-                "evidence": [{"dimension": d, "side": s, "start": int(a), "end": int(b)} for d, s, a, b in self.evidence],
-                "hidden": None if self.hidden is None else [float(x) for x in self.hidden]}
+        return {
+            ID: self.example_id,
+            "query": self.query,
+            "item_text": self.item_text,
+            "level_probs": [float(x) for x in self.level_probs],
+            "verdict_probs": vp,
+            "rationale": self.rationale,
+            "parse_error": self.parse_error,
+            "evidence": [{"dimension": d, "side": s, "start": int(a), "end": int(b)} for d, s, a, b in self.evidence],
+            "hidden": None if self.hidden is None else [float(x) for x in self.hidden],
+        }
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TeacherSignal:
         vp = row.get("verdict_probs")
         v = len(VERDICTS)
-        return cls(example_id=row[ID], query=row["query"], item_text=row["item_text"],
-                   level_probs=list(row["level_probs"]),
-                   verdict_probs=None if vp is None else [list(vp[i:i + v]) for i in range(0, len(vp), v)],
-                   rationale=row.get("rationale") or "", parse_error=row.get("parse_error"),
-                   evidence=[(e["dimension"], e["side"], e["start"], e["end"]) for e in row.get("evidence") or []],
-                   hidden=row.get("hidden"))
+        return cls(
+            example_id=row[ID],
+            query=row["query"],
+            item_text=row["item_text"],
+            level_probs=list(row["level_probs"]),
+            verdict_probs=None if vp is None else [list(vp[i : i + v]) for i in range(0, len(vp), v)],
+            rationale=row.get("rationale") or "",
+            parse_error=row.get("parse_error"),
+            evidence=[(e["dimension"], e["side"], e["start"], e["end"]) for e in row.get("evidence") or []],
+            hidden=row.get("hidden"),
+        )
 
 
 def signals_from_prediction(prediction: dict[str, Any]) -> list[TeacherSignal]:
@@ -126,12 +140,20 @@ def signals_from_prediction(prediction: dict[str, Any]) -> list[TeacherSignal]:
     verdicts = prediction["dim_probs"].float().tolist()
     hidden = prediction.get("hidden")
     hidden = hidden.to(torch.float16).float().tolist() if hidden is not None else [None] * n
-    return [TeacherSignal(example_id=prediction["example_id"][i], query=prediction["query"][i],
-                          item_text=prediction["item_text"][i], level_probs=probs[i],
-                          verdict_probs=verdicts[i] if prediction["has_verdicts"][i] else None,
-                          rationale=prediction["rationale"][i] or "", parse_error=prediction["parse_error"][i],
-                          evidence=list(prediction["evidence"][i]), hidden=hidden[i]) for i in range(n)]
-
+    return [
+        TeacherSignal(
+            example_id=prediction["example_id"][i],
+            query=prediction["query"][i],
+            item_text=prediction["item_text"][i],
+            level_probs=probs[i],
+            verdict_probs=verdicts[i] if prediction["has_verdicts"][i] else None,
+            rationale=prediction["rationale"][i] or "",
+            parse_error=prediction["parse_error"][i],
+            evidence=list(prediction["evidence"][i]),
+            hidden=hidden[i],
+        )
+        for i in range(n)
+    ]
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -176,15 +198,20 @@ class TeacherCache:
         self.path = Path(path)
         self.manifest = read_manifest(self.path, KIND)
         if self.manifest.get("kind") != KIND:
-            raise CacheMismatchError(f"{self.path}: not a teacher cache (its manifest has kind "
-                                     f"{self.manifest.get('kind')!r}); write one with ellm-mkd predict "
-                                     "--config configs/teacher/cache_*.yaml")
+            raise CacheMismatchError(
+                f"{self.path}: not a teacher cache (its manifest has kind "
+                f"{self.manifest.get('kind')!r}); write one with ellm-mkd predict "
+                "--config configs/teacher/cache_*.yaml"
+            )
         problems = describe_mismatch(self.manifest, {"schema_version": SCHEMA_VERSION, **(expect or {})})
         if problems:
-            raise CacheMismatchError(f"{self.path}: the teacher cache does not match this run ("
-                                     + "; ".join(problems) + "). It is stale or from another teacher, prompt "
-                                     "template, label scheme or item rendering: write the cache again with "
-                                     "ellm-mkd predict, or point at the right one")
+            raise CacheMismatchError(
+                f"{self.path}: the teacher cache does not match this run ("
+                + "; ".join(problems)
+                + "). It is stale or from another teacher, prompt "
+                "template, label scheme or item rendering: write the cache again with "
+                "ellm-mkd predict, or point at the right one"
+            )
         self.table = read_annotations(self.path, KIND)
         self._index: dict[str, int] | None = None
 
@@ -197,8 +224,10 @@ class TeacherCache:
             ids = self.table.column(ID).to_pylist() if self.table.num_rows else []
             dup = [k for k, c in Counter(ids).items() if c > 1]
             if dup:
-                raise StoreError(f"{self.path}: {len(dup)} example_id(s) occur in more than one row "
-                                 f"(first: {dup[:3]}); the cache is damaged, write it again")
+                raise StoreError(
+                    f"{self.path}: {len(dup)} example_id(s) occur in more than one row "
+                    f"(first: {dup[:3]}); the cache is damaged, write it again"
+                )
             self._index = {e: i for i, e in enumerate(ids)}
         return self._index
 
@@ -238,16 +267,26 @@ def inspect(path: str | Path, examples: int = 3) -> str:
     lines = [f"teacher cache {cache.path}", "manifest:"]
     lines += [f"  {k}: {json.dumps(m[k], ensure_ascii=False)}" for k in sorted(m)]
     n = len(cache)
-    lines.append(f"rows: {n}" + (f" of {m['expected_rows']} expected" if m.get("expected_rows") is not None else "")
-                 + ("" if m.get("complete") else "  (incomplete: the writing job has not finished; run it again to resume)"))
+    lines.append(
+        f"rows: {n}"
+        + (f" of {m['expected_rows']} expected" if m.get("expected_rows") is not None else "")
+        + ("" if m.get("complete") else "  (incomplete: the writing job has not finished; run it again to resume)")
+    )
     if not n:
         return "\n".join(lines)
     probs = cache.table.column("level_probs").to_pylist()
     counts = Counter(max(range(len(p)), key=p.__getitem__) for p in probs)
-    lines.append("teacher argmax level: " + ", ".join(
-        f"{names[k] if k < len(names) else k} {counts.get(k, 0)} ({counts.get(k, 0) / n:.1%})" for k in range(len(probs[0]))))
-    lines.append(f"mean entropy of the level distribution: {sum(map(entropy, probs)) / n:.3f} nats "
-                 f"(uniform: {math.log(len(probs[0])):.3f})")
+    lines.append(
+        "teacher argmax level: "
+        + ", ".join(
+            f"{names[k] if k < len(names) else k} {counts.get(k, 0)} ({counts.get(k, 0) / n:.1%})"
+            for k in range(len(probs[0]))
+        )
+    )
+    lines.append(
+        f"mean entropy of the level distribution: {sum(map(entropy, probs)) / n:.3f} nats "
+        f"(uniform: {math.log(len(probs[0])):.3f})"
+    )
     errors = sum(e is not None for e in cache.table.column("parse_error").to_pylist())
     has_verdicts = [v is not None for v in cache.table.column("verdict_probs").to_pylist()]
     lines.append(f"rows with verdicts: {sum(has_verdicts)}; chains that did not parse: {errors}")
@@ -258,35 +297,21 @@ def inspect(path: str | Path, examples: int = 3) -> str:
         level = max(range(len(sig.level_probs)), key=sig.level_probs.__getitem__)
         q_spans = [(d, a, b) for d, s, a, b in sig.evidence if s == "query"]
         i_spans = [(d, a, b) for d, s, a, b in sig.evidence if s == "item"]
-        lines += ["", f"example {sig.example_id}: level {names[level] if level < len(names) else level} "
-                  f"(p={sig.level_probs[level]:.2f})",
-                  f"  query: {highlight(sig.query, q_spans)}", f"  item:  {highlight(sig.item_text, i_spans)}"]
+        lines += [
+            "",
+            f"example {sig.example_id}: level {names[level] if level < len(names) else level} "
+            f"(p={sig.level_probs[level]:.2f})",
+            f"  query: {highlight(sig.query, q_spans)}",
+            f"  item:  {highlight(sig.item_text, i_spans)}",
+        ]
         if sig.rationale:
             lines += ["  chain:"] + [f"    {ln}" for ln in sig.rationale.splitlines()]
         if sig.verdict_probs is not None:
-            lines.append("  verdicts: " + ", ".join(
-                f"{d}={VERDICTS[max(range(len(v)), key=v.__getitem__)]}" for d, v in zip(DIMENSIONS, sig.verdict_probs)))
+            lines.append(
+                "  verdicts: "
+                + ", ".join(
+                    f"{d}={VERDICTS[max(range(len(v)), key=v.__getitem__)]}"
+                    for d, v in zip(DIMENSIONS, sig.verdict_probs)
+                )
+            )
     return "\n".join(lines)
-
-
-def cache_main(argv: list[str]) -> int:
-    """``ellm-mkd cache inspect PATH [--examples N]``."""
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(prog="ellm-mkd cache", description="Look at a teacher cache.")
-    sub = p.add_subcommands()
-    ins = ArgumentParser(description="print the manifest, row count, teacher level distribution, mean entropy "
-                                     "and a few chains with their evidence marked as [words]{dimension}")
-    ins.add_argument("path", type=str, help="the cache directory")
-    ins.add_argument("--examples", type=int, default=3, help="how many examples to show")
-    sub.add_subcommand("inspect", ins)
-    cfg = p.parse_args(argv)
-    args = cfg.inspect
-    try:
-        print(inspect(args.path, args.examples))
-    except (StoreError, ValueError) as e:
-        import sys
-
-        print(f"ellm-mkd cache inspect: {e}", file=sys.stderr)
-        return 2
-    return 0

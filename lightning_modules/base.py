@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.schema import DIMENSIONS, VERDICTS
+from datamodules.inputs import InputLayout
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 from .evaluation import RelevanceEvaluation
-
 
 
 @dataclass
@@ -76,12 +76,11 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         warmup_ratio: share of training steps of linear warm-up.
         scheduler: decay after warm-up: ``linear``, ``cosine`` or ``constant``.
         w_hard, w_grade, w_dim: weights of the loss terms.
-        max_seq_length: token budget of one input (passed to the data module).
+        max_seq_length: token budget of one input: the only one (the data module gets it with the
+            student's input layout, :meth:`input_layout`).
         trust_remote_code: allow model code from the model directory (off unless you trust it).
         log_figures: log confusion matrix, reliability diagram and PR curve images to TensorBoard.
     """
-
-    inputs: str = "pair"
 
     def __init__(
         self,
@@ -183,32 +182,65 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         labelled = labels != -100
         zero = out.level_logits.sum() * 0.0  # keeps every term in the graph (DDP: no unused parameters)
         if hp.w_hard:
-            terms["hard"] = hp.w_hard * (F.cross_entropy(out.level_logits, labels, ignore_index=-100)
-                                         if labelled.any() else zero)
+            terms["hard"] = hp.w_hard * (
+                F.cross_entropy(out.level_logits, labels, ignore_index=-100) if labelled.any() else zero
+            )
         if hp.w_grade:
             grades = batch["grades"]
             ok = ~torch.isnan(grades)
             span = (self.level_grades.max() - self.level_grades.min()).clamp_min(1e-6)
-            terms["grade"] = hp.w_grade * (F.mse_loss(out.expected_grade[ok] / span, grades[ok] / span)
-                                           if ok.any() else zero)
+            terms["grade"] = hp.w_grade * (
+                F.mse_loss(out.expected_grade[ok] / span, grades[ok] / span) if ok.any() else zero
+            )
         if hp.w_dim:
             tgt = batch["dim_targets"]
             known = tgt != -100
-            terms["dim"] = hp.w_dim * (F.cross_entropy(out.dim_logits[known], tgt[known]) if known.any()
-                                       else out.dim_logits.sum() * 0.0)
+            terms["dim"] = hp.w_dim * (
+                F.cross_entropy(out.dim_logits[known], tgt[known]) if known.any() else out.dim_logits.sum() * 0.0
+            )
         trainer = self._trainer
-        if trainer is not None:
+        if trainer is not None and self.training:
+            # callbacks that add terms (MKDistillation): each names the student terms it replaces, and
+            # its own terms have names of their own, so nothing is overwritten by accident
             for cb in trainer.callbacks:
                 fn = getattr(cb, "loss_terms", None)
-                if callable(fn):
-                    terms.update(fn(self, batch, out))
+                if not callable(fn):
+                    continue
+                for name in cb.replaces() if callable(getattr(cb, "replaces", None)) else ():
+                    terms.pop(name, None)
+                extra = fn(self, batch, out)
+                clash = set(extra) & set(terms)
+                if clash:
+                    raise ValueError(f"{type(cb).__name__} adds loss terms the student already has: {sorted(clash)}")
+                terms.update(extra)
         return terms
+
+    # -- what each student says about its own inputs -----------------------------------------
+    def input_layout(self) -> InputLayout:
+        """How this student takes its inputs: tokenization and the evidence masks over its tokens."""
+        raise NotImplementedError
+
+    def chain_encoder(self) -> nn.Module:
+        """The encoder whose frozen copy embeds the teacher's chains (the rationale embedding)."""
+        raise NotImplementedError
+
+    def prepare_rationale_alignment(self, attention_layers: Sequence[int]) -> None:
+        """Get ready to expose the token distributions :meth:`rationale_alignment` reads (called once,
+        before training, by the distillation callback)."""
+
+    def rationale_alignment(
+        self, batch: dict[str, Any], out: StudentOutput, attention_heads: Sequence[int] | None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per input sequence of this student: its distribution over tokens ``[B, T]``, the evidence
+        mask over the same tokens and the attention mask; the rationale term aligns the first to the
+        second (:func:`callbacks.losses.rationale_attention_loss`)."""
+        raise NotImplementedError
 
     # -- lifecycle -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
-            dm.connect(tokenizer=self.tokenizer, inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
+            dm.connect(layout=self.input_layout())
             self.connect_levels(dm, stage)
         self._build_metrics()
 
@@ -225,8 +257,12 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         out = self(batch)
         terms = self.loss_terms(batch, out)
-        self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), batch_size=len(batch["example_id"]),
-                 sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            torch.stack(list(terms.values())).sum(),
+            batch_size=len(batch["example_id"]),
+            sync_dist=True,
+        )
         self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -237,9 +273,12 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         out = self(batch)
-        return {"example_id": batch["example_id"], "probs": out.probs.cpu(),
-                "expected_grade": out.expected_grade.float().cpu(),
-                "dim_probs": out.dim_logits.float().softmax(-1).cpu()}
+        return {
+            "example_id": batch["example_id"],
+            "probs": out.probs.cpu(),
+            "expected_grade": out.expected_grade.float().cpu(),
+            "dim_probs": out.dim_logits.float().softmax(-1).cpu(),
+        }
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -253,12 +292,19 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
                 continue
             no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
             groups.setdefault((id(p) in head_ids, no_decay), []).append(p)
-        param_groups = [{"params": ps, "lr": (hp.head_lr or hp.lr) if head else hp.lr,
-                         "weight_decay": 0.0 if nd else hp.weight_decay} for (head, nd), ps in groups.items()]
+        param_groups = [
+            {
+                "params": ps,
+                "lr": (hp.head_lr or hp.lr) if head else hp.lr,
+                "weight_decay": 0.0 if nd else hp.weight_decay,
+            }
+            for (head, nd), ps in groups.items()
+        ]
         # The fused kernel (CPU and CUDA) makes the step ~8x faster on CPU than the for-each one:
         # measured here 165 ms -> 21 ms per step for MiniLM-L6, i.e. 73 -> 130 training pairs/s.
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-                    for g in param_groups for p in g["params"])
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in param_groups for p in g["params"]
+        )
         opt = torch.optim.AdamW(param_groups, lr=hp.lr, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[hp.scheduler]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datamodules.schema import DIMENSIONS, VERDICTS
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 log = logging.getLogger(__name__)
 STAGES = ("val", "test")
@@ -44,7 +44,9 @@ class RelevanceEvaluation:
         self.num_levels = num_levels
         self.relevant_level = relevant_level
         self.level_names: tuple[str, ...] = tuple(f"level{i}" for i in range(num_levels))
-        grades = torch.tensor(level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32)
+        grades = torch.tensor(
+            level_grades if level_grades is not None else list(range(num_levels)), dtype=torch.float32
+        )
         self.register_buffer("level_grades", grades)
         self.register_buffer("level_grades_set", torch.tensor(level_grades is not None))
         return relevant_level
@@ -67,19 +69,39 @@ class RelevanceEvaluation:
 
         from ellm_mkd.metrics import RelevanceMetrics
 
-        self.eval_metrics = nn.ModuleDict({
-            s: RelevanceMetrics(self.num_levels, self.level_names, self.relevant_level) for s in STAGES})
-        self.dim_metrics = nn.ModuleDict({
-            s: nn.ModuleDict({d: MulticlassAccuracy(len(VERDICTS), average="micro", ignore_index=-100) for d in DIMENSIONS})
-            for s in STAGES})
+        self.eval_metrics = nn.ModuleDict(
+            {s: RelevanceMetrics(self.num_levels, self.level_names, self.relevant_level) for s in STAGES}
+        )
+        self.dim_metrics = nn.ModuleDict(
+            {
+                s: nn.ModuleDict(
+                    {d: MulticlassAccuracy(len(VERDICTS), average="micro", ignore_index=-100) for d in DIMENSIONS}
+                )
+                for s in STAGES
+            }
+        )
         self.dim_known = nn.ModuleDict({s: SumMetric() for s in STAGES})
 
-    def update_eval_metrics(self, stage: str, batch: dict[str, Any], probs: Tensor, expected_grade: Tensor,
-                            dim_scores: Tensor, dims: bool = True) -> None:
+    def update_eval_metrics(
+        self,
+        stage: str,
+        batch: dict[str, Any],
+        probs: Tensor,
+        expected_grade: Tensor,
+        dim_scores: Tensor,
+        dims: bool = True,
+    ) -> None:
         """``probs [B, K]``, ``expected_grade [B]``, ``dim_scores [B, D, V]`` (logits or probabilities;
         ``dims=False``: the model gave no verdicts for this batch, so dimension accuracy is not updated)."""
-        self.eval_metrics[stage].update(probs, expected_grade, batch["labels"], batch["grades"], batch["gains"],
-                                        batch["query_ids"], batch["bucket_ids"])
+        self.eval_metrics[stage].update(
+            probs,
+            expected_grade,
+            batch["labels"],
+            batch["grades"],
+            batch["gains"],
+            batch["query_ids"],
+            batch["bucket_ids"],
+        )
         if not dims:
             return
         tgt = batch["dim_targets"]
@@ -119,17 +141,25 @@ class RelevanceEvaluation:
         self._eval_epoch_end("test")
 
     def _log_figures(self, stage: str, m) -> None:
-        if not self.hparams.log_figures or self.trainer.global_rank != 0:
+        """Confusion matrix, reliability diagram and PR curve to TensorBoard.
+
+        The figures gather every process's rows (collectives), so under DDP every rank builds them
+        and rank 0 alone writes them; a rank that skipped the gather would leave the others waiting
+        in it for ever. Whether to log is decided from the configuration, the same on every rank."""
+        if not self.hparams.log_figures:
             return
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
+        figures = m.figures()
+        targets, scores = m.pr_curve_data()
+        if self.trainer.global_rank != 0:
+            return
         exp = loggers[0].experiment
         step = self.global_step
-        for name, fig in m.figures().items():
+        for name, fig in figures.items():
             exp.add_figure(f"{stage}/{name}", fig, global_step=step, close=True)
-        targets, scores = m.pr_curve_data()
         if targets.numel():
             exp.add_pr_curve(f"{stage}/pr_relevant", targets.int(), scores.float(), global_step=step)

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
+from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
+from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
 from ellm_mkd.prompts import PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token, lm_parts
 
@@ -87,8 +88,6 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         trust_remote_code: allow model code from the model directory.
         log_figures: log confusion matrix, reliability diagram and PR curve images.
     """
-
-    inputs = "text"
 
     def __init__(
         self,
@@ -147,8 +146,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         elif use_lora:
             from peft import LoraConfig, get_peft_model
 
-            cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             target_modules=list(lora_target_modules), task_type="CAUSAL_LM")
+            cfg = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
             lm = get_peft_model(lm, cfg)
         self.model = lm
         self.predict_hidden = False  # set by the cache writer when it stores hidden vectors
@@ -162,11 +166,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
-            dm.connect(inputs=self.inputs, max_seq_length=self.hparams.max_seq_length)
+            dm.connect(layout=TextInputs())  # strings: the teacher builds its own prompts
             self.connect_levels(dm, stage)
             if stage == "fit" and not getattr(dm, "annotations", None):
-                raise ValueError("the teacher learns from annotated chains of thought: set data.annotations to the "
-                                 "directory written by ellm-mkd annotate")
+                raise ValueError(
+                    "the teacher learns from annotated chains of thought: set data.annotations to the "
+                    "directory written by ellm-mkd annotate"
+                )
         from torchmetrics import SumMetric
 
         self._build_metrics()
@@ -177,21 +183,33 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     @property
     def readout(self) -> TeacherReadout:
         if self._readout is None:
-            self._readout = TeacherReadout(self.model, self.tokenizer, self.level_names, self.template,
-                                           self.hparams.max_new_tokens, self.hparams.stop_unparseable)
+            self._readout = TeacherReadout(
+                self.model,
+                self.tokenizer,
+                self.level_names,
+                self.template,
+                self.hparams.max_new_tokens,
+                self.hparams.stop_unparseable,
+            )
         return self._readout
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def build_training_batch(self, batch: dict[str, Any], modes: list[Mode] | None = None
-                             ) -> tuple[Tensor, Tensor, Tensor, int]:
+    def build_training_batch(
+        self, batch: dict[str, Any], modes: list[Mode] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         """``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and the number of
         truncated sequences, for every example x every mode (default: ``train_modes``)."""
         eos = self.readout.stop_ids[:1] or [self.tokenizer.eos_token_id]
         seqs: list[tuple[list[int], int]] = []
-        for q, d, lab, rationale, eid in zip(batch["query"], batch["item_text"], batch["labels"].tolist(),
-                                             batch.get("rationale") or [None] * len(batch["query"]), batch["example_id"]):
+        for q, d, lab, rationale, eid in zip(
+            batch["query"],
+            batch["item_text"],
+            batch["labels"].tolist(),
+            batch.get("rationale") or [None] * len(batch["query"]),
+            batch["example_id"],
+        ):
             for mode in modes or self.hparams.train_modes:
                 if mode == "cot":
                     if not rationale:
@@ -215,9 +233,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         labels = torch.full_like(ids, -100)
         for i, (s, n_prompt) in enumerate(seqs):
             s = s[:limit]
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-            labels[i, n_prompt:len(s)] = ids[i, n_prompt:len(s)]
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, n_prompt : len(s)] = ids[i, n_prompt : len(s)]
         dev = self.device
         return ids.to(dev), mask.to(dev), labels.to(dev), truncated
 
@@ -252,13 +270,23 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         self.log("train/truncated", float(truncated), batch_size=bs, reduce_fx="sum")
         return loss
 
+    def use_readout(self, mode: ReadMode, max_new_tokens: int | None = None) -> None:
+        """Read ``test``/``predict`` (and a cache) with ``mode`` from now on, and write chains of at most
+        ``max_new_tokens`` tokens when given; the one place other code changes how the teacher reads."""
+        self.hparams.test_mode = mode
+        if max_new_tokens is not None and max_new_tokens != self.hparams.max_new_tokens:
+            self.hparams.max_new_tokens = max_new_tokens
+            self._readout = None  # the readout holds the budget it was built with
+
     def read(self, batch: dict[str, Any], mode: ReadMode):
         if mode == "direct":
             return self.readout.direct(batch["query"], batch["item_text"])
         if mode == "forced":
             if batch.get("rationale") is None:
-                raise ValueError("readout 'forced' scores the annotated chains: set data.annotations to a store "
-                                 "written by ellm-mkd annotate over the splits being read")
+                raise ValueError(
+                    "readout 'forced' scores the annotated chains: set data.annotations to a store "
+                    "written by ellm-mkd annotate over the splits being read"
+                )
             return self.readout.forced(batch["query"], batch["item_text"], batch["rationale"])
         return self.readout.cot(batch["query"], batch["item_text"])
 
@@ -266,8 +294,12 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         mode = self.hparams.val_mode if stage == "val" else self.hparams.test_mode
         if batch.get("rationale") is not None and all(batch["rationale"]) and "cot" in self.hparams.train_modes:
             ids, mask, labels, _ = self.build_training_batch(batch)
-            self.log(f"{stage}/loss", self.response_loss(ids, mask, labels), batch_size=len(batch["example_id"]),
-                     sync_dist=True)
+            self.log(
+                f"{stage}/loss",
+                self.response_loss(ids, mask, labels),
+                batch_size=len(batch["example_id"]),
+                sync_dist=True,
+            )
         r = self.read(batch, mode)
         dev = self.device
         probs = r.level_probs.to(dev)
@@ -305,12 +337,23 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         ``has_verdicts`` is False where the verdicts are placeholders (direct readout, unparsed chain)."""
         mode = self.hparams.test_mode
         r = self.read(batch, mode)
-        evidence = [evidence_spans(c, q, d) if c is not None else []
-                    for c, q, d in zip(r.chains, batch["query"], batch["item_text"])]
-        out = {"example_id": batch["example_id"], "query": batch["query"], "item_text": batch["item_text"],
-               "probs": r.level_probs, "expected_grade": r.level_probs @ self.level_grades.cpu(),
-               "dim_probs": r.verdict_probs, "has_verdicts": [c is not None for c in r.chains],
-               "rationale": r.rationales, "parse_error": r.errors, "evidence": evidence, "mode": mode}
+        evidence = [
+            evidence_spans(c, q, d) if c is not None else []
+            for c, q, d in zip(r.chains, batch["query"], batch["item_text"])
+        ]
+        out = {
+            "example_id": batch["example_id"],
+            "query": batch["query"],
+            "item_text": batch["item_text"],
+            "probs": r.level_probs,
+            "expected_grade": r.level_probs @ self.level_grades.cpu(),
+            "dim_probs": r.verdict_probs,
+            "has_verdicts": [c is not None for c in r.chains],
+            "rationale": r.rationales,
+            "parse_error": r.errors,
+            "evidence": evidence,
+            "mode": mode,
+        }
         if self.predict_hidden:
             out["hidden"] = self.readout.hidden(r)
         return out
@@ -320,9 +363,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         as loaded now, adapter included), prompt template fingerprint, readout mode and budget."""
         from ellm_mkd.teacher_cache import weights_fingerprint
 
-        return {"model": self.hparams.model, "weights_hash": weights_fingerprint(self.model),
-                "template_fingerprint": self.template.fingerprint(), "readout": self.hparams.test_mode,
-                "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode != "direct" else None}
+        return {
+            "model": self.hparams.model,
+            "weights_hash": weights_fingerprint(self.model),
+            "template_fingerprint": self.template.fingerprint(),
+            "readout": self.hparams.test_mode,
+            "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode != "direct" else None,
+        }
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -364,9 +411,14 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         out = Path(out_dir)
         from ellm_mkd.teacher_cache import weights_fingerprint
 
-        info = {"base_model": self.hparams.model, "base_model_path": self.model_path, "level_names": list(self.level_names),
-                "template": self.template.__dict__, "template_fingerprint": self.template.fingerprint(),
-                "weights_hash": weights_fingerprint(self.model)}
+        info = {
+            "base_model": self.hparams.model,
+            "base_model_path": self.model_path,
+            "level_names": list(self.level_names),
+            "template": self.template.__dict__,
+            "template_fingerprint": self.template.fingerprint(),
+            "weights_hash": weights_fingerprint(self.model),
+        }
         if self.hparams.use_lora:
             self.model.save_pretrained(out / "adapter")
             self.tokenizer.save_pretrained(out / "adapter")
@@ -385,4 +437,3 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         out = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "teacher")
         self.export(out, merged=self.hparams.save_merged)
         log.info("teacher written to %s (adapter/, merged/, teacher.json)", out)
-

@@ -17,15 +17,50 @@ items of the same query other than itself masked out (they may be relevant too).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.teacher_batch import evidence_token_mask, side_spans
 from ellm_mkd.models import load_encoder, load_tokenizer
 
 from .base import RelevanceStudent, StudentOutput
+
+log = logging.getLogger(__name__)
+SIDES = ("query", "item")
+
+
+@dataclass
+class TowerInputs:
+    """The two-tower input: the query and the item tokenized apart (``query_input_ids``,
+    ``item_input_ids`` and their attention masks), with one evidence mask per tower."""
+
+    tokenizer: Any
+    max_seq_length: int
+
+    def encode(self, batch: dict[str, Any], with_offsets: bool) -> dict[str, Any]:
+        kw = dict(
+            truncation=True,
+            max_length=self.max_seq_length,
+            padding=True,
+            return_tensors="pt",
+            return_offsets_mapping=with_offsets,
+        )
+        encodings = {side: self.tokenizer(batch["query" if side == "query" else "item_text"], **kw) for side in SIDES}
+        for side, enc in encodings.items():
+            batch.update({f"{side}_{k}": v for k, v in enc.items() if k != "offset_mapping"})
+        return encodings
+
+    def rationale_masks(self, batch: dict[str, Any], signals: list[Any], encodings: dict[str, Any]) -> None:
+        for side in SIDES:
+            batch[f"{side}_rationale_mask"] = evidence_token_mask(
+                encodings[side], [{0: side_spans(s, side)} for s in signals]
+            )
 
 
 class TwoTowerStudent(RelevanceStudent):
@@ -39,22 +74,33 @@ class TwoTowerStudent(RelevanceStudent):
         in_batch_temperature: temperature of that loss's softmax over cosine similarities.
     """
 
-    inputs = "towers"
-
-    def __init__(self, *args: Any, shared_towers: bool = True, pooling: Literal["mean", "cls", "weighted"] = "mean",
-                 scorer_hidden: int = 256, w_in_batch: float = 0.0, in_batch_temperature: float = 0.05, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        shared_towers: bool = True,
+        pooling: Literal["mean", "cls", "weighted"] = "mean",
+        scorer_hidden: int = 256,
+        w_in_batch: float = 0.0,
+        in_batch_temperature: float = 0.05,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.encoder, trust_remote_code=hp.trust_remote_code)
         self.query_encoder = self._drop_pooler(load_encoder(hp.encoder, trust_remote_code=hp.trust_remote_code))
-        self.item_encoder = self.query_encoder if shared_towers else \
-            self._drop_pooler(load_encoder(hp.encoder, trust_remote_code=hp.trust_remote_code))
+        self.item_encoder = (
+            self.query_encoder
+            if shared_towers
+            else self._drop_pooler(load_encoder(hp.encoder, trust_remote_code=hp.trust_remote_code))
+        )
         h = self.query_encoder.config.hidden_size
         if pooling == "weighted":
             self.query_token_weight = nn.Linear(h, 1)
             self.item_token_weight = self.query_token_weight if shared_towers else nn.Linear(h, 1)
-        self.scorer = nn.Sequential(nn.Linear(4 * h, scorer_hidden), nn.GELU(), nn.Linear(scorer_hidden, scorer_hidden), nn.GELU())
+        self.scorer = nn.Sequential(
+            nn.Linear(4 * h, scorer_hidden), nn.GELU(), nn.Linear(scorer_hidden, scorer_hidden), nn.GELU()
+        )
         self._build_heads(scorer_hidden)
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -65,8 +111,13 @@ class TwoTowerStudent(RelevanceStudent):
                 extra += [*self.item_token_weight.parameters()]
         return [*super().head_parameters(), *extra]
 
-    def embed(self, tower: Literal["query", "item"], input_ids: Tensor, attention_mask: Tensor,
-              token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def embed(
+        self,
+        tower: Literal["query", "item"],
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Vector ``[B, H]`` of one tower and its pooling weights ``[B, T]`` (rows sum to 1)."""
         enc = self.query_encoder if tower == "query" else self.item_encoder
         kw = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -85,6 +136,28 @@ class TwoTowerStudent(RelevanceStudent):
             weights = scores.softmax(-1).to(hidden.dtype)
         return torch.einsum("bt,bth->bh", weights, hidden), weights
 
+    def input_layout(self) -> TowerInputs:
+        return TowerInputs(self.tokenizer, self.hparams.max_seq_length)
+
+    def chain_encoder(self) -> nn.Module:
+        return self.item_encoder
+
+    def prepare_rationale_alignment(self, attention_layers: Sequence[int]) -> None:
+        if self.hparams.pooling != "weighted":
+            log.warning(
+                "distill: w_rationale aligns the towers' pooling weights, which only learn with "
+                "pooling: weighted (this student pools by %s): the term will not train anything",
+                self.hparams.pooling,
+            )
+
+    def rationale_alignment(
+        self, batch: dict[str, Any], out: StudentOutput, attention_heads: Sequence[int] | None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        return [
+            (out.extras[f"{side}_pool_weights"], batch[f"{side}_rationale_mask"], batch[f"{side}_attention_mask"])
+            for side in SIDES
+        ]
+
     def score_vectors(self, q: Tensor, d: Tensor) -> Tensor:
         """Pair representation from precomputed query and item vectors."""
         return self.scorer(torch.cat([q, d, q * d, (q - d).abs()], dim=-1))
@@ -94,22 +167,40 @@ class TwoTowerStudent(RelevanceStudent):
         """Vectors of raw texts (e.g. the whole item catalog, ahead of serving)."""
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i:i + batch_size], truncation=True, max_length=self.hparams.max_seq_length,
-                                 padding=True, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                texts[i : i + batch_size],
+                truncation=True,
+                max_length=self.hparams.max_seq_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(self.device)
             out.append(self.embed(tower, **enc)[0])
         return torch.cat(out) if out else torch.empty(0, self.query_encoder.config.hidden_size)
 
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        q, qw = self.embed("query", batch["query_input_ids"], batch["query_attention_mask"], batch.get("query_token_type_ids"))
-        d, dw = self.embed("item", batch["item_input_ids"], batch["item_attention_mask"], batch.get("item_token_type_ids"))
-        return self.score_vectors(q, d), {"query_vec": q, "item_vec": d, "query_pool_weights": qw, "item_pool_weights": dw}
+        q, qw = self.embed(
+            "query", batch["query_input_ids"], batch["query_attention_mask"], batch.get("query_token_type_ids")
+        )
+        d, dw = self.embed(
+            "item", batch["item_input_ids"], batch["item_attention_mask"], batch.get("item_token_type_ids")
+        )
+        return self.score_vectors(q, d), {
+            "query_vec": q,
+            "item_vec": d,
+            "query_pool_weights": qw,
+            "item_pool_weights": dw,
+        }
 
     def loss_terms(self, batch: dict[str, Any], out: StudentOutput) -> dict[str, Tensor]:
         terms = super().loss_terms(batch, out)
         if self.hparams.w_in_batch:
             terms["in_batch"] = self.hparams.w_in_batch * in_batch_negatives_loss(
-                out.extras["query_vec"], out.extras["item_vec"], batch["labels"] >= self.relevant_level,
-                batch["query_ids"], self.hparams.in_batch_temperature)
+                out.extras["query_vec"],
+                out.extras["item_vec"],
+                batch["labels"] >= self.relevant_level,
+                batch["query_ids"],
+                self.hparams.in_batch_temperature,
+            )
         return terms
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from datamodules.schema import DIMENSIONS, VERDICTS
 from ellm_mkd.annotation_store import AnnotationStore
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 from ellm_mkd.teacher_cache import KIND, SCHEMA_VERSION, VOLATILE_KEYS, TeacherSignal, cache_schema
 
 
@@ -30,21 +30,37 @@ def rule_signals(dm, splits=("train", "val", "test")) -> list[TeacherSignal]:
             p = torch.rand(dm.num_levels, generator=g).softmax(-1).tolist()
             v = torch.rand(len(DIMENSIONS), len(VERDICTS), generator=g).softmax(-1).tolist()
             h = torch.randn(8, generator=g).to(torch.float16).float().tolist()
-            out.append(TeacherSignal(r["example_id"], r["query"], r["item_text"], p, v, text, None,
-                                     evidence_spans(chain, r["query"], r["item_text"]), h))
+            out.append(
+                TeacherSignal(
+                    r["example_id"],
+                    r["query"],
+                    r["item_text"],
+                    p,
+                    v,
+                    text,
+                    None,
+                    evidence_spans(chain, r["query"], r["item_text"]),
+                    h,
+                )
+            )
     return out
 
 
 def write_cache(path: Path, dm, signals: list[TeacherSignal], **manifest_over) -> None:
-    manifest = {"kind": KIND, "schema_version": SCHEMA_VERSION,
-                "teacher": {"model": "rules", "weights_hash": "abc", "template_fingerprint": "t0", "readout": "cot"},
-                "label_scheme": dm.scheme.describe(), "level_names": list(dm.level_names),
-                "item_fields": list(dm.item_fields), "hidden_size": 8, **manifest_over}
-    with AnnotationStore(path, manifest, fmt="parquet", rows_per_shard=100, volatile_keys=VOLATILE_KEYS, kind=KIND,
-                         schema=cache_schema()) as store:
+    manifest = {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "teacher": {"model": "rules", "weights_hash": "abc", "template_fingerprint": "t0", "readout": "cot"},
+        "label_scheme": dm.scheme.describe(),
+        "level_names": list(dm.level_names),
+        "item_fields": list(dm.item_fields),
+        "hidden_size": 8,
+        **manifest_over,
+    }
+    with AnnotationStore(
+        path, manifest, fmt="parquet", rows_per_shard=100, volatile_keys=VOLATILE_KEYS, kind=KIND, schema=cache_schema()
+    ) as store:
         store.append([s.to_row() for s in signals])
-
-
 
 
 def save_tiny_bert(out: Path, tokenizer, **config) -> str:
@@ -52,8 +68,15 @@ def save_tiny_bert(out: Path, tokenizer, **config) -> str:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256, **config)
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        **config,
+    )
     BertModel(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
@@ -62,10 +85,27 @@ def save_tiny_bert(out: Path, tokenizer, **config) -> str:
 def run_cli_metrics(cmd: str, config: Path, tmp: Path, name: str, *args: str) -> dict[str, float]:
     """``python -m ellm_mkd <cmd> --config <config> ...`` in a subprocess with a CSV logger; the last logged
     value of every metric."""
-    full = [sys.executable, "-m", "ellm_mkd", cmd, "--config", str(config), *args,
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.logger.init_args.name", name, "--trainer.default_root_dir", str(tmp / name),
-            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+    full = [
+        sys.executable,
+        "-m",
+        "ellm_mkd",
+        cmd,
+        "--config",
+        str(config),
+        *args,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp),
+        "--trainer.logger.init_args.name",
+        name,
+        "--trainer.default_root_dir",
+        str(tmp / name),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32-true",
+    ]
     r = subprocess.run(full, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     last: dict[str, float] = {}

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ellm_mkd.annotate import LLMAnnotator, annotate_main
+from ellm_mkd.annotation import LLMAnnotator
 from ellm_mkd.annotation_store import StoreError, read_annotations
+from ellm_mkd.commands.annotate import annotate_main
 from ellm_mkd.cot import parse
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,9 +26,16 @@ LEVELS = ("irrelevant", "complement", "substitute", "exact")
 
 def chain_for(query: str, item: str, level: str) -> str:
     first = item.split()[0]
-    return "\n".join([f'category: query {json.dumps(query)} | item {json.dumps(first)} => match',
-                      "brand: query - | item - => absent", "model: query - | item - => absent",
-                      "attributes: query - | item - => absent", "usage: query - | item - => absent", f"level: {level}"])
+    return "\n".join(
+        [
+            f"category: query {json.dumps(query)} | item {json.dumps(first)} => match",
+            "brand: query - | item - => absent",
+            "model: query - | item - => absent",
+            "attributes: query - | item - => absent",
+            "usage: query - | item - => absent",
+            f"level: {level}",
+        ]
+    )
 
 
 class ChainServer:
@@ -51,11 +59,20 @@ class ChainServer:
                 user = body["messages"][-1]["content"]
                 query = json.loads(re.search(r"^Query: (.*)$", user, re.M).group(1))
                 item = json.loads(re.search(r"^Product: (.*)$", user, re.M).group(1))
-                texts = [chain_for(query, item, "exact" if i < 2 else "irrelevant") if i < 3 else "I think it fits."
-                         for i in range(body.get("n", 1))]
-                payload = json.dumps({"object": "chat.completion", "model": body["model"], "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
-                    for i, t in enumerate(texts)]}).encode()
+                texts = [
+                    chain_for(query, item, "exact" if i < 2 else "irrelevant") if i < 3 else "I think it fits."
+                    for i in range(body.get("n", 1))
+                ]
+                payload = json.dumps(
+                    {
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                            for i, t in enumerate(texts)
+                        ],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -80,8 +97,19 @@ def chain_server():
 
 
 def _rules(synth_dir: Path, out: Path, *extra: str) -> int:
-    return annotate_main(["--data.source.path", str(synth_dir), "--data.item_fields", "[title,brand,color,attributes]",
-                          "--out", str(out), "--progress", "false", *extra])
+    return annotate_main(
+        [
+            "--data.source.path",
+            str(synth_dir),
+            "--data.item_fields",
+            "[title,brand,color,attributes]",
+            "--out",
+            str(out),
+            "--progress",
+            "false",
+            *extra,
+        ]
+    )
 
 
 def test_rules_annotation_is_complete_valid_and_resumes(synth_dir, tmp_path):
@@ -107,8 +135,18 @@ def test_rules_annotation_is_complete_valid_and_resumes(synth_dir, tmp_path):
     assert summary["written_this_run"] == len(rows) - 300
     # the same store with other item fields would mix chains quoting different texts
     with pytest.raises(StoreError, match="item_fields"):
-        annotate_main(["--data.source.path", str(synth_dir), "--data.item_fields", "[title]", "--out", str(out),
-                       "--progress", "false"])
+        annotate_main(
+            [
+                "--data.source.path",
+                str(synth_dir),
+                "--data.item_fields",
+                "[title]",
+                "--out",
+                str(out),
+                "--progress",
+                "false",
+            ]
+        )
 
 
 def test_teacher_data_module_joins_the_chains(synth_dir, tmp_path):
@@ -116,7 +154,7 @@ def test_teacher_data_module_joins_the_chains(synth_dir, tmp_path):
 
     out = tmp_path / "ann"
     assert _rules(synth_dir, out, "--splits", "[train]", "--limit", "200") == 0
-    kw = dict(item_fields=["title", "brand", "color", "attributes"], annotations=str(out), inputs="text")
+    kw = dict(item_fields=["title", "brand", "color", "attributes"], annotations=str(out))
     with pytest.raises(ValueError, match="have no kept chain"):
         RelevanceDataModule({"path": str(synth_dir)}, **kw).setup("fit")
     dm = RelevanceDataModule({"path": str(synth_dir)}, missing_annotations="skip", batch_size=4, **kw)
@@ -162,10 +200,28 @@ def test_vote_ties_go_to_the_human_label_and_disagreement_is_not_kept():
 
 
 def _llm_args(synth_dir: Path, out: Path, url: str) -> list[str]:
-    return ["--data.source.path", str(synth_dir), "--data.item_fields", "[title,brand]", "--out", str(out),
-            "--annotator", "llm", "--llm.backend", "ellm_mkd.backends.OpenAIChatBackend",
-            "--llm.backend.init_args.base_url", url, "--llm.backend.init_args.model", "teacher",
-            "--llm.backend.init_args.concurrency", "4", "--llm.samples", "4", "--progress", "false"]
+    return [
+        "--data.source.path",
+        str(synth_dir),
+        "--data.item_fields",
+        "[title,brand]",
+        "--out",
+        str(out),
+        "--annotator",
+        "llm",
+        "--llm.backend",
+        "ellm_mkd.backends.OpenAIChatBackend",
+        "--llm.backend.init_args.base_url",
+        url,
+        "--llm.backend.init_args.model",
+        "teacher",
+        "--llm.backend.init_args.concurrency",
+        "4",
+        "--llm.samples",
+        "4",
+        "--progress",
+        "false",
+    ]
 
 
 def test_llm_self_consistency_against_a_loopback_server(synth_dir, tmp_path, chain_server):
@@ -191,17 +247,31 @@ def test_unreachable_server_is_a_clear_error(synth_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    args = _llm_args(synth_dir, tmp_path / "x", url) + ["--limit", "2", "--llm.backend.init_args.max_retries", "1",
-                                                         "--llm.backend.init_args.backoff_s", "0.01"]
+    args = _llm_args(synth_dir, tmp_path / "x", url) + [
+        "--limit",
+        "2",
+        "--llm.backend.init_args.max_retries",
+        "1",
+        "--llm.backend.init_args.backoff_s",
+        "0.01",
+    ]
     with pytest.raises(BackendError, match=re.escape(url)):
         annotate_main(args)
 
 
+@pytest.mark.slow
 def test_killed_annotation_resumes_without_duplicates_or_losses(synth_dir, tmp_path):
     server = ChainServer(delay_s=0.01)
     try:
         out = tmp_path / "killed"
-        args = _llm_args(synth_dir, out, server.url) + ["--limit", "400", "--rows_per_shard", "20", "--batch_size", "20"]
+        args = _llm_args(synth_dir, out, server.url) + [
+            "--limit",
+            "400",
+            "--rows_per_shard",
+            "20",
+            "--batch_size",
+            "20",
+        ]
         cmd = [sys.executable, "-m", "ellm_mkd", "annotate", *args]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120

@@ -38,13 +38,18 @@ def test_no_beginning_of_a_catalog_chain_is_ruled_out(synth_dir):
         item = render_item(r, DEFAULT_ITEM_FIELDS)[0]
         text = render(ann.annotate(r, item))
         bad = [i for i in range(len(text) + 1) if unfinishable(text[:i], r["query"], item, LEVELS) is not None]
-        assert not bad, (text[:bad[0]], r["query"], item)
+        assert not bad, (text[: bad[0]], r["query"], item)
 
 
 def test_lexical_rules_without_truth():
     ann = RuleAnnotator(LEVELS, brands=["Voltara", "Kestrel"])
-    row = {"query": "voltra cordless drill vx-2041 red", "title": "Voltara 20V Cordless Drill VX-2041, Blue",
-           "brand": "Voltara", "attributes": "model: VX-2041; color: blue", "label": 2}
+    row = {
+        "query": "voltra cordless drill vx-2041 red",
+        "title": "Voltara 20V Cordless Drill VX-2041, Blue",
+        "brand": "Voltara",
+        "attributes": "model: VX-2041; color: blue",
+        "label": 2,
+    }
     item = render_item(row, ("title", "brand", "attributes"))[0]
     v = {j.dimension: j for j in ann.annotate(row, item).judgements}
     assert (v["brand"].verdict, v["brand"].query_evidence, v["brand"].item_evidence) == ("match", "voltra", "Voltara")

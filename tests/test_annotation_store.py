@@ -14,23 +14,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ellm_mkd.annotation_store import (
-    AnnotationStore,
-    StoreError,
-    read_annotations,
-    read_manifest,
-)
+from ellm_mkd.annotation_store import AnnotationStore, StoreError, read_annotations, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-MANIFEST = {"teacher": {"backend": "openai-chat", "model": "teacher-7b"}, "prompt": "abc123", "n": 4,
-            "created": "2025-01-01T00:00:00Z"}
+MANIFEST = {
+    "teacher": {"backend": "openai-chat", "model": "teacher-7b"},
+    "prompt": "abc123",
+    "n": 4,
+    "created": "2025-01-01T00:00:00Z",
+}
 FMTS = ["jsonl", "parquet"]
 
 
 def rows(lo: int, hi: int) -> list[dict]:
-    return [{"example_id": f"ex{i:05d}", "query": f"drill {i}", "label": i % 4, "score": i / 8, "ok": i % 2 == 0,
-             "note": None, "probs": [0.25, 0.5, 0.125, 0.125], "texts": ["a", "b"],
-             "verdicts": {"brand": "match", "model": "absent"}} for i in range(lo, hi)]
+    return [
+        {
+            "example_id": f"ex{i:05d}",
+            "query": f"drill {i}",
+            "label": i % 4,
+            "score": i / 8,
+            "ok": i % 2 == 0,
+            "note": None,
+            "probs": [0.25, 0.5, 0.125, 0.125],
+            "texts": ["a", "b"],
+            "verdicts": {"brand": "match", "model": "absent"},
+        }
+        for i in range(lo, hi)
+    ]
 
 
 def shards(d: Path) -> list[Path]:
@@ -56,8 +66,7 @@ def test_both_formats_give_the_same_columns(tmp_path):
             store.append(rows(0, 10))
         tables[fmt] = read_annotations(tmp_path / fmt)
     assert tables["jsonl"].schema == tables["parquet"].schema
-    assert tables["jsonl"].schema.field("verdicts").type == pa.struct([("brand", pa.string()),
-                                                                       ("model", pa.string())])
+    assert tables["jsonl"].schema.field("verdicts").type == pa.struct([("brand", pa.string()), ("model", pa.string())])
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -202,8 +211,9 @@ def test_sigkill_leaves_complete_shards_and_resume_completes(tmp_path, fmt):
     n = 2000  # ~12 s to finish; it is killed after a few shards
     out = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), fmt, str(n)], env=env, cwd=REPO,
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), fmt, str(n)], env=env, cwd=REPO, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and child.poll() is None:
@@ -235,8 +245,9 @@ def test_sigkill_leaves_complete_shards_and_resume_completes(tmp_path, fmt):
         done = resumed.done_ids()
         assert done == set(on_disk)
         for start in range(0, n, 100):
-            resumed.append([{"example_id": f"ex{i:05d}", "text": "x" * 4000, "score": i / 7}
-                            for i in range(start, start + 100)])
+            resumed.append(
+                [{"example_id": f"ex{i:05d}", "text": "x" * 4000, "score": i / 7} for i in range(start, start + 100)]
+            )
     assert resumed.skipped_duplicates == len(done) and resumed.rows_written == n - len(done)
     ids = read_annotations(out).column("example_id").to_pylist()
     assert len(ids) == n and sorted(ids) == [f"ex{i:05d}" for i in range(n)]

@@ -35,8 +35,13 @@ class FakeServer:
             def log_message(self, *args) -> None:  # keep pytest output clean
                 pass
 
-            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None,
-                      ctype: str = "application/json") -> None:
+            def _send(
+                self,
+                status: int,
+                payload: bytes,
+                headers: dict[str, str] | None = None,
+                ctype: str = "application/json",
+            ) -> None:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
@@ -58,8 +63,9 @@ class FakeServer:
                     return self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
                 if scripted is not None:
                     status, headers = scripted
-                    return self._send(status, json.dumps({"error": {"message": f"scripted {status}"}}).encode(),
-                                      headers)
+                    return self._send(
+                        status, json.dumps({"error": {"message": f"scripted {status}"}}).encode(), headers
+                    )
                 if server.sleep_s:
                     time.sleep(server.sleep_s)
                 if server.mode == "error400":
@@ -73,22 +79,34 @@ class FakeServer:
                 n = 1 if server.mode == "single" else body.get("n", 1)
                 choices = []
                 for i in range(n):
-                    content = json.dumps({"user": user, "index": i, "temperature": body["temperature"],
-                                          "seed": body.get("seed"), "n": body.get("n")})
+                    content = json.dumps(
+                        {
+                            "user": user,
+                            "index": i,
+                            "temperature": body["temperature"],
+                            "seed": body.get("seed"),
+                            "n": body.get("n"),
+                        }
+                    )
                     if server.mode == "nullcontent":
                         content = None
-                    choices.append({"index": i, "message": {"role": "assistant", "content": content},
-                                    "finish_reason": "stop"})
+                    choices.append(
+                        {"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                    )
                 choices.reverse()  # out of order on the wire: the backend must sort by index
-                answer = {"id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion",
-                          "created": int(time.time()), "model": body["model"], "choices": choices,
-                          "usage": {"prompt_tokens": 10, "completion_tokens": 5 * n, "total_tokens": 10 + 5 * n}}
+                answer = {
+                    "id": f"chatcmpl-{len(server.requests)}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": choices,
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5 * n, "total_tokens": 10 + 5 * n},
+                }
                 self._send(200, json.dumps(answer).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def bodies(self) -> list[dict]:
         with self.lock:
@@ -105,8 +123,9 @@ def server():
 
 
 def convs(k: int) -> list[list[dict[str, str]]]:
-    return [[{"role": "system", "content": "judge relevance"}, {"role": "user", "content": f"conv {i}"}]
-            for i in range(k)]
+    return [
+        [{"role": "system", "content": "judge relevance"}, {"role": "user", "content": f"conv {i}"}] for i in range(k)
+    ]
 
 
 def backend(server: FakeServer, **kw) -> OpenAIChatBackend:
@@ -133,8 +152,7 @@ def test_n_per_request_in_order_with_concurrency(server):
     assert all([t["index"] for t in texts] == [0, 1, 2] for texts in parsed)
     bodies = server.bodies()
     assert len(bodies) == 20
-    assert all(b["n"] == 3 and b["max_tokens"] == 64 and b["seed"] == 11 and b["model"] == "teacher-7b"
-               for b in bodies)
+    assert all(b["n"] == 3 and b["max_tokens"] == 64 and b["seed"] == 11 and b["model"] == "teacher-7b" for b in bodies)
     assert all(r["path"] == "/v1/chat/completions" for r in server.requests)
 
 
@@ -207,8 +225,10 @@ def test_unreachable_server():
     port = sock.getsockname()[1]
     sock.close()
     url = f"http://127.0.0.1:{port}/v1"
-    with (OpenAIChatBackend(url, "m", api_key_env=None, max_retries=1, backoff_s=0.01) as b,
-          pytest.raises(BackendError, match="cannot reach") as e):
+    with (
+        OpenAIChatBackend(url, "m", api_key_env=None, max_retries=1, backoff_s=0.01) as b,
+        pytest.raises(BackendError, match="cannot reach") as e,
+    ):
         b.generate(convs(2), n=1, temperature=0.0, max_new_tokens=8)
     assert url in str(e.value) and "base_url" in str(e.value)
 
@@ -246,8 +266,12 @@ def test_describe_and_validation(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-default-secret")
     b = OpenAIChatBackend(server.base_url + "/", "teacher-7b", extra_body={"top_p": 0.95})
     d = b.describe()
-    assert d == {"backend": "openai-chat", "model": "teacher-7b", "base_url": server.base_url,
-                 "extra_body": {"top_p": 0.95}}
+    assert d == {
+        "backend": "openai-chat",
+        "model": "teacher-7b",
+        "base_url": server.base_url,
+        "extra_body": {"top_p": 0.95},
+    }
     assert "sk-default-secret" not in json.dumps(d) + repr(b)
     b.close()
     with pytest.raises(BackendError, match="closed"):
@@ -261,6 +285,8 @@ def test_describe_and_validation(server, monkeypatch):
 
 
 def test_wrong_path_is_a_clear_404(server):
-    with (OpenAIChatBackend(server.base_url.removesuffix("/v1"), "m", api_key_env=None) as b,
-          pytest.raises(BackendError, match=r"HTTP 404.*should end in /v1")):
+    with (
+        OpenAIChatBackend(server.base_url.removesuffix("/v1"), "m", api_key_env=None) as b,
+        pytest.raises(BackendError, match=r"HTTP 404.*should end in /v1"),
+    ):
         b.generate(convs(1), n=1, temperature=0.0, max_new_tokens=8)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ellm_mkd.bench import bench_main, limit_training_rows, update_markdown
+from ellm_mkd.commands.bench import bench_main
+from ellm_mkd.commands.bench.common import limit_training_rows, update_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_CONFIGS = ("homedepot_cross_encoder", "homedepot_two_tower")
@@ -39,15 +40,25 @@ def _tiny_configs(tmp_path: Path, synth_dir: Path, encoder: str) -> list[str]:
 
 
 def _finite_numbers(d) -> bool:
-    return all((v is None and k == "spearman") or (isinstance(v, (int, float)) and math.isfinite(v))
-               for k, v in d.items())
+    return all(
+        (v is None and k == "spearman") or (isinstance(v, (int, float)) and math.isfinite(v)) for k, v in d.items()
+    )
 
 
+@pytest.mark.slow
 def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     configs = _tiny_configs(tmp_path, synth_dir, tiny_encoder)
     out_json, out_md = tmp_path / "results" / "first.json", tmp_path / "benchmarks.md"
-    common = ["--configs", json.dumps(configs), "--train_limit", "240", "--out_md", str(out_md),
-              "--work_dir", str(tmp_path / "work")]
+    common = [
+        "--configs",
+        json.dumps(configs),
+        "--train_limit",
+        "240",
+        "--out_md",
+        str(out_md),
+        "--work_dir",
+        str(tmp_path / "work"),
+    ]
     assert bench_main(["students", *common, "--name", "first", "--out_json", str(out_json)]) == 0
 
     res = json.loads(out_json.read_text())
@@ -80,8 +91,12 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     assert rows["st_cross_encoder"]["config"]["optimizer_steps"] == math.ceil(split["train_pairs"] / 16)
     assert rows["cross_encoder"]["throughput"]["test_loop_pairs_per_s"] > 0
     assert rows["cross_encoder"]["config"]["optimizer"].startswith("AdamW")
-    assert set(res["targets"]) == {"ce_rmse_matches_baseline", "ce_auc_matches_baseline", "ce_train_throughput",
-                                   "two_tower_auc_within_3_points"}
+    assert set(res["targets"]) == {
+        "ce_rmse_matches_baseline",
+        "ce_auc_matches_baseline",
+        "ce_train_throughput",
+        "two_tower_auc_within_3_points",
+    }
     assert all(isinstance(t["met"], bool) for t in res["targets"].values())
 
     md = out_md.read_text()
@@ -90,12 +105,30 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     assert "st_cross_encoder" in printed and str(out_json) in printed
 
     # a second benchmark keeps the first one's section; rerunning the first replaces it in place
-    assert bench_main(["students", *common, "--name", "second", "--baseline", "false", "--references", "false",
-                       "--configs", json.dumps(configs[:1]), "--seed", "[0, 1]",
-                       "--out_json", str(tmp_path / "results" / "second.json")]) == 0
+    assert (
+        bench_main(
+            [
+                "students",
+                *common,
+                "--name",
+                "second",
+                "--baseline",
+                "false",
+                "--references",
+                "false",
+                "--configs",
+                json.dumps(configs[:1]),
+                "--seed",
+                "[0, 1]",
+                "--out_json",
+                str(tmp_path / "results" / "second.json"),
+            ]
+        )
+        == 0
+    )
     md2 = out_md.read_text()
     assert md2.count("<!-- bench:first -->") == 1 and md2.count("<!-- bench:second -->") == 1
-    first_section = md[md.index("<!-- bench:first -->"):md.index("<!-- /bench:first -->")]
+    first_section = md[md.index("<!-- bench:first -->") : md.index("<!-- /bench:first -->")]
     assert first_section in md2
     second = json.loads((tmp_path / "results" / "second.json").read_text())
     assert [r["name"] for r in second["rows"]] == ["cross_encoder"]
@@ -105,8 +138,25 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     assert second["targets"]["ce_auc_matches_baseline"]["met"] is None
 
     # --stage throughput re-times training alone and adds to the result; the measured rows stay
-    assert bench_main(["students", *common, "--name", "first", "--out_json", str(out_json), "--stage", "throughput",
-                       "--throughput_pairs", "120", "--repeats", "2"]) == 0
+    assert (
+        bench_main(
+            [
+                "students",
+                *common,
+                "--name",
+                "first",
+                "--out_json",
+                str(out_json),
+                "--stage",
+                "throughput",
+                "--throughput_pairs",
+                "120",
+                "--repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
     res_t = json.loads(out_json.read_text())
     assert res_t["rows"] == res["rows"]
     run = res_t["throughput_run"]
@@ -122,8 +172,18 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
     assert "Training throughput, re-timed" in md_t and run["command"] in md_t
     assert "median" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="existing result"):
-        bench_main(["students", *common, "--name", "nothing", "--out_json", str(tmp_path / "none.json"),
-                    "--stage", "throughput"])
+        bench_main(
+            [
+                "students",
+                *common,
+                "--name",
+                "nothing",
+                "--out_json",
+                str(tmp_path / "none.json"),
+                "--stage",
+                "throughput",
+            ]
+        )
 
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
@@ -145,12 +205,38 @@ def test_train_limit_keeps_whole_queries_in_hash_order():
         limit_training_rows(rows, 5, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bench_cache_end_to_end(tmp_path, tiny_llama):
     out_json, out_md = tmp_path / "cache.json", tmp_path / "benchmarks.md"
-    assert bench_main(["cache", "--model", tiny_llama, "--adapter", str(tmp_path / "none"), "--work_dir",
-                       str(tmp_path / "work"), "--num_queries", "16", "--cot_pairs", "8", "--cot_batch_size", "4",
-                       "--repeats", "1", "--precision", "32-true", "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            [
+                "cache",
+                "--model",
+                tiny_llama,
+                "--adapter",
+                str(tmp_path / "none"),
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--num_queries",
+                "16",
+                "--cot_pairs",
+                "8",
+                "--cot_batch_size",
+                "4",
+                "--repeats",
+                "1",
+                "--precision",
+                "32-true",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out_json.read_text())
     direct, cot = res["writes"]
     assert direct["mode"] == "direct" and direct["rows"] > 100 and direct["pairs_per_s"] > 0
@@ -164,10 +250,38 @@ def test_bench_cache_end_to_end(tmp_path, tiny_llama):
 @pytest.mark.integration
 def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     out_json, out_md = tmp_path / "teacher.json", tmp_path / "benchmarks.md"
-    assert bench_main(["teacher", "--model", tiny_llama, "--work_dir", str(tmp_path / "work"), "--num_queries", "20",
-                       "--steps", "2", "--batch_size", "4", "--eval_pairs", "8", "--eval_batch_size", "4",
-                       "--naive_pairs", "2", "--max_new_tokens", "8", "--precision", "32-true",
-                       "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            [
+                "teacher",
+                "--model",
+                tiny_llama,
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--num_queries",
+                "20",
+                "--steps",
+                "2",
+                "--batch_size",
+                "4",
+                "--eval_pairs",
+                "8",
+                "--eval_batch_size",
+                "4",
+                "--naive_pairs",
+                "2",
+                "--max_new_tokens",
+                "8",
+                "--precision",
+                "32-true",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out_json.read_text())
     assert [r["name"] for r in res["rows"]] == ["zero_shot_direct", "zero_shot_cot", "lora_direct", "lora_cot"]
     assert res["setup"]["precision"] == "32-true" and res["setup"]["steps"] == 2
@@ -176,9 +290,28 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     assert res["targets"]["cot_batched_ge_5x_naive"]["value"] == tp["cot_batched_over_naive"]
     assert "<!-- bench:teacher -->" in out_md.read_text()
     # the readout speed again, from the adapter the run trained, into the same result
-    assert bench_main(["teacher", "--stage", "throughput", "--work_dir", str(tmp_path / "work"), "--eval_pairs", "8",
-                       "--naive_pairs", "1", "--precision", "32-true", "--out_json", str(out_json),
-                       "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            [
+                "teacher",
+                "--stage",
+                "throughput",
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--eval_pairs",
+                "8",
+                "--naive_pairs",
+                "1",
+                "--precision",
+                "32-true",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     again = json.loads(out_json.read_text())
     assert again["rows"] == res["rows"] and again["setup"] == res["setup"]
     assert again["throughput_run"]["adapter"] == str(tmp_path / "work" / "teacher" / "adapter")
@@ -193,21 +326,70 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
     assert again["targets"]["cot_batched_ge_5x_naive"]["value"] == again["throughput"]["cot_batched_over_naive"]
     assert "Throughput measured by a later run" in out_md.read_text()
     with pytest.raises(ValueError, match="8 pairs"):
-        bench_main(["teacher", "--stage", "throughput", "--work_dir", str(tmp_path / "work"), "--eval_pairs", "6",
-                    "--out_json", str(out_json), "--out_md", str(out_md)])
+        bench_main(
+            [
+                "teacher",
+                "--stage",
+                "throughput",
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--eval_pairs",
+                "6",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     """The ablation pipeline on tiny models: teacher, cache with augmented pairs, rows x seeds, aggregation."""
     out_json, out_md = tmp_path / "mkd.json", tmp_path / "benchmarks.md"
-    assert bench_main(["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir",
-                       str(tmp_path / "work"), "--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1",
-                       "--teacher_batch", "2", "--teacher_eval", "16", "--rows", "[baseline,full,full_augment]",
-                       "--seeds", "[0,1]", "--students", "[cross_encoder]", "--epochs", "1", "--train_batches", "2",
-                       "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            [
+                "mkd",
+                "--teacher_model",
+                tiny_llama,
+                "--encoder",
+                tiny_encoder,
+                "--work_dir",
+                str(tmp_path / "work"),
+                "--num_queries",
+                "24",
+                "--items_per_query",
+                "5",
+                "--teacher_steps",
+                "1",
+                "--teacher_batch",
+                "2",
+                "--teacher_eval",
+                "16",
+                "--rows",
+                "[baseline,full,full_augment]",
+                "--seeds",
+                "[0,1]",
+                "--students",
+                "[cross_encoder]",
+                "--epochs",
+                "1",
+                "--train_batches",
+                "2",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out_json.read_text())
-    assert [(r["student"], r["row"]) for r in res["rows"]] == [("cross_encoder", r) for r in ("baseline", "full", "full_augment")]
+    assert [(r["student"], r["row"]) for r in res["rows"]] == [
+        ("cross_encoder", r) for r in ("baseline", "full", "full_augment")
+    ]
     from datamodules.datamodule import RelevanceDataModule
 
     dm = RelevanceDataModule({"path": str(tmp_path / "work" / "data")})
@@ -228,10 +410,39 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert len(students) == 6 and all(list(d.rglob("events.out.tfevents.*")) for d in students)
     assert not [c for d in students for c in d.rglob("*.ckpt")]
     # a second invocation with the same settings reads the teacher, cache and finished runs back
-    args = ["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir", str(tmp_path / "work"),
-            "--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1", "--teacher_batch", "2",
-            "--teacher_eval", "16", "--rows", "[baseline,full]", "--seeds", "[0,1]", "--students", "[cross_encoder]",
-            "--epochs", "1", "--train_batches", "2", "--out_json", str(out_json), "--out_md", str(out_md)]
+    args = [
+        "mkd",
+        "--teacher_model",
+        tiny_llama,
+        "--encoder",
+        tiny_encoder,
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--num_queries",
+        "24",
+        "--items_per_query",
+        "5",
+        "--teacher_steps",
+        "1",
+        "--teacher_batch",
+        "2",
+        "--teacher_eval",
+        "16",
+        "--rows",
+        "[baseline,full]",
+        "--seeds",
+        "[0,1]",
+        "--students",
+        "[cross_encoder]",
+        "--epochs",
+        "1",
+        "--train_batches",
+        "2",
+        "--out_json",
+        str(out_json),
+        "--out_md",
+        str(out_md),
+    ]
     assert bench_main(args) == 0
     again = json.loads(out_json.read_text())
     assert again["setup"]["resumed_runs"] == 4 and again["setup"]["setup_seconds"] == res["setup"]["setup_seconds"]
@@ -242,10 +453,29 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert other["setup"]["resumed_runs"] == 2 and other["setup"]["setup_seconds"] != res["setup"]["setup_seconds"]
     assert other["rows"][0] == res["rows"][0] and other["setup"]["teacher"]["steps"] == 2
     # other student settings: nothing is reused
-    assert bench_main([*args[:-4], "--seeds", "[0]", "--epochs", "2", "--rows", "[baseline]", "--keep_checkpoints",
-                       "true", "--out_json", str(out_json), "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            [
+                *args[:-4],
+                "--seeds",
+                "[0]",
+                "--epochs",
+                "2",
+                "--rows",
+                "[baseline]",
+                "--keep_checkpoints",
+                "true",
+                "--out_json",
+                str(out_json),
+                "--out_md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out_json.read_text())["setup"]["resumed_runs"] == 0
-    assert len(list((runs / "cross_encoder_baseline_s0").rglob("*.ckpt"))) == 1  # kept this time
+    kept = runs / "cross_encoder_baseline_s0" / "checkpoints"
+    assert [p.name for p in kept.glob("*.ckpt")] == ["best.ckpt"]  # kept this time
 
 
 @pytest.mark.integration
@@ -256,24 +486,64 @@ def test_bench_mkd_on_home_depot_subsample(tmp_path, tiny_llama, tiny_encoder):
 
     path = shared_file("homedepot", "train.csv.zip")
     out_json, out_md = tmp_path / "mkd_hd.json", tmp_path / "benchmarks.md"
-    args = ["mkd", "--source", str(path), "--preset", "homedepot", "--item_fields", "[title]", "--relevant_level", "2",
-            "--limit_pairs", "{train: 48, val: 16, test: 24}", "--teacher_model", tiny_llama, "--encoder", tiny_encoder,
-            "--work_dir", str(tmp_path / "work"), "--teacher_steps", "1", "--teacher_batch", "2", "--teacher_eval", "8",
-            "--rows", "[baseline,full]", "--seeds", "[0]", "--students", "[cross_encoder]", "--epochs", "1",
-            "--name", "mkd_hd", "--out_json", str(out_json), "--out_md", str(out_md)]
+    args = [
+        "mkd",
+        "--source",
+        str(path),
+        "--preset",
+        "homedepot",
+        "--item_fields",
+        "[title]",
+        "--relevant_level",
+        "2",
+        "--limit_pairs",
+        "{train: 48, val: 16, test: 24}",
+        "--teacher_model",
+        tiny_llama,
+        "--encoder",
+        tiny_encoder,
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--teacher_steps",
+        "1",
+        "--teacher_batch",
+        "2",
+        "--teacher_eval",
+        "8",
+        "--rows",
+        "[baseline,full]",
+        "--seeds",
+        "[0]",
+        "--students",
+        "[cross_encoder]",
+        "--epochs",
+        "1",
+        "--name",
+        "mkd_hd",
+        "--out_json",
+        str(out_json),
+        "--out_md",
+        str(out_md),
+    ]
     assert bench_main(args) == 0
     res = json.loads(out_json.read_text())
     sizes = res["setup"]["split_pairs"]
     assert 0 < sizes["train"] <= 48 and 0 < sizes["val"] <= 16 and 0 < sizes["test"] <= 24
     assert res["setup"]["data"]["preset"] == "homedepot" and res["setup"]["catalog"] is None
     assert res["setup"]["cache_rows"] == sizes["train"]  # the teacher scored exactly the subsampled training pairs
-    assert sum(res["teacher"][f"{b}/count"] for b in ("head", "torso", "tail", "unseen") if f"{b}/count" in res["teacher"]) \
+    assert (
+        sum(res["teacher"][f"{b}/count"] for b in ("head", "torso", "tail", "unseen") if f"{b}/count" in res["teacher"])
         == sizes["test"]
+    )
     assert set(res["targets"]) >= {"cross_encoder_full_beats_baseline_all", "cross_encoder_full_epoch_overhead"}
     text = out_md.read_text()
     assert "subsampled by whole queries" in text and "no target on this dataset" in text
     # the markdown can be rewritten from the JSON alone
     out_md.write_text("")
-    assert bench_main(["mkd", "--rerender", "true", "--name", "mkd_hd", "--out_json", str(out_json),
-                       "--out_md", str(out_md)]) == 0
+    assert (
+        bench_main(
+            ["mkd", "--rerender", "true", "--name", "mkd_hd", "--out_json", str(out_json), "--out_md", str(out_md)]
+        )
+        == 0
+    )
     assert out_md.read_text().strip().splitlines()[1] == "## mkd_hd"

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_file
 
 EXE = [sys.executable, "-m", "ellm_mkd"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -91,7 +91,7 @@ def test_check_esci_sample_counts():
 def test_bf16_falls_back_to_float32_only_on_cpus_without_native_bf16(monkeypatch):
     import torch
 
-    from ellm_mkd import lightning_cli as lc
+    from ellm_mkd.commands import lightning_cli as lc
 
     monkeypatch.delenv(lc.KEEP_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -104,3 +104,24 @@ def test_bf16_falls_back_to_float32_only_on_cpus_without_native_bf16(monkeypatch
     monkeypatch.delenv(lc.KEEP_BF16_ENV)
     monkeypatch.setattr(lc, "cpu_has_native_bf16", lambda: True)
     assert lc.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, synth_dir):
+    """A failing command prints one line naming the command and the problem, and exits 1; --debug (or
+    ELLM_MKD_DEBUG=1) gives the traceback."""
+    args = [
+        "test",
+        "--config",
+        str(REPO / "configs/students/cross_encoder.yaml"),
+        "--data.source.path",
+        str(synth_dir),
+        "--ckpt_path",
+        str(tmp_path / "missing.ckpt"),
+    ]
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "ellm-mkd test: error:" in r.stderr and "missing.ckpt" in r.stderr and "--debug" in r.stderr
+    r = run(*args, "--debug", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = run("cache", "inspect", str(tmp_path / "nothing-here"), cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "nothing-here" in r.stderr

@@ -21,13 +21,13 @@ def test_there_are_configs():
 def test_config_parses(path: Path):
     kind = path.relative_to(path.parents[1]).parts[0] if path.parent.name in ("data", "synth") else "lightning"
     if path.parent.name == "data":
-        from ellm_mkd.data_cmd import _check_parser
+        from ellm_mkd.commands.data import _check_parser
 
         parser = _check_parser()
         cfg = parser.parse_args(["--config", str(path), "some/file.csv"])
         parser.instantiate(cfg)
     elif path.parent.name == "annotate":
-        from ellm_mkd.annotate import _parser
+        from ellm_mkd.commands.annotate import _parser
 
         parser = _parser()
         cfg = parser.parse_args(["--config", str(path)])
@@ -35,13 +35,13 @@ def test_config_parses(path: Path):
         if cfg.annotator == "llm":
             assert cfg.llm.backend.class_path.startswith("ellm_mkd.backends.")
     elif path.parent.name == "synth":
-        from ellm_mkd.data_cmd import _synth_parser
+        from ellm_mkd.commands.data import _synth_parser
 
         parser = _synth_parser()
         cfg = parser.parse_args(["--config", str(path), "--out", "x"])
         parser.instantiate(cfg)
     else:
-        from ellm_mkd.lightning_cli import cli_main
+        from ellm_mkd.commands.lightning_cli import cli_main
 
         cli = cli_main(["--config", str(path)], run=False)
         assert cli.model is not None and cli.datamodule is not None, kind
@@ -51,7 +51,7 @@ def test_config_parses(path: Path):
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
 def test_mkd_overlay_parses_on_each_student(overlay: Path, student: Path):
     from callbacks import MKDistillation
-    from ellm_mkd.lightning_cli import cli_main
+    from ellm_mkd.commands.lightning_cli import cli_main
 
     cli = cli_main(["--config", str(student), "--config", str(overlay)], run=False)
     mkd = [c for c in cli.trainer.callbacks if isinstance(c, MKDistillation)]

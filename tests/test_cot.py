@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.schema import DIMENSIONS
 from ellm_mkd.cot import ChainOfThought, CoTParseError, Judgement, evidence_spans, parse, render, unfinishable
+from ellm_mkd.schema import DIMENSIONS
 
 LEVELS = ("irrelevant", "complement", "substitute", "exact")
 QUERY = 'voltara 20v "max" drill'
@@ -13,13 +13,16 @@ ITEM = 'Title: Voltara 20V "MAX" Cordless Drill VX-2041 | Brand: Voltara | Color
 
 
 def chain(level="exact") -> ChainOfThought:
-    return ChainOfThought((
-        Judgement("category", "drill", "Cordless Drill", "match"),
-        Judgement("brand", "voltara", "Voltara", "match"),
-        Judgement("model", None, "VX-2041", "absent"),
-        Judgement("attributes", '20v "max"', '20V "MAX"', "match"),
-        Judgement("usage", None, None, "absent"),
-    ), level)
+    return ChainOfThought(
+        (
+            Judgement("category", "drill", "Cordless Drill", "match"),
+            Judgement("brand", "voltara", "Voltara", "match"),
+            Judgement("model", None, "VX-2041", "absent"),
+            Judgement("attributes", '20v "max"', '20V "MAX"', "match"),
+            Judgement("usage", None, None, "absent"),
+        ),
+        level,
+    )
 
 
 def test_round_trip_with_quotes_in_evidence():
@@ -93,17 +96,25 @@ def test_a_broken_chain_stops_on_its_broken_line(mutate, line, reason):
         assert str(found[-1]) == str(ei.value)
 
 
-@pytest.mark.parametrize("text,stop_after", [
-    ("The product is relevant to the query.", "T"),  # not the schema at all
-    ('category: query "drill" | item "Hammer', 'item "H'),  # evidence that is not in the item
-    ('category: query "drill" | item "Cordless Drill" => maybe', "=> may"),
-    ('category: query "drill" | item "Cordless Drill" => match\nbrand: query "voltara" | item "Voltara" => match\n'
-     'model: query - | item - => absent\nattributes: query - | item - => absent\nusage: query - | item - => absent\n'
-     'level: relevant', "level: r"),
-    ('category: query "drill" | item "Cordless Drill" => match\nmodel: query', "\nm"),  # the wrong dimension
-    ('category: query "\\u0076oltara" | item', None),  # an escape that decodes into the query text
-    ('category: query "20v \\"max\\" drill" | item', None),
-])
+@pytest.mark.parametrize(
+    "text,stop_after",
+    [
+        ("The product is relevant to the query.", "T"),  # not the schema at all
+        ('category: query "drill" | item "Hammer', 'item "H'),  # evidence that is not in the item
+        ('category: query "drill" | item "Cordless Drill" => maybe', "=> may"),
+        (
+            'category: query "drill" | item "Cordless Drill" => match\n'
+            'brand: query "voltara" | item "Voltara" => match\n'
+            "model: query - | item - => absent\nattributes: query - | item - => absent\n"
+            "usage: query - | item - => absent\n"
+            "level: relevant",
+            "level: r",
+        ),
+        ('category: query "drill" | item "Cordless Drill" => match\nmodel: query', "\nm"),  # the wrong dimension
+        ('category: query "\\u0076oltara" | item', None),  # an escape that decodes into the query text
+        ('category: query "20v \\"max\\" drill" | item', None),
+    ],
+)
 def test_a_chain_stops_at_the_first_character_that_rules_it_out(text, stop_after):
     stops = [i for i in range(len(text) + 1) if unfinishable(text[:i], QUERY, ITEM, LEVELS) is not None]
     if stop_after is None:

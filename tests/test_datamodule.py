@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from datamodules.datamodule import RelevanceDataModule
-from datamodules.schema import BUCKETS, DIMENSIONS, VERDICTS
+from datamodules.inputs import InputLayout, TextInputs
 from datamodules.text import render_item
 from datamodules.validation import DataSource
+from ellm_mkd.schema import BUCKETS, DIMENSIONS, VERDICTS
+from lightning_modules.cross_encoder import PairInputs
+from lightning_modules.two_tower import TowerInputs
 
 
 def make_dm(synth_dir, **kw) -> RelevanceDataModule:
@@ -46,35 +49,37 @@ def test_batch_without_tokenizer_carries_the_contract(synth_dir):
 
 
 def test_pair_inputs_are_dynamically_padded(synth_dir, minilm_tokenizer):
-    dm = make_dm(synth_dir, max_seq_length=256)
-    dm.connect(tokenizer=minilm_tokenizer, inputs="pair")
+    dm = make_dm(synth_dir)
+    dm.connect(layout=PairInputs(minilm_tokenizer, 256))
     batch = next(iter(dm.train_dataloader()))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     longest = int(mask.sum(1).max())
     assert ids.shape[1] == longest < 256  # padded to the batch's longest, not to max_seq_length
-    assert (batch["token_type_ids"].max() == 1)  # query and item segments
-    dm.connect(max_seq_length=24)
+    assert batch["token_type_ids"].max() == 1  # query and item segments
+    dm.connect(layout=PairInputs(minilm_tokenizer, 24))
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[1] <= 24
     # truncation cut the item, never the query
     first = minilm_tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
-    assert first.startswith(minilm_tokenizer.decode(minilm_tokenizer(batch["query"][0])["input_ids"], skip_special_tokens=True))
+    assert first.startswith(
+        minilm_tokenizer.decode(minilm_tokenizer(batch["query"][0])["input_ids"], skip_special_tokens=True)
+    )
 
 
 def test_tower_and_text_inputs(synth_dir, minilm_tokenizer):
     dm = make_dm(synth_dir)
-    dm.connect(tokenizer=minilm_tokenizer, inputs="towers")
+    dm.connect(layout=TowerInputs(minilm_tokenizer, 128))
     b = next(iter(dm.test_dataloader()))
     assert {"query_input_ids", "query_attention_mask", "item_input_ids", "item_attention_mask"} <= set(b)
     assert b["query_input_ids"].shape[0] == b["item_input_ids"].shape[0] == len(b["example_id"])
-    dm.connect(inputs="text")
+    dm.connect(layout=TextInputs())
     b = next(iter(dm.test_dataloader()))
     assert "input_ids" not in b and "query_input_ids" not in b
 
 
 def test_workers_and_extra_fields(synth_dir, minilm_tokenizer):
     dm = make_dm(synth_dir, num_workers=2)
-    dm.connect(tokenizer=minilm_tokenizer)
+    dm.connect(layout=PairInputs(minilm_tokenizer, 128))
     for r in dm.datasets["train"].rows:
         r["teacher_probs"] = [0.1, 0.2, 0.3, 0.4]
     dm.extra_fields["teacher_probs"] = torch.float32
@@ -94,7 +99,7 @@ def test_empty_split_and_bad_fields_are_clear(synth_dir):
 
 
 def test_limit_pairs_keeps_whole_queries_per_split(synth_dir):
-    from datamodules.schema import normalize_text
+    from ellm_mkd.schema import normalize_text
 
     full = make_dm(synth_dir)
     dm = make_dm(synth_dir, limit_pairs={"train": 40, "test": 25})
@@ -106,10 +111,25 @@ def test_limit_pairs_keeps_whole_queries_per_split(synth_dir):
         # every kept query keeps all its pairs, in the split's order
         assert kept == [r for r in rows if normalize_text(r["query"]) in queries]
     again = make_dm(synth_dir, limit_pairs={"train": 40, "test": 25})
-    assert [r["example_id"] for r in again.datasets["train"].rows] == [r["example_id"] for r in dm.datasets["train"].rows]
+    assert [r["example_id"] for r in again.datasets["train"].rows] == [
+        r["example_id"] for r in dm.datasets["train"].rows
+    ]
     with pytest.raises(ValueError, match="data.limit_pairs: keys are splits"):
         RelevanceDataModule(DataSource(path=str(synth_dir)), limit_pairs={"dev": 10})
     with pytest.raises(ValueError, match=r"data.limit_pairs.test must be an integer >= 1"):
         RelevanceDataModule(DataSource(path=str(synth_dir)), limit_pairs={"test": 0})
     with pytest.raises(ValueError, match=r"data.limit_pairs.train 1 is smaller than the first train query"):
         make_dm(synth_dir, limit_pairs={"train": 1})
+
+
+def test_connect_takes_an_input_layout_and_nothing_else(synth_dir, minilm_tokenizer):
+    """The model's layout is the one source of its token budget: the data section has no max_seq_length
+    or inputs of its own, and connect refuses what is not a layout."""
+    import inspect
+
+    assert {"max_seq_length", "inputs", "tokenizer"}.isdisjoint(inspect.signature(RelevanceDataModule).parameters)
+    for layout in (PairInputs(minilm_tokenizer, 16), TowerInputs(minilm_tokenizer, 16), TextInputs()):
+        assert isinstance(layout, InputLayout)
+    dm = make_dm(synth_dir)
+    with pytest.raises(TypeError, match="needs an InputLayout, got BertTokenizer"):
+        dm.connect(layout=minilm_tokenizer)

@@ -6,12 +6,14 @@ import pyarrow as pa
 import pytest
 
 from datamodules.labels import LabelError, make_scheme
-from datamodules.schema import make_example_id, rows_to_table
 from datamodules.splits import assign_splits, frequency_buckets, query_terms, split_of
+from ellm_mkd.schema import make_example_id, rows_to_table
 
 
-@pytest.mark.parametrize("raw,level,gain", [("E", 3, 1.0), ("exact", 3, 1.0), (" Substitute ", 2, 0.1),
-                                            ("c", 1, 0.01), ("IRRELEVANT", 0, 0.0)])
+@pytest.mark.parametrize(
+    "raw,level,gain",
+    [("E", 3, 1.0), ("exact", 3, 1.0), (" Substitute ", 2, 0.1), ("c", 1, 0.01), ("IRRELEVANT", 0, 0.0)],
+)
 def test_esci_letters_and_words(raw, level, gain):
     lv, grade, g = make_scheme("esci").parse(raw)
     assert (lv, grade, g) == (level, float(level), pytest.approx(gain))
@@ -51,8 +53,10 @@ def test_scheme_config_errors():
 
 
 def _table(queries: list[str]) -> pa.Table:
-    rows = [{"example_id": make_example_id(q, str(i)), "query": q, "item_id": str(i), "title": "t", "label": 0}
-            for i, q in enumerate(queries)]
+    rows = [
+        {"example_id": make_example_id(q, str(i)), "query": q, "item_id": str(i), "title": "t", "label": 0}
+        for i, q in enumerate(queries)
+    ]
     return rows_to_table(rows)
 
 

@@ -11,8 +11,8 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, f1_score, ndcg_score, precision_score, recall_score, roc_auc_score
 
-from datamodules.schema import BUCKETS
 from ellm_mkd.metrics import RelevanceMetrics, format_table
+from ellm_mkd.schema import BUCKETS
 
 K = 4
 LEVELS = ("irrelevant", "partial", "relevant", "exact")
@@ -32,8 +32,15 @@ def make_batch(seed: int = 0, n: int = 72) -> dict[str, torch.Tensor]:
     grades = labels.float() + torch.rand(n, generator=g) * 0.6 - 0.3
     gains = (2.0 ** labels.float()) - 1.0  # graded, non-binary gains
     bucket_ids = query_ids % 3  # head/torso/tail; "unseen" is empty
-    return dict(probs=probs, expected_grade=expected, labels=labels, grades=grades, gains=gains,
-                query_ids=query_ids, bucket_ids=bucket_ids)
+    return dict(
+        probs=probs,
+        expected_grade=expected,
+        labels=labels,
+        grades=grades,
+        gains=gains,
+        query_ids=query_ids,
+        bucket_ids=bucket_ids,
+    )
 
 
 def subset(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,9 +119,20 @@ def test_overall_matches_sklearn_scipy():
     batch = make_batch()
     got = run(batch)
     assert_close(got, reference(batch))
-    expected_keys = {"count", "rmse", "spearman", "auc", "ndcg10", "accuracy", "macro_f1", "ece",
-                     "irrelevant_precision", "irrelevant_recall",
-                     *(f"precision/{n}" for n in LEVELS), *(f"recall/{n}" for n in LEVELS)}
+    expected_keys = {
+        "count",
+        "rmse",
+        "spearman",
+        "auc",
+        "ndcg10",
+        "accuracy",
+        "macro_f1",
+        "ece",
+        "irrelevant_precision",
+        "irrelevant_recall",
+        *(f"precision/{n}" for n in LEVELS),
+        *(f"recall/{n}" for n in LEVELS),
+    }
     assert set(bare(got)) == expected_keys
     assert all(isinstance(v, float) for v in got.values())
 
@@ -144,12 +162,17 @@ def test_ndcg_omitted_when_no_query_has_gain():
 def test_ece_hand_computed():
     # top-label confidences 0.9 (right), 0.8 (wrong), 0.65 (right), 0.55 (right); 5 bins of width 0.2:
     # [0.8, 1): acc 0.5, conf 0.85 -> 0.5 * 0.35;  [0.6, 0.8): 0.25 * |1 - 0.65|;  [0.4, 0.6): 0.25 * |1 - 0.55|
-    probs = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.1, 0.8, 0.1, 0.0], [0.2, 0.15, 0.65, 0.0],
-                          [0.3, 0.55, 0.15, 0.0]])
+    probs = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.1, 0.8, 0.1, 0.0], [0.2, 0.15, 0.65, 0.0], [0.3, 0.55, 0.15, 0.0]])
     labels = torch.tensor([0, 2, 2, 1])
-    batch = dict(probs=probs, expected_grade=torch.tensor([0.15, 1.0, 1.45, 0.85]), labels=labels,
-                 grades=labels.float(), gains=labels.float(), query_ids=torch.zeros(4, dtype=torch.long),
-                 bucket_ids=torch.zeros(4, dtype=torch.long))
+    batch = dict(
+        probs=probs,
+        expected_grade=torch.tensor([0.15, 1.0, 1.45, 0.85]),
+        labels=labels,
+        grades=labels.float(),
+        gains=labels.float(),
+        query_ids=torch.zeros(4, dtype=torch.long),
+        bucket_ids=torch.zeros(4, dtype=torch.long),
+    )
     got = run(batch, calibration_bins=5)
     assert got["ece"] == pytest.approx(0.5 * 0.35 + 0.25 * 0.35 + 0.25 * 0.45, abs=1e-6)
     assert got["accuracy"] == pytest.approx(0.75)
@@ -160,8 +183,15 @@ def test_per_level_precision_recall_hand_computed():
     preds = torch.tensor([0, 0, 1, 2, 2, 2])
     labels = torch.tensor([0, 1, 1, 2, 2, 0])
     probs = torch.nn.functional.one_hot(preds, K).float() * 0.7 + 0.075
-    batch = dict(probs=probs, expected_grade=preds.float(), labels=labels, grades=labels.float(),
-                 gains=labels.float(), query_ids=torch.arange(6), bucket_ids=torch.zeros(6, dtype=torch.long))
+    batch = dict(
+        probs=probs,
+        expected_grade=preds.float(),
+        labels=labels,
+        grades=labels.float(),
+        gains=labels.float(),
+        query_ids=torch.arange(6),
+        bucket_ids=torch.zeros(6, dtype=torch.long),
+    )
     got = run(batch)
     assert got["precision/irrelevant"] == pytest.approx(1 / 2) and got["recall/irrelevant"] == pytest.approx(1 / 2)
     assert got["precision/partial"] == pytest.approx(1.0) and got["recall/partial"] == pytest.approx(1 / 2)
@@ -182,7 +212,7 @@ def test_buckets_equal_metrics_on_the_subset():
             assert not any(k.startswith(f"{name}/") for k in got)  # empty bucket: absent
             continue
         alone = run(subset(batch, mask))
-        assert set(bare(alone)) == {k[len(name) + 1:] for k in got if k.startswith(f"{name}/")}
+        assert set(bare(alone)) == {k[len(name) + 1 :] for k in got if k.startswith(f"{name}/")}
         assert_close(got, bare(alone), prefix=f"{name}/", tol=1e-6)
         assert_close(got, reference(subset(batch, mask)), prefix=f"{name}/")
 

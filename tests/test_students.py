@@ -11,30 +11,47 @@ import torch
 from datamodules.datamodule import RelevanceDataModule
 from datamodules.validation import DataSource
 from lightning_modules import CrossEncoderStudent, TwoTowerStudent
-from lightning_modules.two_tower import in_batch_negatives_loss
+from lightning_modules.two_tower import TowerInputs, in_batch_negatives_loss
 
-STUDENTS = {"cross_encoder": (CrossEncoderStudent, {}),
-            "two_tower": (TwoTowerStudent, {"pooling": "weighted", "w_in_batch": 0.1, "scorer_hidden": 32})}
+STUDENTS = {
+    "cross_encoder": (CrossEncoderStudent, {}),
+    "two_tower": (TwoTowerStudent, {"pooling": "weighted", "w_in_batch": 0.1, "scorer_hidden": 32}),
+}
 
 
 def build(kind, encoder, synth_dir, **kw):
     cls, extra = STUDENTS[kind]
     dm = RelevanceDataModule(DataSource(path=str(synth_dir)), batch_size=16)
-    model = cls(encoder=encoder, num_levels=dm.num_levels, relevant_level=dm.relevant_level, lr=1e-3,
-                max_seq_length=64, log_figures=False, **{**extra, **kw})
+    model = cls(
+        encoder=encoder,
+        num_levels=dm.num_levels,
+        relevant_level=dm.relevant_level,
+        lr=1e-3,
+        max_seq_length=64,
+        log_figures=False,
+        **{**extra, **kw},
+    )
     return model, dm
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kind", list(STUDENTS))
 def test_forward_and_loss_terms(kind, tiny_encoder, synth_dir, tmp_path):
     model, dm = build(kind, tiny_encoder, synth_dir)
     dm.setup("fit")
-    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    dm.connect(layout=model.input_layout())
     model.level_grades.copy_(torch.tensor(dm.level_grade_means()))
     batch = next(iter(dm.train_dataloader()))
     out = model(batch)
@@ -66,12 +83,13 @@ def test_level_grades_are_train_means(tiny_encoder, synth_dir, tmp_path):
     assert bool(model.level_grades_set)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(STUDENTS))
 def test_training_lowers_loss_and_checkpoint_reloads(kind, tiny_encoder, synth_dir, tmp_path):
     L.seed_everything(0)
     model, dm = build(kind, tiny_encoder, synth_dir, warmup_ratio=0.0, scheduler="constant", head_dropout=0.0)
     dm.setup("fit")
-    dm.connect(tokenizer=model.tokenizer, inputs=model.inputs, max_seq_length=64)
+    dm.connect(layout=model.input_layout())
     # a fixed batch of training rows: training must lower the loss on the data it fits
     batch = dm.collator()(dm.datasets["train"].rows[:32])
     model.eval()
@@ -109,7 +127,7 @@ def test_test_metrics_per_bucket(tiny_encoder, synth_dir, tmp_path):
 def test_two_tower_precomputed_vectors_match_forward(tiny_encoder, synth_dir, tmp_path):
     model, dm = build("two_tower", tiny_encoder, synth_dir)
     dm.setup("fit")
-    dm.connect(tokenizer=model.tokenizer, inputs="towers", max_seq_length=64)
+    dm.connect(layout=TowerInputs(model.tokenizer, 64))
     model.setup("test")
     batch = next(iter(dm.test_dataloader()))
     model.eval()
@@ -147,6 +165,7 @@ def test_bad_arguments(tiny_encoder):
         CrossEncoderStudent(encoder=tiny_encoder, num_levels=3, level_grades=[1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_cli_fit_test_predict_with_checkpoint(tmp_path, tiny_encoder, synth_dir):
     """fit -> test --ckpt_path -> predict through the real LightningCLI entry (two-tower config)."""
     import subprocess
@@ -154,16 +173,38 @@ def test_cli_fit_test_predict_with_checkpoint(tmp_path, tiny_encoder, synth_dir)
     from pathlib import Path
 
     cfg = Path(__file__).resolve().parent.parent / "configs" / "students" / "two_tower.yaml"
-    common = ["--config", str(cfg), "--model.init_args.encoder", tiny_encoder, "--data.source.path", str(synth_dir),
-              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"),
-              "--trainer.enable_progress_bar", "false", "--data.batch_size", "16"]
+    common = [
+        "--config",
+        str(cfg),
+        "--model.init_args.encoder",
+        tiny_encoder,
+        "--data.source.path",
+        str(synth_dir),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "tb"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.batch_size",
+        "16",
+    ]
 
     def run(*args: str) -> subprocess.CompletedProcess:
         r = subprocess.run([sys.executable, "-m", "ellm_mkd", *args], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
-    run("fit", *common, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2")
+    run(
+        "fit",
+        *common,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+    )
     ckpt = next(tmp_path.rglob("*.ckpt"))
     r = run("test", *common, "--ckpt_path", str(ckpt))
     assert "test/auc" in r.stdout and "test/unseen/auc" in r.stdout

@@ -11,11 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from datamodules import synth
-from datamodules.schema import BUCKETS, DIMENSIONS, EXAMPLE_SCHEMA, SPLITS, VERDICTS, make_example_id
 from datamodules.splits import query_terms, select_split
 from datamodules.synth import (
-    CATEGORIES, CLOSE, COMPLEMENTS, GAINS, LEVEL_NAMES, QUERY_KINDS, SynthConfig, build, generate, model_key, rule_level, write,
+    CATEGORIES,
+    CLOSE,
+    COMPLEMENTS,
+    GAINS,
+    LEVEL_NAMES,
+    QUERY_KINDS,
+    SynthConfig,
+    build,
+    generate,
+    model_key,
+    rule_level,
+    write,
 )
+from ellm_mkd.schema import BUCKETS, DIMENSIONS, EXAMPLE_SCHEMA, SPLITS, VERDICTS, make_example_id
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +56,7 @@ def _joined(d: synth.SynthData) -> list[tuple[dict, dict, dict]]:
 
 
 # ------------------------------------------------------------------------------------ contract
+
 
 def test_same_seed_identical_and_other_seed_different(data: synth.SynthData) -> None:
     again = build(SynthConfig())
@@ -80,7 +92,9 @@ def test_schema_ids_and_required_fields(data: synth.SynthData) -> None:
         assert r["example_id"] == make_example_id(r["query"], r["item_id"])
         assert re.fullmatch(r"P\d{6}", r["item_id"])
         assert r["source_id"] is None and r["source_line"] == i
-        assert r["label"] in range(4) and r["grade"] == float(r["label"]) and r["gain"] == pytest.approx(GAINS[r["label"]])
+        assert (
+            r["label"] in range(4) and r["grade"] == float(r["label"]) and r["gain"] == pytest.approx(GAINS[r["label"]])
+        )
         assert r["frequency"] >= 1 and r["split"] in SPLITS and r["query_bucket"] in BUCKETS
         assert all(r[f"dim_{d}"] in VERDICTS for d in DIMENSIONS)
 
@@ -105,6 +119,7 @@ def test_every_query_kind_present(data: synth.SynthData) -> None:
 
 
 # -------------------------------------------------------------------------------------- labels
+
 
 def test_labels_follow_the_rule_up_to_noise(data: synth.SynthData, clean: synth.SynthData) -> None:
     noise = SynthConfig().label_noise
@@ -135,7 +150,10 @@ def test_rule_level_cases() -> None:
 
 def test_verdicts_agree_with_query_and_item(clean: synth.SynthData) -> None:
     seen: Counter[str] = Counter()
-    brand_of_model = {model_key(m): b for m, b in zip(clean.products.column("model").to_pylist(), clean.products.column("brand").to_pylist())}
+    brand_of_model = {
+        model_key(m): b
+        for m, b in zip(clean.products.column("model").to_pylist(), clean.products.column("brand").to_pylist())
+    }
     for r, q, p in _joined(clean):
         qc, pc = q["category"], p["category"]
         level = r["label"]
@@ -211,6 +229,7 @@ def test_misspelled_queries_are_small_edits(data: synth.SynthData) -> None:
 
 # -------------------------------------------------------------------------------------- splits
 
+
 def test_splits_are_query_disjoint_with_buckets(data: synth.SynthData) -> None:
     by_split = {s: set(select_split(data.examples, s).column("query").to_pylist()) for s in SPLITS}
     assert all(by_split.values())
@@ -226,6 +245,7 @@ def test_splits_are_query_disjoint_with_buckets(data: synth.SynthData) -> None:
 
 
 # ---------------------------------------------------------------------------------------- files
+
 
 def test_write_round_trip_and_refuses_to_overwrite(tmp_path, data: synth.SynthData) -> None:
     out = tmp_path / "synth"
@@ -255,6 +275,7 @@ def test_write_round_trip_and_refuses_to_overwrite(tmp_path, data: synth.SynthDa
 
 
 # --------------------------------------------------------------------------------------- config
+
 
 @pytest.mark.parametrize(
     "kwargs, message",

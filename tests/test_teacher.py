@@ -13,18 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.schema import DIMENSIONS, VERDICTS
 from ellm_mkd.readout import CandidateSet, ReadoutPoint, TeacherReadout, score_points
+from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
-CHAIN = "\n".join([
-    'category: query "drill" | item "Drill" => match',
-    "brand: query - | item - => absent",
-    "model: query - | item - => absent",
-    'attributes: query "red" | item "Red" => match',
-    'usage: query "drill" | item "Drill" => partial',
-    "level: partially relevant",
-])
+CHAIN = "\n".join(
+    [
+        'category: query "drill" | item "Drill" => match',
+        "brand: query - | item - => absent",
+        "model: query - | item - => absent",
+        'attributes: query "red" | item "Red" => match',
+        'usage: query "drill" | item "Drill" => partial',
+        "level: partially relevant",
+    ]
+)
 QUERY, ITEM = "red drill", "Title: Red Drill | Brand: Voltara"
 
 
@@ -84,8 +86,12 @@ def test_score_points_shares_candidate_prefixes_in_one_pass(tiny_llama, impl):
     b = tok("A rather longer text than the first one, level:", add_special_tokens=False)["input_ids"]
     own = tok("Its own prefix, level:", add_special_tokens=False)["input_ids"]
     seqs = [a + cs.token_ids[2] + [tok.eos_token_id], b]
-    pts = [ReadoutPoint(0, len(a), cs), ReadoutPoint(1, len(b), cs), ReadoutPoint(0, 3, cs),
-           ReadoutPoint(1, len(b), cs, prefix_ids=own)]
+    pts = [
+        ReadoutPoint(0, len(a), cs),
+        ReadoutPoint(1, len(b), cs),
+        ReadoutPoint(0, 3, cs),
+        ReadoutPoint(1, len(b), cs, prefix_ids=own),
+    ]
     got = score_points(model, seqs, pts, tok.pad_token_id, rows_per_pass=2)
     for p, prefix in zip(got, (a, b, a[:3], own)):
         assert torch.allclose(p, _brute(model, prefix, cs.token_ids), atol=1e-4)
@@ -110,13 +116,15 @@ def test_generation_records_what_a_second_pass_would_read(tiny_llama, impl, monk
     pts = []
     for i, text in enumerate(gen.tokens):
         n = gen.prompt_len[i]
-        pts += [ReadoutPoint(i, n + 3, cs, prefix_ids=text[:n + 3]),  # inside the written text
-                ReadoutPoint(i, n + 5, verdicts, prefix_ids=text[:n + 5]),
-                ReadoutPoint(i, n + 2, cs, prefix_ids=text[:n] + tok("level:", add_special_tokens=False)["input_ids"])]
-    import ellm_mkd.readout as readout
+        pts += [
+            ReadoutPoint(i, n + 3, cs, prefix_ids=text[: n + 3]),  # inside the written text
+            ReadoutPoint(i, n + 5, verdicts, prefix_ids=text[: n + 5]),
+            ReadoutPoint(i, n + 2, cs, prefix_ids=text[:n] + tok("level:", add_special_tokens=False)["input_ids"]),
+        ]
+    import ellm_mkd.generation as generation
 
     with monkeypatch.context() as m:  # no fallback to a second pass over the texts
-        m.setattr(readout, "score_points", lambda *a, **k: pytest.fail("scored the texts again"))
+        m.setattr(generation, "score_points", lambda *a, **k: pytest.fail("scored the texts again"))
         got = gen.score(model, pts, tok.pad_token_id)
     want = score_points(model, gen.tokens, pts, tok.pad_token_id)
     for g, w in zip(got, want):
@@ -143,13 +151,20 @@ def test_generation_stops_rows_that_are_no_longer_viable(tiny_lm):
     part = generate_recorded(model, tok, prompts, 10, record, [tok.eos_token_id], viable=viable)
     n0 = part.prompt_len[0]
     assert len(full.tokens[0]) - n0 == 10 and 3 <= len(part.tokens[0]) - n0 < 10
-    assert part.tokens[0] == full.tokens[0][:len(part.tokens[0])] and part.tokens[1] == full.tokens[1]
+    assert part.tokens[0] == full.tokens[0][: len(part.tokens[0])] and part.tokens[1] == full.tokens[1]
     assert full.texts[0].startswith(part.texts[0]) and part.texts[1] == full.texts[1]
     assert torch.allclose(part.step_logp[1], full.step_logp[1], atol=1e-5)
     assert {i for i, _ in seen} == {0, 1} and all(t for _, t in seen)
     # once every row is rejected the batch ends: fewer steps than the budget
-    short = generate_recorded(model, tok, prompts, 10, record, [tok.eos_token_id],
-                              viable=lambda i, t: len(tok(t, add_special_tokens=False)["input_ids"]) < 2)
+    short = generate_recorded(
+        model,
+        tok,
+        prompts,
+        10,
+        record,
+        [tok.eos_token_id],
+        viable=lambda i, t: len(tok(t, add_special_tokens=False)["input_ids"]) < 2,
+    )
     assert short.step_logp.shape[1] < 10 and all(len(t) - n <= 3 for t, n in zip(short.tokens, short.prompt_len))
 
 
@@ -164,14 +179,15 @@ def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
     assert torch.allclose(r.verdict_probs[1], torch.full((len(DIMENSIONS), len(VERDICTS)), 0.25))
     # the level distribution is the one after "level:" at the end of the chain
     prompt = ro.prompts([QUERY], [ITEM], "cot")[0]
-    cut = CHAIN[:CHAIN.rindex("level:") + len("level:")]
+    cut = CHAIN[: CHAIN.rindex("level:") + len("level:")]
     ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(cut, add_special_tokens=False)["input_ids"]
     assert torch.allclose(r.level_probs[0].log(), _brute(model, ids, ro.levels.token_ids), atol=1e-4)
     # the usage verdict is read after its "=>"
-    usage_cut = CHAIN[:CHAIN.index("=> partial") + 2]
+    usage_cut = CHAIN[: CHAIN.index("=> partial") + 2]
     ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(usage_cut, add_special_tokens=False)["input_ids"]
-    assert torch.allclose(r.verdict_probs[0, DIMENSIONS.index("usage")].log(),
-                          _brute(model, ids, ro.verdicts.token_ids), atol=1e-4)
+    assert torch.allclose(
+        r.verdict_probs[0, DIMENSIONS.index("usage")].log(), _brute(model, ids, ro.verdicts.token_ids), atol=1e-4
+    )
     d = ro.direct([QUERY], [ITEM])
     assert d.level_probs.shape == (1, 4) and abs(float(d.level_probs.sum()) - 1) < 1e-5
 
@@ -206,10 +222,20 @@ def _teacher(path, **kw):
 
 
 def _batch():
-    return {"query": [QUERY, "blue paint"], "item_text": [ITEM, "Title: Paint"], "labels": torch.tensor([1, 0]),
-            "rationale": [CHAIN, CHAIN.replace("red", "blue").replace("Red", "Paint").replace('"drill"', '"paint"')
-                          .replace('"Drill"', '"Paint"').replace("partially relevant", "irrelevant")],
-            "example_id": ["a", "b"]}
+    return {
+        "query": [QUERY, "blue paint"],
+        "item_text": [ITEM, "Title: Paint"],
+        "labels": torch.tensor([1, 0]),
+        "rationale": [
+            CHAIN,
+            CHAIN.replace("red", "blue")
+            .replace("Red", "Paint")
+            .replace('"drill"', '"paint"')
+            .replace('"Drill"', '"Paint"')
+            .replace("partially relevant", "irrelevant"),
+        ],
+        "example_id": ["a", "b"],
+    }
 
 
 def test_training_batch_masks_everything_but_the_responses(tiny_llama):
@@ -257,8 +283,11 @@ def test_checkpoint_holds_the_adapter_only_and_restores_it(tiny_llama, tmp_path)
     fresh.load_state_dict(ckpt["state_dict"], strict=True)
     m.eval(), fresh.eval()
     b = _batch()
-    assert torch.allclose(m.readout.direct(b["query"], b["item_text"]).level_probs,
-                          fresh.readout.direct(b["query"], b["item_text"]).level_probs, atol=1e-6)
+    assert torch.allclose(
+        m.readout.direct(b["query"], b["item_text"]).level_probs,
+        fresh.readout.direct(b["query"], b["item_text"]).level_probs,
+        atol=1e-6,
+    )
 
     out = m.export(tmp_path / "teacher")
     from ellm_mkd.models import load_causal_lm
@@ -273,30 +302,56 @@ def test_checkpoint_holds_the_adapter_only_and_restores_it(tiny_llama, tmp_path)
 
 
 def _annotate(synth_dir: Path, out: Path, fields: str = "[title,brand]") -> None:
-    from ellm_mkd.annotate import annotate_main
+    from ellm_mkd.commands.annotate import annotate_main
 
-    assert annotate_main(["--data.source.path", str(synth_dir), "--data.item_fields", fields, "--out", str(out),
-                          "--progress", "false"]) == 0
+    assert (
+        annotate_main(
+            [
+                "--data.source.path",
+                str(synth_dir),
+                "--data.item_fields",
+                fields,
+                "--out",
+                str(out),
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
 
 
+@pytest.mark.slow
 def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_path):
     ann = tmp_path / "ann"
     _annotate(synth_dir, ann)
     run = tmp_path / "run"
-    common = ["--config", "configs/teacher/smollm2_135m_lora.yaml", f"--model.init_args.model={tiny_llama}",
-              f"--data.source.path={synth_dir}", f"--data.annotations={ann}", "--data.item_fields=[title,brand]",
-              "--data.batch_size=2", "--data.eval_batch_size=8", "--trainer.accelerator=cpu",
-              f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-              f"--model.init_args.export_dir={run}/teacher", "--model.init_args.max_new_tokens=8"]
-    subprocess.run([sys.executable, "-m", "ellm_mkd", "fit", *common, "--trainer.max_steps=3",
-                    "--trainer.limit_val_batches=1"], check=True, cwd=Path(__file__).parent.parent)
-    ckpt = run / "tb" / "version_0" / "checkpoints" / "last.ckpt"
+    common = [
+        "--config",
+        "configs/teacher/smollm2_135m_lora.yaml",
+        f"--model.init_args.model={tiny_llama}",
+        f"--data.source.path={synth_dir}",
+        f"--data.annotations={ann}",
+        "--data.item_fields=[title,brand]",
+        "--data.batch_size=2",
+        "--data.eval_batch_size=8",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}",
+        f"--model.init_args.export_dir={run}/teacher",
+        "--model.init_args.max_new_tokens=8",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "ellm_mkd", "fit", *common, "--trainer.max_steps=3", "--trainer.limit_val_batches=1"],
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    ckpt = run / "tb" / "checkpoints" / "last.ckpt"  # beside the logger's versions, not inside one
     assert ckpt.exists() and ckpt.stat().st_size < 5_000_000  # the adapter, not the base model
     assert (run / "teacher" / "merged" / "config.json").exists()
-    from ellm_mkd.lightning_cli import cli_main
+    from ellm_mkd.commands.lightning_cli import cli_main
 
-    cli = cli_main(["test", *common, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1",
-                    "--trainer.logger=false"])
+    cli = cli_main(["test", *common, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=1", "--trainer.logger=false"])
     res = cli.model.last_results["test"]
     # a random model writes no valid chain: every pair is a parse failure, read by the fallback
     assert res["parse_failure_rate"] == 1.0
@@ -323,9 +378,10 @@ def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_pa
     assert TeacherLM(model=tiny_llama, log_figures=False).cache_identity()["weights_hash"] != pinned
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
-    from ellm_mkd.lightning_cli import cpu_has_native_bf16
+    from ellm_mkd.commands.lightning_cli import cpu_has_native_bf16
     from lightning_modules import TeacherLM
 
     m = TeacherLM(model="smollm2-135m-instruct", num_levels=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
@@ -349,6 +405,7 @@ def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
     assert torch.allclose(r.verdict_probs.sum(-1), torch.ones(2, len(DIMENSIONS)), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_smollm2_zero_shot_chains_stop_once_they_cannot_parse_with_the_same_readout():
     """The bundled SmolLM2 without fine-tuning breaks the schema: stopping its chains as soon as they

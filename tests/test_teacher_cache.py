@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,14 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from datamodules.schema import DIMENSIONS, VERDICTS
-from datamodules.teacher_batch import spans_to_token_mask
-from ellm_mkd.annotation_store import AnnotationStore, StoreError, read_annotations
-from ellm_mkd.teacher_cache import (KIND, SCHEMA_VERSION, VOLATILE_KEYS, CacheMismatchError, TeacherCache,
-                                    TeacherSignal, cache_schema, inspect, weights_fingerprint)
 from helpers import rule_signals as _rule_signals
 from helpers import write_cache as _write_cache
+
+from datamodules.teacher_batch import spans_to_token_mask
+from ellm_mkd.annotation_store import StoreError, read_annotations
+from ellm_mkd.teacher_cache import (
+    SCHEMA_VERSION,
+    CacheMismatchError,
+    TeacherCache,
+    TeacherSignal,
+    inspect,
+    weights_fingerprint,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_CFG = REPO / "configs" / "teacher" / "cache_smollm2_direct.yaml"
@@ -36,6 +42,7 @@ def _dm(synth_dir, **kw):
 
 # -- unit -------------------------------------------------------------------------------------------
 
+
 def test_spans_to_token_mask_overlap_rules():
     offsets = [(0, 0), (0, 4), (5, 10), (11, 14), (0, 0), (0, 3), (4, 8), (0, 0)]
     seq = [None, 0, 0, 0, None, 1, 1, None]
@@ -44,20 +51,36 @@ def test_spans_to_token_mask_overlap_rules():
 
 
 def test_an_unparsed_chain_is_no_rationale_for_students(minilm_tokenizer):
+    from datamodules.inputs import TextInputs
     from datamodules.teacher_batch import add_teacher_fields
     from ellm_mkd.teacher_cache import TeacherSignal
 
     ok = TeacherSignal("a", "red drill", "Title: Red Drill", [0.1, 0.2, 0.3, 0.4], rationale="level: exact")
-    bad = TeacherSignal("b", "red drill", "Title: Red Drill", [0.1, 0.2, 0.3, 0.4], rationale="The product is",
-                        parse_error="line 1: expected 'category: ...'")
+    bad = TeacherSignal(
+        "b",
+        "red drill",
+        "Title: Red Drill",
+        [0.1, 0.2, 0.3, 0.4],
+        rationale="The product is",
+        parse_error="line 1: expected 'category: ...'",
+    )
     batch = {}
-    add_teacher_fields(batch, [ok, bad, None], 4, minilm_tokenizer, "text", {})
+    add_teacher_fields(batch, [ok, bad, None], 4, TextInputs(), {})
     assert batch["teacher_rationale"] == ["level: exact", "", ""]
 
 
 def test_signal_row_round_trip_and_weights_hash():
-    s = TeacherSignal("e1", "red drill", "Title: Drill", [0.1, 0.9], [[0.25] * 4] * 5, "chain", None,
-                      [("category", "query", 4, 9)], [0.5, -1.0])
+    s = TeacherSignal(
+        "e1",
+        "red drill",
+        "Title: Drill",
+        [0.1, 0.9],
+        [[0.25] * 4] * 5,
+        "chain",
+        None,
+        [("category", "query", 4, 9)],
+        [0.5, -1.0],
+    )
     assert TeacherSignal.from_row(s.to_row()) == s
     m = torch.nn.Linear(3, 2)
     h = weights_fingerprint(m)
@@ -68,6 +91,7 @@ def test_signal_row_round_trip_and_weights_hash():
 
 
 # -- reader, checks and join -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rule_cache(synth_dir, tmp_path_factory):
@@ -81,11 +105,13 @@ def rule_cache(synth_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("inputs", ["pair", "towers"])
 def test_every_cached_field_reaches_the_batch_unchanged(rule_cache, synth_dir, minilm_tokenizer, inputs):
-    from ellm_mkd.teacher_signal import CachedTeacher
+    from datamodules.teacher_signal import CachedTeacher
+    from lightning_modules.cross_encoder import PairInputs
+    from lightning_modules.two_tower import TowerInputs
 
     path, by_id = rule_cache
     dm = _dm(synth_dir, teacher=CachedTeacher(str(path)), batch_size=16)
-    dm.connect(tokenizer=minilm_tokenizer, inputs=inputs, max_seq_length=128)
+    dm.connect(layout={"pair": PairInputs, "towers": TowerInputs}[inputs](minilm_tokenizer, 128))
     dm.setup("fit")
     seen = 0
     for batch in dm.train_dataloader():
@@ -97,16 +123,29 @@ def test_every_cached_field_reaches_the_batch_unchanged(rule_cache, synth_dir, m
             assert torch.equal(batch["teacher_hidden"][i], torch.tensor(s.hidden))
             assert batch["teacher_rationale"][i] == s.rationale
             n = int(batch["rationale_attention_mask"][i].sum())
-            assert batch["rationale_ids"][i, :n].tolist() == minilm_tokenizer(s.rationale, truncation=True,
-                                                                               max_length=128)["input_ids"]
+            assert (
+                batch["rationale_ids"][i, :n].tolist()
+                == minilm_tokenizer(s.rationale, truncation=True, max_length=128)["input_ids"]
+            )
             # the tokens marked as rationale are exactly the tokens overlapping the evidence words
-            sides = [("pair", "rationale_mask", None)] if inputs == "pair" else \
-                [("query", "query_rationale_mask", "query"), ("item", "item_rationale_mask", "item")]
+            sides = (
+                [("pair", "rationale_mask", None)]
+                if inputs == "pair"
+                else [("query", "query_rationale_mask", "query"), ("item", "item_rationale_mask", "item")]
+            )
             for _, key, side in sides:
-                enc = (minilm_tokenizer(s.query, s.item_text, truncation="only_second", max_length=128,
-                                        return_offsets_mapping=True) if side is None else
-                       minilm_tokenizer(getattr(s, "query" if side == "query" else "item_text"), truncation=True,
-                                        max_length=128, return_offsets_mapping=True))
+                enc = (
+                    minilm_tokenizer(
+                        s.query, s.item_text, truncation="only_second", max_length=128, return_offsets_mapping=True
+                    )
+                    if side is None
+                    else minilm_tokenizer(
+                        getattr(s, "query" if side == "query" else "item_text"),
+                        truncation=True,
+                        max_length=128,
+                        return_offsets_mapping=True,
+                    )
+                )
                 seq_ids = enc.sequence_ids()
                 want = []
                 for (a, b), sid in zip(enc["offset_mapping"], seq_ids):
@@ -114,7 +153,7 @@ def test_every_cached_field_reaches_the_batch_unchanged(rule_cache, synth_dir, m
                     spans = [(x, y) for _, sd, x, y in s.evidence if sd == which]
                     want.append(float(sid is not None and b > a and any(a < y and b > x for x, y in spans)))
                 got = batch[key][i].tolist()
-                assert got[:len(want)] == want and not any(got[len(want):])
+                assert got[: len(want)] == want and not any(got[len(want) :])
             seen += 1
     assert seen == len(dm.datasets["train"])
     # evidence exists in these chains, so masks are not all empty
@@ -122,7 +161,7 @@ def test_every_cached_field_reaches_the_batch_unchanged(rule_cache, synth_dir, m
 
 
 def test_manifest_mismatches_are_refused_with_the_key(rule_cache, synth_dir, tmp_path):
-    from ellm_mkd.teacher_signal import CachedTeacher
+    from datamodules.teacher_signal import CachedTeacher
 
     path, _ = rule_cache
     dm = _dm(synth_dir, item_fields=["title", "brand"], teacher=CachedTeacher(str(path)))
@@ -139,18 +178,24 @@ def test_manifest_mismatches_are_refused_with_the_key(rule_cache, synth_dir, tmp
 
 
 def test_stale_texts_and_missing_rows(synth_dir, tmp_path):
-    from ellm_mkd.teacher_signal import CachedTeacher
+    from datamodules.teacher_signal import CachedTeacher
 
     dm = _dm(synth_dir)
     dm.setup("fit")
     sigs = _rule_signals(dm, splits=("train",))
-    stale = [TeacherSignal(**{**s.__dict__, "item_text": s.item_text + " x"}) if i == 3 else s for i, s in enumerate(sigs)]
+    stale = [
+        TeacherSignal(**{**s.__dict__, "item_text": s.item_text + " x"}) if i == 3 else s for i, s in enumerate(sigs)
+    ]
     _write_cache(tmp_path / "stale", dm, stale)
-    with pytest.raises(ValueError, match=rf"1 cached example\(s\) were made from another query or item text.*{sigs[3].example_id}"):
+    with pytest.raises(
+        ValueError, match=rf"1 cached example\(s\) were made from another query or item text.*{sigs[3].example_id}"
+    ):
         _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "stale"))).setup("fit")
 
     _write_cache(tmp_path / "half", dm, sigs[: len(sigs) // 2])
-    with pytest.raises(ValueError, match=rf"{len(sigs) - len(sigs) // 2} of {len(sigs)} training examples have no teacher"):
+    with pytest.raises(
+        ValueError, match=rf"{len(sigs) - len(sigs) // 2} of {len(sigs)} training examples have no teacher"
+    ):
         _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "half"))).setup("fit")
     dm2 = _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "half"), missing="hard_label"), batch_size=len(sigs))
     dm2.setup("fit")
@@ -160,7 +205,7 @@ def test_stale_texts_and_missing_rows(synth_dir, tmp_path):
 
 
 def test_inspect_shows_manifest_levels_and_highlighted_evidence(rule_cache, capsys, tmp_path):
-    from ellm_mkd.cli import main
+    from ellm_mkd.commands.main import main
 
     path, by_id = rule_cache
     text = inspect(path, examples=2)
@@ -174,20 +219,44 @@ def test_inspect_shows_manifest_levels_and_highlighted_evidence(rule_cache, caps
 
 # -- writer through the real CLI -------------------------------------------------------------------
 
+
 def _predict_args(config: Path, model: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["predict", "--config", str(config), "--model.init_args.model", model, "--data.source.path", str(data),
-            "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
-            "--trainer.default_root_dir", str(out.parent / "predict_run"), *extra]
+    return [
+        "predict",
+        "--config",
+        str(config),
+        "--model.init_args.model",
+        model,
+        "--data.source.path",
+        str(data),
+        "--trainer.callbacks.init_args.cache_dir",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.default_root_dir",
+        str(out.parent / "predict_run"),
+        *extra,
+    ]
 
 
-def test_writer_direct_cache_via_cli(tiny_llama, synth_dir, tmp_path):
-    from ellm_mkd.cli import main
+@pytest.mark.slow
+def test_writer_direct_cache_via_cli(tiny_llama, synth_dir, tmp_path, capsys):
+    from ellm_mkd.commands.main import main
 
     out = tmp_path / "cache"
     hidden = ["--trainer.callbacks.init_args.store_hidden", "true"]
-    assert main(_predict_args(CACHE_CFG, tiny_llama, synth_dir, out, *hidden,
-                              "--trainer.callbacks.init_args.rows_per_shard", "256")) == 0
+    assert (
+        main(
+            _predict_args(
+                CACHE_CFG, tiny_llama, synth_dir, out, *hidden, "--trainer.callbacks.init_args.rows_per_shard", "256"
+            )
+        )
+        == 0
+    )
     dm = _dm(synth_dir)
     dm.setup("predict")
     all_ids = {r["example_id"] for s in ("train", "val", "test") for r in dm.datasets[s].rows}
@@ -204,13 +273,19 @@ def test_writer_direct_cache_via_cli(tiny_llama, synth_dir, tmp_path):
     ids = read_annotations(out).column("example_id").to_pylist()
     assert len(ids) == len(set(ids)) == len(all_ids)
     # another readout (or teacher, template, hidden setting) may not write into this cache
-    with pytest.raises(StoreError, match=r"different manifest \(differing keys \['teacher'\]\)"):
-        main(_predict_args(CACHE_CFG, tiny_llama, synth_dir, out, *hidden, "--model.init_args.test_mode", "cot"))
+    # (the command says so in one line and exits 1; with --debug the StoreError itself comes through)
+    assert (
+        main(_predict_args(CACHE_CFG, tiny_llama, synth_dir, out, *hidden, "--model.init_args.test_mode", "cot")) == 1
+    )
+    assert re.search(
+        r"ellm-mkd predict: error: .*different manifest \(differing keys \['teacher'\]\)", capsys.readouterr().err
+    )
     with pytest.raises(StoreError, match=r"differing keys \['hidden_size'\]"):
-        main(_predict_args(CACHE_CFG, tiny_llama, synth_dir, out))
+        main([*_predict_args(CACHE_CFG, tiny_llama, synth_dir, out), "--debug"])
 
     # offline and online: a live teacher gives the same typed signal as the cache it would write
-    from ellm_mkd.teacher_signal import CachedTeacher, LiveTeacher
+    from datamodules.teacher_signal import CachedTeacher
+    from lightning_modules.live_teacher import LiveTeacher
 
     batches = {}
     for name, source in (("cache", CachedTeacher(str(out))), ("live", LiveTeacher(model=tiny_llama, readout="direct"))):
@@ -228,12 +303,27 @@ def _all_ids(synth_dir) -> set[str]:
     return {r["example_id"] for s in ("train", "val", "test") for r in dm.datasets[s].rows}
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_killed_writer_leaves_whole_shards_and_resumes(tiny_llama, synth_dir, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ellm_mkd", *_predict_args(
-        COT_CFG, tiny_llama, synth_dir, out, "--model.init_args.max_new_tokens", "12",
-        "--trainer.callbacks.init_args.rows_per_shard", "32", "--data.eval_batch_size", "16")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ellm_mkd",
+        *_predict_args(
+            COT_CFG,
+            tiny_llama,
+            synth_dir,
+            out,
+            "--model.init_args.max_new_tokens",
+            "12",
+            "--trainer.callbacks.init_args.rows_per_shard",
+            "32",
+            "--data.eval_batch_size",
+            "16",
+        ),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
@@ -253,11 +343,16 @@ def test_killed_writer_leaves_whole_shards_and_resumes(tiny_llama, synth_dir, tm
     assert sig.rationale is not None and sig.parse_error  # a random tiny model does not write the schema
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_writer_shards_without_duplicates(tiny_llama, synth_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "ellm_mkd", *_predict_args(CACHE_CFG, tiny_llama, synth_dir, out,
-                                                            "--trainer.strategy", "ddp", "--trainer.devices", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ellm_mkd",
+        *_predict_args(CACHE_CFG, tiny_llama, synth_dir, out, "--trainer.strategy", "ddp", "--trainer.devices", "2"),
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     prefixes = {p.name.split("-")[1] for p in out.glob("part-*.parquet")}

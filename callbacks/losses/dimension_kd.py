@@ -108,8 +108,9 @@ def dimension_kd_loss(
         Zhao et al., Explainable LLM-driven Multi-dimensional Distillation for
         E-Commerce Relevance Learning, WWW 2025, arXiv 2411.13045.
     """
-    _check_student_teacher(student_dim_logits, "student_dim_logits", teacher_verdict_probs, "teacher_verdict_probs",
-                           "B, D, V", temperature)
+    _check_student_teacher(
+        student_dim_logits, "student_dim_logits", teacher_verdict_probs, "teacher_verdict_probs", "B, D, V", temperature
+    )
     batch, num_dims, _ = student_dim_logits.shape
     logits = _upcast(student_dim_logits)
     w = _dim_weights(dim_weights, num_dims, logits.device, logits.dtype)

@@ -42,8 +42,9 @@ def _row_mask(mask: Tensor | None, batch: int, device: torch.device, name: str =
     return mask.to(device=device).bool()
 
 
-def _check_student_teacher(student: Tensor, s_name: str, teacher: Tensor, t_name: str, layout: str,
-                           temperature: float) -> None:
+def _check_student_teacher(
+    student: Tensor, s_name: str, teacher: Tensor, t_name: str, layout: str, temperature: float
+) -> None:
     """Temperature > 0, the student tensor of ``layout`` (e.g. ``"B, K"``), the teacher tensor of the same shape."""
     if not float(temperature) > 0:
         raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
@@ -51,15 +52,13 @@ def _check_student_teacher(student: Tensor, s_name: str, teacher: Tensor, t_name
     if student.dim() != n:
         raise ValueError(f"{s_name}: expected shape [{layout}] ({n}-D), got {tuple(student.shape)}")
     if tuple(teacher.shape) != tuple(student.shape):
-        raise ValueError(f"{t_name}: expected shape {tuple(student.shape)} [{layout}] (as {s_name}), "
-                         f"got {tuple(teacher.shape)}")
+        raise ValueError(
+            f"{t_name}: expected shape {tuple(student.shape)} [{layout}] (as {s_name}), got {tuple(teacher.shape)}"
+        )
 
 
 def distribution_kd_loss(
-    student_logits: Tensor,
-    teacher_probs: Tensor,
-    temperature: float = 1.0,
-    mask: Tensor | None = None,
+    student_logits: Tensor, teacher_probs: Tensor, temperature: float = 1.0, mask: Tensor | None = None
 ) -> Tensor:
     r"""Tempered KL divergence from the teacher's level distribution to the student's.
 

@@ -27,16 +27,11 @@ __all__ = ["rationale_attention_loss", "cls_attention"]
 
 def _check_bt(x: Tensor, name: str, expected: tuple[int, int], ref: str) -> None:
     if tuple(x.shape) != expected:
-        raise ValueError(
-            f"{name}: expected shape {expected} [B, T] (as {ref}), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape {expected} [B, T] (as {ref}), got {tuple(x.shape)}")
 
 
 def rationale_attention_loss(
-    student_weights: Tensor,
-    rationale_mask: Tensor,
-    attention_mask: Tensor | None = None,
-    eps: float = 1e-8,
+    student_weights: Tensor, rationale_mask: Tensor, attention_mask: Tensor | None = None, eps: float = 1e-8
 ) -> Tensor:
     r"""KL divergence from the normalised rationale mask to the student's token distribution.
 
@@ -92,9 +87,7 @@ def rationale_attention_loss(
         E-Commerce Relevance Learning, WWW 2025, arXiv 2411.13045.
     """
     if student_weights.dim() != 2:
-        raise ValueError(
-            f"student_weights: expected shape [B, T] (2-D), got {tuple(student_weights.shape)}"
-        )
+        raise ValueError(f"student_weights: expected shape [B, T] (2-D), got {tuple(student_weights.shape)}")
     shape = tuple(student_weights.shape)
     _check_bt(rationale_mask, "rationale_mask", shape, "student_weights")
     weights = _upcast(student_weights)
@@ -163,12 +156,18 @@ def cls_attention(
     if isinstance(attentions, Tensor) or len(attentions) == 0:
         raise ValueError(
             "attentions: expected a non-empty tuple/list of [B, Hh, T, T] tensors, got "
-            + (f"a tensor of shape {tuple(attentions.shape)}" if isinstance(attentions, Tensor) else "an empty sequence")
+            + (
+                f"a tensor of shape {tuple(attentions.shape)}"
+                if isinstance(attentions, Tensor)
+                else "an empty sequence"
+            )
         )
     first = attentions[0]
     if not (first.dim() == 3 or (first.dim() == 4 and first.shape[-1] == first.shape[-2])):
-        raise ValueError(f"attentions: expected each layer of shape [B, Hh, T, T] (or its [CLS] row [B, Hh, T]), "
-                         f"got {tuple(first.shape)}")
+        raise ValueError(
+            f"attentions: expected each layer of shape [B, Hh, T, T] (or its [CLS] row [B, Hh, T]), "
+            f"got {tuple(first.shape)}"
+        )
     ref_shape = tuple(first.shape)
     for k, a in enumerate(attentions):
         if tuple(a.shape) != ref_shape:
@@ -179,15 +178,15 @@ def cls_attention(
     n_layers = len(attentions)
     batch, n_heads, seq = ref_shape[:3]
     layers = list(layers)
-    if not layers or any(not -n_layers <= l < n_layers for l in layers):
+    if not layers or any(not -n_layers <= li < n_layers for li in layers):
         raise ValueError(f"layers: expected non-empty indices in [-{n_layers}, {n_layers}), got {layers}")
     if heads is not None:
         heads = list(heads)
         if not heads or any(not -n_heads <= h < n_heads for h in heads):
             raise ValueError(f"heads: expected non-empty indices in [-{n_heads}, {n_heads}), got {heads}")
     rows = []
-    for l in layers:
-        a = _upcast(attentions[l])
+    for li in layers:
+        a = _upcast(attentions[li])
         a = a[:, :, 0, :] if a.dim() == 4 else a  # [B, Hh, T]
         if heads is not None:
             a = a[:, heads, :]

@@ -55,10 +55,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def rationale_embedding_loss(
-    pair_embedding: Tensor,
-    rationale_embedding: Tensor,
-    projection: nn.Module | None = None,
-    mask: Tensor | None = None,
+    pair_embedding: Tensor, rationale_embedding: Tensor, projection: nn.Module | None = None, mask: Tensor | None = None
 ) -> Tensor:
     r"""Cosine distance between the student's pair embedding and the (projected) rationale embedding.
 
@@ -111,9 +108,7 @@ def rationale_embedding_loss(
         E-Commerce Relevance Learning, WWW 2025, arXiv 2411.13045.
     """
     if pair_embedding.dim() != 2:
-        raise ValueError(
-            f"pair_embedding: expected shape [B, H] (2-D), got {tuple(pair_embedding.shape)}"
-        )
+        raise ValueError(f"pair_embedding: expected shape [B, H] (2-D), got {tuple(pair_embedding.shape)}")
     batch, hidden = pair_embedding.shape
     if rationale_embedding.dim() != 2 or rationale_embedding.shape[0] != batch:
         raise ValueError(

@@ -14,16 +14,17 @@ evidence offsets would point at other words): a difference is an error naming th
 Training examples without a cache row are an error, or train on hard labels only
 (``missing: hard_label``).
 
-``LiveTeacher`` runs a teacher on each batch as it is collated: the whole readout per training
-step, so it is for small data and quick experiments (and it keeps DataLoader workers at 0 or pays
-for a copy of the teacher per worker). Its weights never enter a student checkpoint.
+``LiveTeacher`` (:mod:`lightning_modules.live_teacher`) runs a teacher on each batch as it is
+collated: the whole readout per training step, so it is for small data and quick experiments (and
+it keeps DataLoader workers at 0 or pays for a copy of the teacher per worker). Its weights never
+enter a student checkpoint.
 
 YAML::
 
     data:
       teacher:
-        class_path: ellm_mkd.teacher_signal.CachedTeacher
-        init_args: {path: runs/demo/teacher_cache, missing: error}
+        class_path: datamodules.teacher_signal.CachedTeacher
+        init_args: {cache_dir: runs/demo/teacher_cache, missing: error}
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from .teacher_cache import TeacherCache, TeacherSignal, signals_from_prediction
+from ellm_mkd.teacher_cache import TeacherCache, TeacherSignal
 
 log = logging.getLogger(__name__)
 Missing = Literal["error", "hard_label"]
@@ -68,7 +67,7 @@ class CachedTeacher(TeacherSource):
     """Signals from a teacher cache; see the module docstring.
 
     Args:
-        path: the cache directory.
+        cache_dir: the cache directory (``cache_dir`` of the TeacherCacheWriter that wrote it).
         missing: a training example without a cache row is an ``error`` (naming the first ids) or
             trains on its hard label alone (``hard_label``; counted in the log). Validation and
             test examples without a row always fall back to hard labels.
@@ -79,31 +78,44 @@ class CachedTeacher(TeacherSource):
 
     lookup = True
 
-    def __init__(self, path: str, missing: Missing = "error", teacher_dir: str | None = None,
-                 expect: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cache_dir: str,
+        missing: Missing = "error",
+        teacher_dir: str | None = None,
+        expect: dict[str, Any] | None = None,
+    ):
         if missing not in ("error", "hard_label"):
             raise ValueError(f"missing must be 'error' or 'hard_label', got {missing!r}")
-        self.path, self.missing, self.teacher_dir, self.expect = path, missing, teacher_dir, dict(expect or {})
+        self.cache_dir, self.missing, self.teacher_dir = cache_dir, missing, teacher_dir
+        self.expect = dict(expect or {})
         self._signals: dict[str, TeacherSignal] = {}
         self.manifest: dict[str, Any] = {}
 
     def expected_manifest(self, dm: Any) -> dict[str, Any]:
-        want: dict[str, Any] = {"level_names": list(dm.level_names), "item_fields": list(dm.item_fields),
-                                "label_scheme": dm.scheme.describe()}
+        want: dict[str, Any] = {
+            "level_names": list(dm.level_names),
+            "item_fields": list(dm.item_fields),
+            "label_scheme": dm.scheme.describe(),
+        }
         if self.teacher_dir:
             info_file = Path(self.teacher_dir) / "teacher.json"
             if not info_file.is_file():
-                raise FileNotFoundError(f"teacher_dir {self.teacher_dir}: no teacher.json (the directory ellm-mkd fit "
-                                        "writes the teacher's adapter/ and merged/ to)")
+                raise FileNotFoundError(
+                    f"teacher_dir {self.teacher_dir}: no teacher.json (the directory ellm-mkd fit "
+                    "writes the teacher's adapter/ and merged/ to)"
+                )
             info = json.loads(info_file.read_text())
-            want["teacher"] = {"weights_hash": info.get("weights_hash"),
-                               "template_fingerprint": info.get("template_fingerprint")}
+            want["teacher"] = {
+                "weights_hash": info.get("weights_hash"),
+                "template_fingerprint": info.get("template_fingerprint"),
+            }
         for k, v in self.expect.items():
             want[k] = {**want.get(k, {}), **v} if isinstance(v, dict) and isinstance(want.get(k), dict) else v
         return want
 
     def bind(self, dm: Any) -> None:
-        cache = TeacherCache(self.path, expect=self.expected_manifest(dm))
+        cache = TeacherCache(self.cache_dir, expect=self.expected_manifest(dm))
         self.manifest = cache.manifest
         stale, missing_train, kept = [], [], {}
         for split, ds in dm.datasets.items():
@@ -120,19 +132,27 @@ class CachedTeacher(TeacherSource):
                     continue
                 kept[r["example_id"]] = sig
         if stale:
-            raise ValueError(f"{self.path}: {len(stale)} cached example(s) were made from another query or item text "
-                             f"than the data has now (first: {stale[:5]}); the data or item_fields changed since the "
-                             "cache was written: write the cache again with ellm-mkd predict")
+            raise ValueError(
+                f"{self.cache_dir}: {len(stale)} cached example(s) were made from another query or item text "
+                f"than the data has now (first: {stale[:5]}); the data or item_fields changed since the "
+                "cache was written: write the cache again with ellm-mkd predict"
+            )
         if missing_train:
             n_train = len(dm.datasets["train"])
             if self.missing == "error":
-                raise ValueError(f"{self.path}: {len(missing_train)} of {n_train} training examples have no teacher "
-                                 f"signal (first: {missing_train[:5]}); write the cache over the training split "
-                                 "(data.predict_split: train), or set missing: hard_label to train them on labels alone")
-            log.info("%s: %d of %d training examples have no teacher signal and train on hard labels only",
-                     self.path, len(missing_train), n_train)
+                raise ValueError(
+                    f"{self.cache_dir}: {len(missing_train)} of {n_train} training examples have no teacher "
+                    f"signal (first: {missing_train[:5]}); write the cache over the training split "
+                    "(data.predict_split: train), or set missing: hard_label to train them on labels alone"
+                )
+            log.info(
+                "%s: %d of %d training examples have no teacher signal and train on hard labels only",
+                self.cache_dir,
+                len(missing_train),
+                n_train,
+            )
         self._signals = kept
-        log.info("teacher cache %s: %d examples joined", self.path, len(kept))
+        log.info("teacher cache %s: %d examples joined", self.cache_dir, len(kept))
 
     def covers(self, example_id: str) -> bool:
         return example_id in self._signals
@@ -143,44 +163,3 @@ class CachedTeacher(TeacherSource):
 
     def signals(self, rows: list[dict[str, Any]]) -> list[TeacherSignal | None]:
         return [self._signals.get(r["example_id"]) for r in rows]
-
-
-class LiveTeacher(TeacherSource):
-    """A teacher run on every batch as it is collated (online); see the module docstring.
-
-    Args:
-        model: base model of the teacher (bundled name, local directory or hub id).
-        checkpoint: a teacher Lightning checkpoint (``ellm-mkd fit`` on a teacher config); overrides
-            ``model`` and ``adapter`` with what the checkpoint holds.
-        adapter: a LoRA adapter directory (``<export_dir>/adapter``).
-        readout: ``direct`` (one forward pass) or ``cot`` (generate the chain, then read).
-        max_new_tokens: generation budget of a chain in ``cot``.
-    """
-
-    def __init__(self, model: str = "smollm2-135m-instruct", checkpoint: str | None = None,
-                 adapter: str | None = None, readout: Literal["direct", "cot"] = "direct", max_new_tokens: int = 128):
-        self.model, self.checkpoint, self.adapter = model, checkpoint, adapter
-        self.readout, self.max_new_tokens = readout, max_new_tokens
-        self.missing = "error"
-        self.teacher: Any = None
-
-    def bind(self, dm: Any) -> None:
-        from lightning_modules.teacher import TeacherLM
-
-        if self.checkpoint:
-            teacher = TeacherLM.load_from_checkpoint(self.checkpoint, map_location="cpu", log_figures=False)
-        else:
-            teacher = TeacherLM(model=self.model, adapter=self.adapter, num_levels=dm.num_levels,
-                                relevant_level=dm.relevant_level, log_figures=False)
-        teacher.connect_levels(dm, "predict")
-        teacher.hparams.test_mode = self.readout
-        teacher.hparams.max_new_tokens = self.max_new_tokens
-        self.teacher = teacher.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def signals(self, rows: list[dict[str, Any]]) -> list[TeacherSignal | None]:
-        if self.teacher is None:
-            raise RuntimeError("LiveTeacher.bind(datamodule) must run before signals()")
-        batch = {"example_id": [r["example_id"] for r in rows], "query": [r["query"] for r in rows],
-                 "item_text": [r["item_text"] for r in rows]}
-        return list(signals_from_prediction(self.teacher.predict_step(batch, 0)))

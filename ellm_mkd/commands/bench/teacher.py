@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from .bench import _fmt, machine_description, publish
+from .common import fmt, machine_description, publish
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
@@ -44,21 +44,44 @@ def _parser():
     p.add_argument("--num_queries", type=int, default=600, help="catalog size (queries; 10 items each)")
     p.add_argument("--item_fields", type=list[str], default=["title", "brand", "color", "attributes"])
     p.add_argument("--steps", type=int, default=60, help="LoRA optimizer steps")
-    p.add_argument("--batch_size", type=int, default=8, help="training examples per step (each: a cot and a direct response)")
+    p.add_argument(
+        "--batch_size", type=int, default=8, help="training examples per step (each: a cot and a direct response)"
+    )
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval_pairs", type=int, default=96, help="seeded sample of test pairs for quality and speed")
-    p.add_argument("--eval_batch_size", type=int, default=32,
-                   help="pairs per batched readout (--stage throughput: the batch it times)")
-    p.add_argument("--naive_pairs", type=int, default=16, help="pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)")
+    p.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=32,
+        help="pairs per batched readout (--stage throughput: the batch it times)",
+    )
+    p.add_argument(
+        "--naive_pairs",
+        type=int,
+        default=16,
+        help="pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--precision", type=str, default="bf16-mixed",
-                   help="bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)")
+    p.add_argument(
+        "--precision",
+        type=str,
+        default="bf16-mixed",
+        help="bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage", type=Literal["all", "throughput"], default="all",
-                   help="all: catalog, zero-shot and LoRA quality, throughput; throughput: only the readout speed of "
-                        "the adapter a full run trained, written into that run's result")
-    p.add_argument("--adapter", type=str | None, default=None,
-                   help="--stage throughput: the LoRA adapter (default <work_dir>/teacher/adapter)")
+    p.add_argument(
+        "--stage",
+        type=Literal["all", "throughput"],
+        default="all",
+        help="all: catalog, zero-shot and LoRA quality, throughput; throughput: only the readout speed of "
+        "the adapter a full run trained, written into that run's result",
+    )
+    p.add_argument(
+        "--adapter",
+        type=str | None,
+        default=None,
+        help="--stage throughput: the LoRA adapter (default <work_dir>/teacher/adapter)",
+    )
     p.add_argument("--name", type=str, default="teacher")
     p.add_argument("--out_json", type=str | None, default=None)
     p.add_argument("--out_md", type=str, default="docs/benchmarks.md")
@@ -68,9 +91,16 @@ def _parser():
 def _evaluate(model, dm, mode: str, precision: str) -> dict[str, float]:
     import lightning as L
 
-    model.hparams.test_mode = mode
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    model.use_readout(mode)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t = time.perf_counter()
     trainer.test(model, datamodule=dm, verbose=False)
     res = dict(model.last_results["test"])
@@ -80,17 +110,25 @@ def _evaluate(model, dm, mode: str, precision: str) -> dict[str, float]:
 
 def _naive_loop(model, ro, q: list[str], d: list[str], **generate_kwargs) -> tuple[float, int]:
     """What one writes first: ``generate()`` for one pair, decode, parse. Returns (pairs/s, parse failures)."""
-    from .cot import CoTParseError, parse
+    from ellm_mkd.cot import CoTParseError, parse
 
     tok = model.tokenizer
     failures = 0
     t = time.perf_counter()
     for qi, di in zip(q, d):
         enc = tok(ro.prompts([qi], [di], "cot")[0], return_tensors="pt", add_special_tokens=False)
-        out = model.model.generate(**enc, max_new_tokens=ro.max_new_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None, eos_token_id=ro.stop_ids, pad_token_id=tok.pad_token_id,
-                                   **generate_kwargs)
-        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.model.generate(
+            **enc,
+            max_new_tokens=ro.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=ro.stop_ids,
+            pad_token_id=tok.pad_token_id,
+            **generate_kwargs,
+        )
+        text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         try:
             parse(text, qi, di, ro.level_names)
         except CoTParseError:
@@ -106,7 +144,7 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int,
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         t = time.perf_counter()
         for s in range(0, len(rows), batch):
-            ro.direct(q[s:s + batch], d[s:s + batch])
+            ro.direct(q[s : s + batch], d[s : s + batch])
         out["direct_pairs_per_s"] = len(rows) / (time.perf_counter() - t)
         # cot batched twice: every chain written to its end, then (the readout's default) chains that
         # break the schema stopped at their first broken line; the distributions must not change
@@ -116,7 +154,7 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int,
             t = time.perf_counter()
             tokens, failures, probs = 0, 0, []
             for s in range(0, len(rows), batch):
-                r = ro.cot(q[s:s + batch], d[s:s + batch])
+                r = ro.cot(q[s : s + batch], d[s : s + batch])
                 tokens += sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r.rationales)
                 failures += r.parse_failures
                 probs.append(r.level_probs)
@@ -140,9 +178,13 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int,
 
 
 def _target(speed: dict[str, float]) -> dict[str, Any]:
-    return {"cot_batched_ge_5x_naive": {"rule": "cot batched pairs/s >= 5 x naive per-pair generate()",
-                                        "value": speed["cot_batched_over_naive"],
-                                        "met": speed["cot_batched_over_naive"] >= 5.0}}
+    return {
+        "cot_batched_ge_5x_naive": {
+            "rule": "cot batched pairs/s >= 5 x naive per-pair generate()",
+            "value": speed["cot_batched_over_naive"],
+            "met": speed["cot_batched_over_naive"] >= 5.0,
+        }
+    }
 
 
 def _eval_rows(dm, opts) -> list[dict[str, Any]]:
@@ -162,27 +204,41 @@ def bench_throughput(opts, command: str) -> dict[str, Any]:
 
     out_json = Path(opts.out_json or f"docs/results/{opts.name}.json")
     if not out_json.exists():
-        raise FileNotFoundError(f"{out_json}: --stage throughput updates the result of a full run; run the full "
-                                "benchmark first")
+        raise FileNotFoundError(
+            f"{out_json}: --stage throughput updates the result of a full run; run the full benchmark first"
+        )
     result = json.loads(out_json.read_text(encoding="utf-8"))
     setup = result["setup"]
     work = Path(opts.work_dir)
     adapter = Path(opts.adapter or work / "teacher" / "adapter")
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter}: no LoRA adapter (adapter_config.json) here; pass --adapter")
-    dm = RelevanceDataModule({"path": str(work / "data")}, item_fields=setup["item_fields"], inputs="text")
+    dm = RelevanceDataModule({"path": str(work / "data")}, item_fields=setup["item_fields"])
     dm.setup("fit")
     rows = _eval_rows(dm, opts)
     if len(rows) != setup["eval_pairs"]:
-        raise ValueError(f"{out_json}: the quality run read {setup['eval_pairs']} pairs, this run would read {len(rows)}")
-    model = TeacherLM(model=setup["model"], adapter=str(adapter), num_levels=dm.num_levels,
-                      max_new_tokens=setup["max_new_tokens"], log_figures=False).eval()
+        raise ValueError(
+            f"{out_json}: the quality run read {setup['eval_pairs']} pairs, this run would read {len(rows)}"
+        )
+    model = TeacherLM(
+        model=setup["model"],
+        adapter=str(adapter),
+        num_levels=dm.num_levels,
+        max_new_tokens=setup["max_new_tokens"],
+        log_figures=False,
+    ).eval()
     speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, opts.precision.startswith("bf16"))
     result["throughput"] = speed
     result["targets"] = _target(speed)
-    result["throughput_run"] = {"command": command, "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
-                                "adapter": str(adapter), "precision": opts.precision, "naive_pairs": opts.naive_pairs,
-                                "eval_batch_size": opts.eval_batch_size}
+    result["throughput_run"] = {
+        "command": command,
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "adapter": str(adapter),
+        "precision": opts.precision,
+        "naive_pairs": opts.naive_pairs,
+        "eval_batch_size": opts.eval_batch_size,
+    }
     return result
 
 
@@ -191,35 +247,59 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
 
     from datamodules.datamodule import RelevanceDataModule
     from datamodules.synth import SynthConfig, write
+    from ellm_mkd.annotation import run_annotation
     from lightning_modules import TeacherLM
-
-    from .annotate import run_annotation
 
     work = Path(opts.work_dir)
     data_dir = work / "data"
     if not (data_dir / "synth.json").exists():
         write(data_dir, SynthConfig(seed=opts.seed, num_queries=opts.num_queries), overwrite=True)
     ann = work / "annotations"
-    run_annotation(RelevanceDataModule({"path": str(data_dir)}, item_fields=opts.item_fields), ann, "rules",
-                   splits=["train"], progress=False)
+    run_annotation(
+        RelevanceDataModule({"path": str(data_dir)}, item_fields=opts.item_fields),
+        ann,
+        "rules",
+        splits=["train"],
+        progress=False,
+    )
 
-    dm = RelevanceDataModule({"path": str(data_dir)}, item_fields=opts.item_fields, annotations=str(ann),
-                             batch_size=opts.batch_size, eval_batch_size=opts.eval_batch_size, inputs="text")
+    dm = RelevanceDataModule(
+        {"path": str(data_dir)},
+        item_fields=opts.item_fields,
+        annotations=str(ann),
+        batch_size=opts.batch_size,
+        eval_batch_size=opts.eval_batch_size,
+    )
     dm.setup("fit")
     rows = _eval_rows(dm, opts)
     dm.datasets["test"].rows = rows
 
     L.seed_everything(opts.seed)
-    model = TeacherLM(model=opts.model, num_levels=dm.num_levels, relevant_level=dm.relevant_level, lr=opts.lr,
-                      max_new_tokens=opts.max_new_tokens, log_figures=False, export_dir=str(work / "teacher"),
-                      save_merged=False)
+    model = TeacherLM(
+        model=opts.model,
+        num_levels=dm.num_levels,
+        relevant_level=dm.relevant_level,
+        lr=opts.lr,
+        max_new_tokens=opts.max_new_tokens,
+        log_figures=False,
+        export_dir=str(work / "teacher"),
+        save_merged=False,
+    )
     quality: dict[str, dict[str, float]] = {}
     for mode in ("direct", "cot"):  # zero-shot: the LoRA update starts at zero, so this is the base model
         quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode, opts.precision)
         log.info("zero-shot %s: %s", mode, {k: round(v, 4) for k, v in quality[f"zero_shot_{mode}"].items()})
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=opts.precision, max_steps=opts.steps, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=opts.precision,
+        max_steps=opts.steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
     t = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - t
@@ -233,15 +313,35 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
         "command": command,
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
-        "setup": {"model": opts.model, "catalog_queries": opts.num_queries, "train_pairs": len(dm.datasets["train"]),
-                  "steps": opts.steps, "batch_size": opts.batch_size, "examples_seen": opts.steps * opts.batch_size,
-                  "lr": opts.lr, "precision": opts.precision, "eval_pairs": len(rows), "eval_batch_size": opts.eval_batch_size,
-                  "max_new_tokens": opts.max_new_tokens, "item_fields": list(opts.item_fields),
-                  "train_seconds": round(train_s, 1), "train_seconds_per_step": round(train_s / max(opts.steps, 1), 2),
-                  "lora": {"r": model.hparams.lora_r, "alpha": model.hparams.lora_alpha,
-                           "targets": list(model.hparams.lora_target_modules)}},
-        "rows": [{"name": name, "metrics": {k: v for k, v in m.items() if k in QUALITY_KEYS},
-                  "seconds": round(m["seconds"], 1)} for name, m in quality.items()],
+        "setup": {
+            "model": opts.model,
+            "catalog_queries": opts.num_queries,
+            "train_pairs": len(dm.datasets["train"]),
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+            "examples_seen": opts.steps * opts.batch_size,
+            "lr": opts.lr,
+            "precision": opts.precision,
+            "eval_pairs": len(rows),
+            "eval_batch_size": opts.eval_batch_size,
+            "max_new_tokens": opts.max_new_tokens,
+            "item_fields": list(opts.item_fields),
+            "train_seconds": round(train_s, 1),
+            "train_seconds_per_step": round(train_s / max(opts.steps, 1), 2),
+            "lora": {
+                "r": model.hparams.lora_r,
+                "alpha": model.hparams.lora_alpha,
+                "targets": list(model.hparams.lora_target_modules),
+            },
+        },
+        "rows": [
+            {
+                "name": name,
+                "metrics": {k: v for k, v in m.items() if k in QUALITY_KEYS},
+                "seconds": round(m["seconds"], 1),
+            }
+            for name, m in quality.items()
+        ],
         "throughput": speed,
         "targets": _target(speed),
     }
@@ -250,55 +350,89 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
 def markdown_section(result: dict[str, Any]) -> str:
     name = result["benchmark"]
     s = result["setup"]
-    lines = [f"<!-- bench:{name} -->", f"## {name}", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; date {result['date']}.", "",
-             f"Teacher `{s['model']}` + LoRA (r {s['lora']['r']}, alpha {s['lora']['alpha']}, {len(s['lora']['targets'])} "
-             f"projections) on the embedded catalog ({s['catalog_queries']} queries), rule annotations of the training "
-             f"split; {s['steps']} steps x {s['batch_size']} examples ({s['examples_seen']} examples, each a cot and a "
-             f"direct response; {s['train_seconds_per_step']} s/step, {s['train_seconds']} s). Quality on {s['eval_pairs']} "
-             "seeded test pairs.", "",
-             "| teacher | readout | accuracy | AUC | macro-F1 | RMSE | parse failures |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"## {name}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; date {result['date']}.",
+        "",
+        f"Teacher `{s['model']}` + LoRA (r {s['lora']['r']}, alpha {s['lora']['alpha']}, {len(s['lora']['targets'])} "
+        f"projections) on the embedded catalog ({s['catalog_queries']} queries), rule annotations of the training "
+        f"split; {s['steps']} steps x {s['batch_size']} examples ({s['examples_seen']} examples, each a cot and a "
+        f"direct response; {s['train_seconds_per_step']} s/step, {s['train_seconds']} s). Quality on {s['eval_pairs']} "
+        "seeded test pairs.",
+        "",
+        "| teacher | readout | accuracy | AUC | macro-F1 | RMSE | parse failures |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         who, mode = r["name"].rsplit("_", 1)
         m = r["metrics"]
-        pf = _fmt(m.get("parse_failure_rate")) if mode == "cot" else ""
-        lines.append(f"| {who.replace('_', '-')} | {mode} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('auc'))} | "
-                     f"{_fmt(m.get('macro_f1'))} | {_fmt(m.get('rmse'))} | {pf} |")
+        pf = fmt(m.get("parse_failure_rate")) if mode == "cot" else ""
+        lines.append(
+            f"| {who.replace('_', '-')} | {mode} | {fmt(m.get('accuracy'))} | {fmt(m.get('auc'))} | "
+            f"{fmt(m.get('macro_f1'))} | {fmt(m.get('rmse'))} | {pf} |"
+        )
     tp = result["throughput"]
     run = result.get("throughput_run")
     lines += [""]
     if run:
-        lines += [f"Throughput measured by a later run: `{run['command']}` (adapter `{run['adapter']}` from the run "
-                  f"above; machine: {run['machine']}; date {run['date']}; precision {run['precision']}).", ""]
-    lines += [f"Readout throughput of the fine-tuned teacher (batch {(run or {}).get('eval_batch_size', s['eval_batch_size'])}, "
-              f"max {s['max_new_tokens']} new tokens, the {s['eval_pairs']} pairs above):", "",
-              "| readout | pairs/s |", "|---|---|",
-              f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",
-              f"| cot, batched generate (static cache), distributions recorded while generating | "
-              f"{tp['cot_batched_pairs_per_s']:.2f} ({tp['cot_batched_generated_tokens_per_s']:.0f} generated tokens/s) |",
-              *([f"| ... every chain written to its end (`stop_unparseable: false`) | "
-                 f"{tp['cot_batched_whole_chains_pairs_per_s']:.2f} "
-                 f"({tp['cot_batched_whole_chains_generated_tokens_per_s']:.0f} generated tokens/s) |"]
-                if "cot_batched_whole_chains_pairs_per_s" in tp else []),
-              f"| cot, naive per-pair generate() then parse | {tp['naive_pairs_per_s']:.2f} |"]
+        lines += [
+            f"Throughput measured by a later run: `{run['command']}` (adapter `{run['adapter']}` from the run "
+            f"above; machine: {run['machine']}; date {run['date']}; precision {run['precision']}).",
+            "",
+        ]
+    lines += [
+        "Readout throughput of the fine-tuned teacher "
+        f"(batch {(run or {}).get('eval_batch_size', s['eval_batch_size'])}, "
+        f"max {s['max_new_tokens']} new tokens, the {s['eval_pairs']} pairs above):",
+        "",
+        "| readout | pairs/s |",
+        "|---|---|",
+        f"| direct (one batched forward) | {tp['direct_pairs_per_s']:.2f} |",
+        f"| cot, batched generate (static cache), distributions recorded while generating | "
+        f"{tp['cot_batched_pairs_per_s']:.2f} ({tp['cot_batched_generated_tokens_per_s']:.0f} generated tokens/s) |",
+        *(
+            [
+                f"| ... every chain written to its end (`stop_unparseable: false`) | "
+                f"{tp['cot_batched_whole_chains_pairs_per_s']:.2f} "
+                f"({tp['cot_batched_whole_chains_generated_tokens_per_s']:.0f} generated tokens/s) |"
+            ]
+            if "cot_batched_whole_chains_pairs_per_s" in tp
+            else []
+        ),
+        f"| cot, naive per-pair generate() then parse | {tp['naive_pairs_per_s']:.2f} |",
+    ]
     naive_n = (run or {}).get("naive_pairs")
     if "naive_static_cache_pairs_per_s" in tp:
-        lines.append(f"| cot, naive per-pair generate(cache_implementation=\"static\") then parse | "
-                     f"{tp['naive_static_cache_pairs_per_s']:.2f} |")
+        lines.append(
+            f'| cot, naive per-pair generate(cache_implementation="static") then parse | '
+            f"{tp['naive_static_cache_pairs_per_s']:.2f} |"
+        )
     if naive_n:
         lines += ["", f"The naive loops time {naive_n} pairs evenly spaced over the length-sorted sample."]
-    lines += ["", f"cot batched / naive = {tp['cot_batched_over_naive']:.2f}x (target >= 5x: "
-              f"{'met' if result['targets']['cot_batched_ge_5x_naive']['met'] else 'NOT met'})"
-              + (f"; over the naive loop with a static cache: {tp['cot_batched_over_naive_static_cache']:.2f}x."
-                 if "cot_batched_over_naive_static_cache" in tp else ".")]
+    lines += [
+        "",
+        f"cot batched / naive = {tp['cot_batched_over_naive']:.2f}x (target >= 5x: "
+        f"{'met' if result['targets']['cot_batched_ge_5x_naive']['met'] else 'NOT met'})"
+        + (
+            f"; over the naive loop with a static cache: {tp['cot_batched_over_naive_static_cache']:.2f}x."
+            if "cot_batched_over_naive_static_cache" in tp
+            else "."
+        ),
+    ]
     if "cot_batched_whole_chains_pairs_per_s" in tp:
-        lines += ["", f"Stopping a chain at its first line that breaks the schema: "
-                      f"{tp['cot_batched_parse_failures']} of {s['eval_pairs']} chains fail to parse with it, "
-                      f"{tp['cot_batched_whole_chains_parse_failures']} without; {tp['cot_batched_generated_tokens']} "
-                      f"generated tokens kept instead of {tp['cot_batched_whole_chains_generated_tokens']}; largest "
-                      f"level-probability difference {tp['cot_stop_max_level_prob_difference']:.1e}. With every chain "
-                      f"written to its end, cot batched / naive = "
-                      f"{tp['cot_batched_whole_chains_pairs_per_s'] / tp['naive_pairs_per_s']:.2f}x."]
+        lines += [
+            "",
+            f"Stopping a chain at its first line that breaks the schema: "
+            f"{tp['cot_batched_parse_failures']} of {s['eval_pairs']} chains fail to parse with it, "
+            f"{tp['cot_batched_whole_chains_parse_failures']} without; {tp['cot_batched_generated_tokens']} "
+            f"generated tokens kept instead of {tp['cot_batched_whole_chains_generated_tokens']}; largest "
+            f"level-probability difference {tp['cot_stop_max_level_prob_difference']:.1e}. With every chain "
+            f"written to its end, cot batched / naive = "
+            f"{tp['cot_batched_whole_chains_pairs_per_s'] / tp['naive_pairs_per_s']:.2f}x.",
+        ]
     if result.get("notes"):
         lines += [""] + [f"Note: {n}" for n in result["notes"]]
     lines.append(f"<!-- /bench:{name} -->")
@@ -306,7 +440,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 
 
 def bench_teacher_main(argv: list[str]) -> int:
-    from .lightning_cli import resolve_precision
+    from ellm_mkd.commands.lightning_cli import resolve_precision
 
     opts = _parser().parse_args(argv)
     opts.precision = resolve_precision(opts.precision, "cpu")

@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _timer_callback_class, machine_description, publish
+from callbacks.timer import ThroughputTimer
+from ellm_mkd.commands.pipeline import REPO
+
+from .common import machine_description, publish
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _parser():
@@ -37,8 +39,12 @@ def _parser():
 
     p = ArgumentParser(prog="ellm-mkd bench cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=str, default="smollm2-135m-instruct", help="teacher base model")
-    p.add_argument("--adapter", type=str | None, default="runs/benchmarks/teacher/teacher/adapter",
-                   help="LoRA adapter of the teacher (used when the directory exists)")
+    p.add_argument(
+        "--adapter",
+        type=str | None,
+        default="runs/benchmarks/teacher/teacher/adapter",
+        help="LoRA adapter of the teacher (used when the directory exists)",
+    )
     p.add_argument("--work_dir", type=str, default="runs/benchmarks/cache")
     p.add_argument("--num_queries", type=int, default=150, help="catalog size (queries; 10 items each)")
     p.add_argument("--direct_batch_size", type=int, default=32)
@@ -46,8 +52,12 @@ def _parser():
     p.add_argument("--cot_batch_size", type=int, default=16)
     p.add_argument("--student_config", type=str, default="configs/students/cross_encoder.yaml")
     p.add_argument("--repeats", type=int, default=2, help="epochs timed with and without the cache, alternating")
-    p.add_argument("--precision", type=str, default="bf16-mixed",
-                   help="trainer precision of the teacher and the student (32-true on CPUs without native bf16)")
+    p.add_argument(
+        "--precision",
+        type=str,
+        default="bf16-mixed",
+        help="trainer precision of the teacher and the student (32-true on CPUs without native bf16)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", type=str, default="cache")
     p.add_argument("--out_json", type=str | None, default=None)
@@ -61,50 +71,105 @@ def _dir_bytes(path: Path) -> int:
 
 def write_cache(mode: str, opts, data_dir: Path, out: Path, adapter: str | None) -> dict[str, Any]:
     """Run the real predict + TeacherCacheWriter path; time the predict loop."""
-    from .lightning_cli import cli_main
-    from .teacher_cache import TeacherCache
+    from ellm_mkd.commands.lightning_cli import cli_main
+    from ellm_mkd.teacher_cache import TeacherCache
 
     cfg = REPO / "configs" / "teacher" / f"cache_smollm2_{mode}.yaml"
     bs = opts.direct_batch_size if mode == "direct" else opts.cot_batch_size
-    args = ["--config", str(cfg), "--model.init_args.model", opts.model, "--data.source.path", str(data_dir),
-            "--trainer.callbacks.init_args.output_dir", str(out), "--trainer.callbacks.init_args.overwrite", "true",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--data.eval_batch_size", str(bs),
-            "--trainer.default_root_dir", str(out.parent / f"predict_{mode}"), "--trainer.precision", opts.precision]
+    args = [
+        "--config",
+        str(cfg),
+        "--model.init_args.model",
+        opts.model,
+        "--data.source.path",
+        str(data_dir),
+        "--trainer.callbacks.init_args.cache_dir",
+        str(out),
+        "--trainer.callbacks.init_args.overwrite",
+        "true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.eval_batch_size",
+        str(bs),
+        "--trainer.default_root_dir",
+        str(out.parent / f"predict_{mode}"),
+        "--trainer.precision",
+        opts.precision,
+    ]
     if adapter:
         args += ["--model.init_args.adapter", adapter]
     if mode == "cot":
         args += ["--trainer.limit_predict_batches", str(max(1, opts.cot_pairs // bs))]
     cli = cli_main(args, run=False)
-    timer = _timer_callback_class()()
+    timer = ThroughputTimer()
     cli.trainer.callbacks.append(timer)
     t = time.perf_counter()
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     wall = time.perf_counter() - t
     rows = len(TeacherCache(out))
     size = _dir_bytes(out)
-    return {"mode": mode, "rows": rows, "batch_size": bs, "predict_loop_seconds": round(timer.predict_s, 2),
-            "pairs_per_s": rows / timer.predict_s, "wall_seconds_with_setup": round(wall, 2),
-            "bytes": size, "bytes_per_example": size / rows,
-            "parse_failures": sum(e is not None for e in TeacherCache(out).table.column("parse_error").to_pylist())}
+    return {
+        "mode": mode,
+        "rows": rows,
+        "batch_size": bs,
+        "predict_loop_seconds": round(timer.predict_s, 2),
+        "pairs_per_s": rows / timer.predict_s,
+        "wall_seconds_with_setup": round(wall, 2),
+        "bytes": size,
+        "bytes_per_example": size / rows,
+        "parse_failures": sum(e is not None for e in TeacherCache(out).table.column("parse_error").to_pylist()),
+    }
 
 
 def student_epoch_seconds(opts, data_dir: Path, cache: Path | None, work: Path) -> dict[str, float]:
-    from .lightning_cli import cli_main
+    from ellm_mkd.commands.lightning_cli import cli_main
 
-    args = ["--config", str(REPO / opts.student_config), "--data.source.path", str(data_dir),
-            "--data.item_fields", json.dumps(["title", "brand", "color", "attributes"]),
-            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_checkpointing", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work), "--seed_everything",
-            str(opts.seed), "--trainer.precision", opts.precision]
+    args = [
+        "--config",
+        str(REPO / opts.student_config),
+        "--data.source.path",
+        str(data_dir),
+        "--data.item_fields",
+        json.dumps(["title", "brand", "color", "attributes"]),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(work),
+        "--seed_everything",
+        str(opts.seed),
+        "--trainer.precision",
+        opts.precision,
+    ]
     if cache is not None:
-        args += ["--data.teacher", json.dumps({"class_path": "ellm_mkd.teacher_signal.CachedTeacher",
-                                               "init_args": {"path": str(cache)}})]
+        args += [
+            "--data.teacher",
+            json.dumps(
+                {"class_path": "datamodules.teacher_signal.CachedTeacher", "init_args": {"cache_dir": str(cache)}}
+            ),
+        ]
     cli = cli_main(args, run=False)
-    timer = _timer_callback_class()()
+    timer = ThroughputTimer()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"epoch_seconds": timer.train_s, "pairs": timer.train_pairs, "pairs_per_s": timer.train_pairs / timer.train_s}
+    return {
+        "epoch_seconds": timer.train_s,
+        "pairs": timer.train_pairs,
+        "pairs_per_s": timer.train_pairs / timer.train_s,
+    }
 
 
 def bench_cache(opts, command: str) -> dict[str, Any]:
@@ -125,43 +190,76 @@ def bench_cache(opts, command: str) -> dict[str, Any]:
     med = {k: statistics.median(r["epoch_seconds"] for r in v) for k, v in runs.items()}
     overhead = med["with"] / med["without"] - 1.0
     return {
-        "benchmark": opts.name, "command": command, "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
-        "setup": {"model": opts.model, "adapter": adapter, "catalog_queries": opts.num_queries, "precision": opts.precision,
-                  "student_config": opts.student_config, "repeats": opts.repeats},
+        "benchmark": opts.name,
+        "command": command,
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "setup": {
+            "model": opts.model,
+            "adapter": adapter,
+            "catalog_queries": opts.num_queries,
+            "precision": opts.precision,
+            "student_config": opts.student_config,
+            "repeats": opts.repeats,
+        },
         "writes": writes,
         "student_epoch": {"runs": runs, "median_seconds": med, "overhead": overhead},
-        "targets": {"join_overhead_le_10pct": {"rule": "student epoch time with the cache joined <= 1.10 x without",
-                                               "value": overhead, "met": overhead <= 0.10}},
+        "targets": {
+            "join_overhead_le_10pct": {
+                "rule": "student epoch time with the cache joined <= 1.10 x without",
+                "value": overhead,
+                "met": overhead <= 0.10,
+            }
+        },
     }
 
 
 def markdown_section(result: dict[str, Any]) -> str:
     name, s = result["benchmark"], result["setup"]
     teacher = f"`{s['model']}`" + (f" + LoRA adapter `{s['adapter']}`" if s["adapter"] else " zero-shot")
-    lines = [f"<!-- bench:{name} -->", f"## {name}", "", f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']}; date {result['date']}.", "",
-             f"Teacher {teacher}; embedded catalog ({s['catalog_queries']} queries). Write throughput is the predict "
-             "loop of `ellm-mkd predict` with `callbacks.TeacherCacheWriter` (readout + Parquet shard writes), "
-             f"precision {s['precision']}.", "",
-             "| readout | rows | batch | pairs/s | bytes/example | chains not parsed |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"## {name}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; date {result['date']}.",
+        "",
+        f"Teacher {teacher}; embedded catalog ({s['catalog_queries']} queries). Write throughput is the predict "
+        "loop of `ellm-mkd predict` with `callbacks.TeacherCacheWriter` (readout + Parquet shard writes), "
+        f"precision {s['precision']}.",
+        "",
+        "| readout | rows | batch | pairs/s | bytes/example | chains not parsed |",
+        "|---|---|---|---|---|---|",
+    ]
     for w in result["writes"]:
         pf = str(w["parse_failures"]) if w["mode"] == "cot" else ""
-        lines.append(f"| {w['mode']} | {w['rows']} | {w['batch_size']} | {w['pairs_per_s']:.2f} | "
-                     f"{w['bytes_per_example']:.0f} | {pf} |")
+        lines.append(
+            f"| {w['mode']} | {w['rows']} | {w['batch_size']} | {w['pairs_per_s']:.2f} | "
+            f"{w['bytes_per_example']:.0f} | {pf} |"
+        )
     se = result["student_epoch"]
-    lines += ["", f"Cross-encoder student (`{s['student_config']}`, MiniLM-L6) one training epoch, median of "
-              f"{s['repeats']} alternating runs:", "", "| | epoch seconds | pairs/s |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Cross-encoder student (`{s['student_config']}`, MiniLM-L6) one training epoch, median of "
+        f"{s['repeats']} alternating runs:",
+        "",
+        "| | epoch seconds | pairs/s |",
+        "|---|---|---|",
+    ]
     for key, label in (("without", "labels only"), ("with", "direct cache joined")):
         pps = statistics.median(r["pairs_per_s"] for r in se["runs"][key])
         lines.append(f"| {label} | {se['median_seconds'][key]:.1f} | {pps:.1f} |")
     t = result["targets"]["join_overhead_le_10pct"]
-    lines += ["", f"Overhead of the join: {100 * se['overhead']:+.1f}% (target <= 10%: {'met' if t['met'] else 'NOT met'}).",
-              f"<!-- /bench:{name} -->"]
+    lines += [
+        "",
+        f"Overhead of the join: {100 * se['overhead']:+.1f}% (target <= 10%: {'met' if t['met'] else 'NOT met'}).",
+        f"<!-- /bench:{name} -->",
+    ]
     return "\n".join(lines)
 
 
 def bench_cache_main(argv: list[str]) -> int:
-    from .lightning_cli import resolve_precision
+    from ellm_mkd.commands.lightning_cli import resolve_precision
 
     opts = _parser().parse_args(argv)
     opts.precision = resolve_precision(opts.precision, "cpu")  # record what runs, not what was asked

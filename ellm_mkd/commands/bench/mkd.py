@@ -37,10 +37,11 @@ from typing import Any
 
 import yaml
 
-from .bench import atomic_write_text, machine_description, publish
+from ellm_mkd.commands.pipeline import REPO
+
+from .common import atomic_write_text, machine_description, publish
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
 ROWS = ("baseline", "soft", "soft_dim", "full", "full_augment")
 STUDENTS = ("cross_encoder", "two_tower")
 SUMMARY_METRICS = ("auc", "ndcg10", "macro_f1", "rmse", "spearman", "ece")
@@ -53,22 +54,42 @@ def _parser():
     p.add_argument("--work_dir", type=str | None, default=None, help="default runs/benchmarks/<name>")
     p.add_argument("--num_queries", type=int, default=120, help="catalog size (queries)")
     p.add_argument("--items_per_query", type=int, default=8)
-    p.add_argument("--source", type=str | None, default=None,
-                   help="a real dataset instead of the catalog (e.g. ../shared/data/homedepot/train.csv.zip)")
+    p.add_argument(
+        "--source",
+        type=str | None,
+        default=None,
+        help="a real dataset instead of the catalog (e.g. ../shared/data/homedepot/train.csv.zip)",
+    )
     p.add_argument("--preset", type=str | None, default=None, help="its column preset (e.g. homedepot)")
-    p.add_argument("--item_fields", type=list[str] | None, default=None,
-                   help="item fields (catalog default: title, brand, color, attributes)")
+    p.add_argument(
+        "--item_fields",
+        type=list[str] | None,
+        default=None,
+        help="item fields (catalog default: title, brand, color, attributes)",
+    )
     p.add_argument("--relevant_level", type=int | None, default=None, help="lowest level counted relevant by AUC")
     p.add_argument("--split_seed", type=int, default=0, help="seed of the query-disjoint split of --source")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.2)
-    p.add_argument("--limit_pairs", type=dict[str, int] | None, default=None,
-                   help="at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})")
-    p.add_argument("--resume", type=bool, default=True,
-                   help="reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an "
-                        "earlier run with the same settings (a stopped benchmark goes on where it stopped)")
-    p.add_argument("--rerender", type=bool, default=False,
-                   help="rewrite the markdown section (and targets) from the existing result JSON; runs nothing")
+    p.add_argument(
+        "--limit_pairs",
+        type=dict[str, int] | None,
+        default=None,
+        help="at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})",
+    )
+    p.add_argument(
+        "--resume",
+        type=bool,
+        default=True,
+        help="reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an "
+        "earlier run with the same settings (a stopped benchmark goes on where it stopped)",
+    )
+    p.add_argument(
+        "--rerender",
+        type=bool,
+        default=False,
+        help="rewrite the markdown section (and targets) from the existing result JSON; runs nothing",
+    )
     p.add_argument("--teacher_model", type=str, default="smollm2-135m-instruct", help="teacher base model")
     p.add_argument("--encoder", type=str, default="minilm-l6", help="student encoder")
     p.add_argument("--teacher_steps", type=int, default=96, help="teacher LoRA steps")
@@ -79,10 +100,14 @@ def _parser():
     p.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="student training seeds")
     p.add_argument("--epochs", type=int, default=2, help="student epochs")
     p.add_argument("--train_batches", type=int | None, default=None, help="cap on student training batches per epoch")
-    p.add_argument("--keep_checkpoints", type=bool, default=False,
-                   help="keep each student run's checkpoint (about 270 MB for MiniLM with its optimizer state; 30 "
-                        "runs by default); the benchmark needs only the test figures, stored under "
-                        "<work_dir>/bench_state")
+    p.add_argument(
+        "--keep_checkpoints",
+        type=bool,
+        default=False,
+        help="keep each student run's checkpoint (about 270 MB for MiniLM with its optimizer state; 30 "
+        "runs by default); the benchmark needs only the test figures, stored under "
+        "<work_dir>/bench_state",
+    )
     p.add_argument("--seed", type=int, default=0, help="catalog and teacher seed")
     p.add_argument("--name", type=str, default="mkd_catalog")
     p.add_argument("--out_json", type=str | None, default=None)
@@ -95,12 +120,16 @@ def _data_options(opts, out: Path) -> dict[str, Any]:
     if opts.source is None:
         source: dict[str, Any] = {"path": str(out / "data")}
     else:
-        source = {"path": opts.source, "split": {"seed": opts.split_seed, "val_fraction": opts.val_fraction,
-                                                 "test_fraction": opts.test_fraction}}
+        source = {
+            "path": opts.source,
+            "split": {"seed": opts.split_seed, "val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction},
+        }
         if opts.preset:
             source["preset"] = opts.preset
-    data: dict[str, Any] = {"source": source,
-                            "item_fields": list(opts.item_fields or ["title", "brand", "color", "attributes"])}
+    data: dict[str, Any] = {
+        "source": source,
+        "item_fields": list(opts.item_fields or ["title", "brand", "color", "attributes"]),
+    }
     if opts.relevant_level is not None:
         data["relevant_level"] = opts.relevant_level
     if opts.limit_pairs:
@@ -124,9 +153,14 @@ def _cli_args(data: dict[str, Any]) -> list[str]:
 
 
 def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
-    return {"source": "embedded catalog" if opts.source is None else opts.source, "preset": opts.preset,
-            "split": data["source"].get("split"), "item_fields": data["item_fields"],
-            "relevant_level": data.get("relevant_level"), "limit_pairs": data.get("limit_pairs")}
+    return {
+        "source": "embedded catalog" if opts.source is None else opts.source,
+        "preset": opts.preset,
+        "split": data["source"].get("split"),
+        "item_fields": data["item_fields"],
+        "relevant_level": data.get("relevant_level"),
+        "limit_pairs": data.get("limit_pairs"),
+    }
 
 
 TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval")
@@ -135,7 +169,9 @@ TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval
 def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
     """What a stored teacher, cache or student run depends on (rows, seeds and students are chosen per run;
     a baseline run does not depend on the teacher)."""
-    keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (TEACHER_KEYS if teacher else ())
+    keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (
+        TEACHER_KEYS if teacher else ()
+    )
     return json.dumps({"data": data, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
@@ -168,18 +204,23 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def bench_mkd(opts, command: str) -> dict[str, Any]:
     from datamodules.datamodule import RelevanceDataModule
     from datamodules.synth import SynthConfig, write
-
-    from .annotate import run_annotation
-    from .demo import CONFIG_DIR, fit_teacher, train_student, write_cache
+    from ellm_mkd.annotation import run_annotation
+    from ellm_mkd.commands.pipeline import CONFIG_DIR, fit_teacher, train_student, write_cache
 
     unknown = (set(opts.rows) - set(ROWS)) | (set(opts.students) - set(STUDENTS))
     if unknown:
         raise ValueError(f"unknown rows or students {sorted(unknown)}; rows: {list(ROWS)}, students: {list(STUDENTS)}")
     out = Path(opts.work_dir or f"runs/benchmarks/{opts.name}")
-    plan = {"synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
-            "teacher_steps": opts.teacher_steps, "teacher_batch": opts.teacher_batch, "teacher_eval": opts.teacher_eval,
-            "cache_batches": None, "teacher_test_batches": None, "epochs": opts.epochs,
-            "train_batches": opts.train_batches}
+    plan = {
+        "synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
+        "teacher_steps": opts.teacher_steps,
+        "teacher_batch": opts.teacher_batch,
+        "teacher_eval": opts.teacher_eval,
+        "cache_batches": None,
+        "teacher_test_batches": None,
+        "epochs": opts.epochs,
+        "train_batches": opts.train_batches,
+    }
     t0 = time.time()
     data = _data_options(opts, out)
     if opts.source is not None:
@@ -192,8 +233,9 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         if opts.source is None:
             write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"]), overwrite=True)
         dm = RelevanceDataModule(**data)
-        run_annotation(dm, out / "annotations", "rules", splits=["train", "val", "test"], overwrite=True,
-                       progress=False)
+        run_annotation(
+            dm, out / "annotations", "rules", splits=["train", "val", "test"], overwrite=True, progress=False
+        )
         dm.setup("fit")
         sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
         tm = ["--model.init_args.model", opts.teacher_model]
@@ -203,13 +245,21 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
         cache = write_cache(out, teacher["adapter"], plan, [*augment, *tm])
-        setup = {"fingerprint": fingerprint, "sizes": sizes, "cache": cache, "machine": machine_description(),
-                 "teacher": {"test": teacher["test"], "adapter": teacher["adapter"], "fit_seconds": teacher["fit_seconds"]},
-                 "with_augment": bool(augment), "seconds": round(time.time() - t0, 1)}
+        setup = {
+            "fingerprint": fingerprint,
+            "sizes": sizes,
+            "cache": cache,
+            "machine": machine_description(),
+            "teacher": {"test": teacher["test"], "adapter": teacher["adapter"], "fit_seconds": teacher["fit_seconds"]},
+            "with_augment": bool(augment),
+            "seconds": round(time.time() - t0, 1),
+        }
         _save_state(state / "setup.json", setup)
     elif "full_augment" in opts.rows and not setup["with_augment"]:
-        raise ValueError(f"{state}: its teacher cache has no augmented pairs, which the full_augment row needs; "
-                         "run with --resume false")
+        raise ValueError(
+            f"{state}: its teacher cache has no augmented pairs, which the full_augment row needs; "
+            "run with --resume false"
+        )
     else:
         log.info("resuming: teacher and cache from %s", state)
     sizes, cache, teacher = setup["sizes"], setup["cache"], setup["teacher"]
@@ -226,11 +276,21 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                 if r is None:
                     extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                     if row != "baseline":
-                        extra += ["--data.teacher.init_args.path", cache["path"]]
-                    r = train_student(out, CONFIG_DIR / f"{kind}.yaml", name, plan,
-                                      [REPO / "configs" / "mkd" / f"{row}.yaml"], extra, predictions=False)
-                    r = {**{k: v for k, v in r.items() if k != "predictions"}, "fingerprint": own,
-                         "machine": machine_description()}
+                        extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
+                    r = train_student(
+                        out,
+                        CONFIG_DIR / f"{kind}.yaml",
+                        name,
+                        plan,
+                        [REPO / "configs" / "mkd" / f"{row}.yaml"],
+                        extra,
+                        predictions=False,
+                    )
+                    r = {
+                        **{k: v for k, v in r.items() if k != "predictions"},
+                        "fingerprint": own,
+                        "machine": machine_description(),
+                    }
                     if not opts.keep_checkpoints:
                         _drop_checkpoints(r)
                     _save_state(state / "runs" / f"{name}.json", r)
@@ -242,29 +302,49 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     rows_out = []
     for kind, by_row in runs.items():
         base = by_row.get("baseline")
-        base_epoch = statistics.fmean(r["train_loop_seconds_per_epoch"] / max(r["train_pairs"], 1) for r in base) \
-            if base else None
+        base_epoch = (
+            statistics.fmean(r["train_loop_seconds_per_epoch"] / max(r["train_pairs"], 1) for r in base)
+            if base
+            else None
+        )
         for row, rs in by_row.items():
             keys = sorted({k for r in rs for k in r["test"]})
             per_pair = statistics.fmean(r["train_loop_seconds_per_epoch"] / max(r["train_pairs"], 1) for r in rs)
-            rows_out.append({
-                "student": kind, "row": row, "seeds": list(opts.seeds),
-                "metrics": {k: _mean_std([r["test"].get(k) for r in rs]) for k in keys},
-                "train_loop_seconds_per_epoch": _mean_std([r["train_loop_seconds_per_epoch"] for r in rs]),
-                "epoch_overhead_vs_baseline": None if base_epoch is None else per_pair / base_epoch - 1.0,
-                # once per run, before the first epoch (full MKD's chains through the frozen encoder)
-                "chain_embedding_seconds": _mean_std([r.get("chain_embedding_seconds") for r in rs]),
-            })
+            rows_out.append(
+                {
+                    "student": kind,
+                    "row": row,
+                    "seeds": list(opts.seeds),
+                    "metrics": {k: _mean_std([r["test"].get(k) for r in rs]) for k in keys},
+                    "train_loop_seconds_per_epoch": _mean_std([r["train_loop_seconds_per_epoch"] for r in rs]),
+                    "epoch_overhead_vs_baseline": None if base_epoch is None else per_pair / base_epoch - 1.0,
+                    # once per run, before the first epoch (full MKD's chains through the frozen encoder)
+                    "chain_embedding_seconds": _mean_std([r.get("chain_embedding_seconds") for r in rs]),
+                }
+            )
     return {
-        "benchmark": opts.name, "command": command, "machine": machine_description(),
+        "benchmark": opts.name,
+        "command": command,
+        "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
-        "setup": {"data": _describe(data, opts), "split_pairs": sizes,
-                  "catalog": plan["synth"] if opts.source is None else None,
-                  "teacher": {"model": opts.teacher_model, "steps": opts.teacher_steps,
-                                                        "batch": opts.teacher_batch, "readout_for_cache": "forced"},
-                  "cache_rows": cache["rows"], "student_epochs": opts.epochs, "train_batches": opts.train_batches,
-                  "setup_seconds": setup["seconds"], "this_run_seconds": round(time.time() - t0, 1),
-                  "resumed_runs": resumed, "machines": sorted(machines)},
+        "setup": {
+            "data": _describe(data, opts),
+            "split_pairs": sizes,
+            "catalog": plan["synth"] if opts.source is None else None,
+            "teacher": {
+                "model": opts.teacher_model,
+                "steps": opts.teacher_steps,
+                "batch": opts.teacher_batch,
+                "readout_for_cache": "forced",
+            },
+            "cache_rows": cache["rows"],
+            "student_epochs": opts.epochs,
+            "train_batches": opts.train_batches,
+            "setup_seconds": setup["seconds"],
+            "this_run_seconds": round(time.time() - t0, 1),
+            "resumed_runs": resumed,
+            "machines": sorted(machines),
+        },
         "teacher": {k: v for k, v in teacher["test"].items()},
         "rows": rows_out,
     }
@@ -276,7 +356,7 @@ def _cell(m: dict[str, Any], key: str) -> str:
 
 
 def markdown_section(result: dict[str, Any]) -> str:
-    from datamodules.schema import BUCKETS
+    from ellm_mkd.schema import BUCKETS
 
     name, s = result["benchmark"], result["setup"]
     d = s.get("data") or {"source": "embedded catalog"}
@@ -284,25 +364,39 @@ def markdown_section(result: dict[str, Any]) -> str:
         what = f"Embedded catalog, {s['catalog']['num_queries']} queries x {s['catalog']['items_per_query']} items"
     else:
         sp = d.get("split") or {}
-        what = (f"`{d['source']}` (preset {d.get('preset')}, item fields {', '.join(d['item_fields'])}), query-disjoint "
-                f"split (seed {sp.get('seed')}, {sp.get('val_fraction')} / {sp.get('test_fraction')} of queries for "
-                f"validation / test)")
+        what = (
+            f"`{d['source']}` (preset {d.get('preset')}, item fields {', '.join(d['item_fields'])}), query-disjoint "
+            f"split (seed {sp.get('seed')}, {sp.get('val_fraction')} / {sp.get('test_fraction')} of queries for "
+            f"validation / test)"
+        )
         if d.get("limit_pairs"):
-            what += (", subsampled by whole queries to at most " +
-                     ", ".join(f"{v} {k}" for k, v in d["limit_pairs"].items()) + " pairs")
+            what += (
+                ", subsampled by whole queries to at most "
+                + ", ".join(f"{v} {k}" for k, v in d["limit_pairs"].items())
+                + " pairs"
+            )
     if s.get("split_pairs"):
         what += " (" + ", ".join(f"{v} {k}" for k, v in s["split_pairs"].items()) + " pairs)"
-    lines = [f"<!-- bench:{name} -->", f"## {name}", "", f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']}; date {result['date']}.", "",
-             f"{what}; teacher "
-             f"`{s['teacher']['model']}` + LoRA ({s['teacher']['steps']} steps x {s['teacher']['batch']}), cache of "
-             f"{s['cache_rows']} training pairs (forced readout); students {s['student_epochs']} epoch(s); mean ± std over "
-             f"seeds {result['rows'][0]['seeds'] if result['rows'] else []}. Teacher (direct readout) on the same test split: "
-             f"AUC {result['teacher'].get('auc', float('nan')):.3f}, nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
-             f"accuracy {result['teacher'].get('accuracy', float('nan')):.3f}.", "",
-             "| student | row | bucket | AUC | nDCG@10 | macro-F1 | RMSE | epoch overhead vs baseline | "
-             "chain embedding, once per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"## {name}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; date {result['date']}.",
+        "",
+        f"{what}; teacher "
+        f"`{s['teacher']['model']}` + LoRA ({s['teacher']['steps']} steps x {s['teacher']['batch']}), cache of "
+        f"{s['cache_rows']} training pairs (forced readout); students {s['student_epochs']} epoch(s); mean ± std over "
+        f"seeds {result['rows'][0]['seeds'] if result['rows'] else []}. "
+        "Teacher (direct readout) on the same test split: "
+        f"AUC {result['teacher'].get('auc', float('nan')):.3f}, "
+        f"nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
+        f"accuracy {result['teacher'].get('accuracy', float('nan')):.3f}.",
+        "",
+        "| student | row | bucket | AUC | nDCG@10 | macro-F1 | RMSE | epoch overhead vs baseline | "
+        "chain embedding, once per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         m = r["metrics"]
         for bucket in ("all", *BUCKETS):
@@ -310,16 +404,25 @@ def markdown_section(result: dict[str, Any]) -> str:
             if p and not m.get(p + "count"):
                 continue
             ov, ce = r["epoch_overhead_vs_baseline"], r.get("chain_embedding_seconds")
-            lines.append(f"| {r['student']} | {r['row']} | {bucket} | {_cell(m, p + 'auc')} | {_cell(m, p + 'ndcg10')} | "
-                         f"{_cell(m, p + 'macro_f1')} | {_cell(m, p + 'rmse')} | "
-                         f"{'' if bucket != 'all' or ov is None else f'{100 * ov:+.1f}%'} | "
-                         f"{'' if bucket != 'all' or not ce else '%.1f s' % ce['mean']} |")
+            lines.append(
+                f"| {r['student']} | {r['row']} | {bucket} | {_cell(m, p + 'auc')} | {_cell(m, p + 'ndcg10')} | "
+                f"{_cell(m, p + 'macro_f1')} | {_cell(m, p + 'rmse')} | "
+                f"{'' if bucket != 'all' or ov is None else f'{100 * ov:+.1f}%'} | "
+                f"{'' if bucket != 'all' or not ce else format(ce['mean'], '.1f') + ' s'} |"
+            )
     if len(s.get("machines") or []) > 1:
-        lines += ["", "Runs of this benchmark were resumed on more than one machine (" + "; ".join(s["machines"]) +
-                  "): epoch times compare only within one machine."]
+        lines += [
+            "",
+            "Runs of this benchmark were resumed on more than one machine ("
+            + "; ".join(s["machines"])
+            + "): epoch times compare only within one machine.",
+        ]
     if s.get("resumed_runs"):
-        lines += ["", f"{s['resumed_runs']} student run(s) were finished by an earlier invocation with the same settings "
-                      "(`--resume`, the default) and read back from its state."]
+        lines += [
+            "",
+            f"{s['resumed_runs']} student run(s) were finished by an earlier invocation with the same settings "
+            "(`--resume`, the default) and read back from its state.",
+        ]
     checks = targets(result)
     if checks:
         title = "Targets" if s.get("catalog") else "Full MKD against the baseline (no target on this dataset)"
@@ -345,12 +448,17 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if not f or not b:
                 continue
             out[f"{student}_full_beats_baseline_{bucket}"] = {
-                "rule": f"mean AUC ({bucket}) full > baseline", "measured": f"full {f['mean']:.4f}, baseline {b['mean']:.4f}",
-                "met": f["mean"] > b["mean"]}
+                "rule": f"mean AUC ({bucket}) full > baseline",
+                "measured": f"full {f['mean']:.4f}, baseline {b['mean']:.4f}",
+                "met": f["mean"] > b["mean"],
+            }
         ov = full.get("epoch_overhead_vs_baseline")
         if ov is not None:
-            out[f"{student}_full_epoch_overhead"] = {"rule": "training-loop time per pair, full over baseline <= +10%",
-                                                     "measured": f"{100 * ov:+.1f}%", "met": ov <= 0.10}
+            out[f"{student}_full_epoch_overhead"] = {
+                "rule": "training-loop time per pair, full over baseline <= +10%",
+                "measured": f"{100 * ov:+.1f}%",
+                "met": ov <= 0.10,
+            }
     return out
 
 

@@ -15,9 +15,13 @@ from datamodules.validation import DataSource, load_examples, summarize
 
 
 def _check_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="ellm-mkd data check", description=(
-        "Validate a relevance file and print rows, queries, items, label distribution, split and bucket sizes and "
-        "rejected rows. Exits 1 when the file has errors (under on_error: error) or cannot be read."))
+    p = ArgumentParser(
+        prog="ellm-mkd data check",
+        description=(
+            "Validate a relevance file and print rows, queries, items, label distribution, split and bucket sizes and "
+            "rejected rows. Exits 1 when the file has errors (under on_error: error) or cannot be read."
+        ),
+    )
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     p.add_argument("path", type=str, help="data file (CSV/TSV/JSONL/Parquet, plain/.gz/.zip) or examples directory")
     p.add_class_arguments(DataSource, skip={"path"}, sub_configs=True)
@@ -28,9 +32,13 @@ def _check_parser() -> ArgumentParser:
 def _synth_parser() -> ArgumentParser:
     from datamodules.synth import SynthConfig
 
-    p = ArgumentParser(prog="ellm-mkd data synth", description=(
-        "Generate the embedded synthetic catalog (queries, items, graded labels, per-dimension truth) as "
-        "Parquet train/val/test files."))
+    p = ArgumentParser(
+        prog="ellm-mkd data synth",
+        description=(
+            "Generate the embedded synthetic catalog (queries, items, graded labels, per-dimension truth) as "
+            "Parquet train/val/test files."
+        ),
+    )
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--out", type=str, required=True, help="output directory")
     p.add_argument("--overwrite", type=bool, default=False, help="replace the catalog files already in --out")
@@ -65,17 +73,28 @@ def check(argv: list[str]) -> int:
     print(f"label scheme: {report.scheme['name']} ({', '.join(report.scheme['level_names'])})")
     for w in report.warnings:
         print(f"warning: {w}")
-    print(f"rows read: {report.rows_read:,}   examples: {summary['rows']:,}   rejected: {report.rows_rejected:,}"
-          + (f"   duplicates merged: {report.duplicates_merged:,}" if report.duplicates_merged else "")
-          + (f"   judgments averaged: {report.conflicts_averaged:,}" if report.conflicts_averaged else ""))
-    print(f"queries: {summary['queries']:,} (distinct strings: {summary['query_strings']:,}; queries equal up to case "
-          f"and spacing count once)   items: {summary['items']:,}")
+    print(
+        f"rows read: {report.rows_read:,}   examples: {summary['rows']:,}   rejected: {report.rows_rejected:,}"
+        + (f"   duplicates merged: {report.duplicates_merged:,}" if report.duplicates_merged else "")
+        + (f"   judgments averaged: {report.conflicts_averaged:,}" if report.conflicts_averaged else "")
+    )
+    print(
+        f"queries: {summary['queries']:,} (distinct strings: {summary['query_strings']:,}; queries equal up to case "
+        f"and spacing count once)   items: {summary['items']:,}"
+    )
     total = max(summary["rows"], 1)
     print("\nlabels")
     print(_table([[k, v, f"{100 * v / total:.1f}%"] for k, v in summary["labels"].items()], ["level", "rows", "share"]))
     print("\nsplits (rows per query bucket)")
-    print(_table([[s, d["rows"], d["queries"], d["head"], d["torso"], d["tail"], d["unseen"]]
-                  for s, d in summary["splits"].items()], ["split", "rows", "queries", "head", "torso", "tail", "unseen"]))
+    print(
+        _table(
+            [
+                [s, d["rows"], d["queries"], d["head"], d["torso"], d["tail"], d["unseen"]]
+                for s, d in summary["splits"].items()
+            ],
+            ["split", "rows", "queries", "head", "torso", "tail", "unseen"],
+        )
+    )
     if report.rejected:
         print("\nrejected rows by kind")
         print(_table([[k, v] for k, v in sorted(report.rejected.items())], ["kind", "rows"]))

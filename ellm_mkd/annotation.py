@@ -1,4 +1,4 @@
-"""``ellm-mkd annotate``: chains of thought for every example, written to a resumable store.
+"""Chains of thought for every example, written to a resumable store (``ellm-mkd annotate``).
 
 Two annotators:
 
@@ -59,12 +59,21 @@ class LLMAnnotator:
         template: the prompt template (the teacher must later be trained with the same one).
     """
 
-    def __init__(self, backend: GenerationBackend | None = None, samples: int = 5, sampling_temperature: float = 0.7,
-                 max_new_tokens: int = 160, require_label_agreement: bool = True, seed: int | None = 0,
-                 template: PromptTemplate | None = None):
+    def __init__(
+        self,
+        backend: GenerationBackend | None = None,
+        samples: int = 5,
+        sampling_temperature: float = 0.7,
+        max_new_tokens: int = 160,
+        require_label_agreement: bool = True,
+        seed: int | None = 0,
+        template: PromptTemplate | None = None,
+    ):
         if backend is None:
-            raise ValueError("the llm annotator needs llm.backend (ellm_mkd.backends.TransformersBackend or "
-                             "ellm_mkd.backends.OpenAIChatBackend with its init_args)")
+            raise ValueError(
+                "the llm annotator needs llm.backend (ellm_mkd.backends.TransformersBackend or "
+                "ellm_mkd.backends.OpenAIChatBackend with its init_args)"
+            )
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if samples > 1 and sampling_temperature <= 0:
@@ -78,15 +87,25 @@ class LLMAnnotator:
         self.template = template or PromptTemplate()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend.describe(), "samples": self.samples,
-                "sampling_temperature": self.sampling_temperature, "max_new_tokens": self.max_new_tokens,
-                "require_label_agreement": self.require_label_agreement, "seed": self.seed,
-                "template": self.template.fingerprint()}
+        return {
+            "backend": self.backend.describe(),
+            "samples": self.samples,
+            "sampling_temperature": self.sampling_temperature,
+            "max_new_tokens": self.max_new_tokens,
+            "require_label_agreement": self.require_label_agreement,
+            "seed": self.seed,
+            "template": self.template.fingerprint(),
+        }
 
     def annotate_batch(self, rows: Sequence[dict[str, Any]], level_names: Sequence[str]) -> list[dict[str, Any]]:
         convs = [self.template.messages(r["query"], r["item_text"], level_names, "cot") for r in rows]
-        outs = self.backend.generate(convs, n=self.samples, temperature=self.sampling_temperature,
-                                     max_new_tokens=self.max_new_tokens, seed=self.seed)
+        outs = self.backend.generate(
+            convs,
+            n=self.samples,
+            temperature=self.sampling_temperature,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
         return [self._vote(r, texts, level_names) for r, texts in zip(rows, outs)]
 
     def _vote(self, row: dict[str, Any], texts: Sequence[str], level_names: Sequence[str]) -> dict[str, Any]:
@@ -109,20 +128,40 @@ class LLMAnnotator:
         status = "ok"
         if self.require_label_agreement and agrees is False:
             status, kept = "disagrees", None
-        return {**out, "status": status, "level": winner, "rationale": kept, "vote_share": top / len(texts),
-                "agrees": agrees}
+        return {
+            **out,
+            "status": status,
+            "level": winner,
+            "rationale": kept,
+            "vote_share": top / len(texts),
+            "agrees": agrees,
+        }
 
 
-def _rules_rows(annotator: RuleAnnotator, rows: Sequence[dict[str, Any]], table_rows: dict[str, dict[str, Any]],
-                level_names: Sequence[str]) -> list[dict[str, Any]]:
+def _rules_rows(
+    annotator: RuleAnnotator,
+    rows: Sequence[dict[str, Any]],
+    table_rows: dict[str, dict[str, Any]],
+    level_names: Sequence[str],
+) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         chain = annotator.annotate(table_rows[r["example_id"]], r["item_text"])
         text = render(chain)
         parse(text, r["query"], r["item_text"], level_names)  # the rules must produce what the teacher is taught
         votes = [int(n == chain.level) for n in level_names]
-        out.append({"samples": 1, "parsed": 1, "votes": votes, "status": "ok", "level": chain.level, "rationale": text,
-                    "vote_share": 1.0, "agrees": True if r["label"] is not None else None})
+        out.append(
+            {
+                "samples": 1,
+                "parsed": 1,
+                "votes": votes,
+                "status": "ok",
+                "level": chain.level,
+                "rationale": text,
+                "vote_share": 1.0,
+                "agrees": True if r["label"] is not None else None,
+            }
+        )
     return out
 
 
@@ -149,10 +188,19 @@ def summarize_store(path: str | Path, level_names: Sequence[str]) -> dict[str, A
     }
 
 
-def run_annotation(data: Any, out: str | Path, annotator: Literal["rules", "llm"] = "rules",
-                   llm: LLMAnnotator | None = None, splits: Sequence[str] = ("train", "val"),
-                   format: Literal["jsonl", "parquet"] = "jsonl", rows_per_shard: int = 256, batch_size: int = 16,
-                   limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_annotation(
+    data: Any,
+    out: str | Path,
+    annotator: Literal["rules", "llm"] = "rules",
+    llm: LLMAnnotator | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    format: Literal["jsonl", "parquet"] = "jsonl",
+    rows_per_shard: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Annotate the examples of ``splits`` of ``data`` (a :class:`~datamodules.RelevanceDataModule`)
     into the store ``out``; returns the summary (also written to ``out/summary.json``)."""
     if annotator == "llm" and llm is None:
@@ -175,8 +223,14 @@ def run_annotation(data: Any, out: str | Path, annotator: Literal["rules", "llm"
     with AnnotationStore(out, manifest, fmt=format, rows_per_shard=rows_per_shard, overwrite=overwrite) as store:
         done = store.done_ids()
         todo = [r for r in rows if r["example_id"] not in done]
-        log.info("%s: %d examples in %s, %d already annotated, %d to do", out, len(rows), list(splits),
-                 len(rows) - len(todo), len(todo))
+        log.info(
+            "%s: %d examples in %s, %d already annotated, %d to do",
+            out,
+            len(rows),
+            list(splits),
+            len(rows) - len(todo),
+            len(todo),
+        )
         rules = None
         table_rows: dict[str, dict[str, Any]] = {}
         if annotator == "rules":
@@ -190,55 +244,37 @@ def run_annotation(data: Any, out: str | Path, annotator: Literal["rules", "llm"
                     table_rows[eid] = {k: cols[k][i] for k in names}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"annotate ({annotator})", unit="pair", disable=not progress,
-                   file=sys.stderr)
+        bar = tqdm(total=len(todo), desc=f"annotate ({annotator})", unit="pair", disable=not progress, file=sys.stderr)
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            results = (_rules_rows(rules, batch, table_rows, level_names) if rules is not None
-                       else llm.annotate_batch(batch, level_names))
-            store.append([{"example_id": r["example_id"], "split": r["split"], "annotator": annotator,
-                           "label": r["label"], **res} for r, res in zip(batch, results)])
+            batch = todo[start : start + batch_size]
+            results = (
+                _rules_rows(rules, batch, table_rows, level_names)
+                if rules is not None
+                else llm.annotate_batch(batch, level_names)
+            )
+            store.append(
+                [
+                    {
+                        "example_id": r["example_id"],
+                        "split": r["split"],
+                        "annotator": annotator,
+                        "label": r["label"],
+                        **res,
+                    }
+                    for r, res in zip(batch, results)
+                ]
+            )
             bar.update(len(batch))
         bar.close()
     written = store.rows_written  # after close: the last shard is flushed on exit
     summary = summarize_store(out, level_names)
-    summary.update({"written_this_run": written, "seconds_this_run": round(time.time() - t0, 2),
-                    "pairs_per_s_this_run": round(written / max(time.time() - t0, 1e-9), 2), "out": str(out)})
+    summary.update(
+        {
+            "written_this_run": written,
+            "seconds_this_run": round(time.time() - t0, 2),
+            "pairs_per_s_this_run": round(written / max(time.time() - t0, 1e-9), 2),
+            "out": str(out),
+        }
+    )
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from datamodules.datamodule import RelevanceDataModule
-
-    p = ArgumentParser(prog="ellm-mkd annotate", description="Chains of thought for every example (rules or LLM "
-                       "self-consistency), written to a sharded, resumable store.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_class_arguments(RelevanceDataModule, "data", instantiate=True)
-    p.add_argument("--out", type=str, required=True, help="store directory (reruns resume here)")
-    p.add_argument("--annotator", type=Literal["rules", "llm"], default="rules")
-    p.add_class_arguments(LLMAnnotator, "llm", instantiate=False, sub_configs=True)
-    p.add_argument("--splits", type=list[Literal["train", "val", "test"]], default=["train", "val"])
-    p.add_argument("--format", type=Literal["jsonl", "parquet"], default="jsonl")
-    p.add_argument("--rows_per_shard", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=16, help="pairs per backend call")
-    p.add_argument("--limit", type=int | None, default=None, help="annotate at most this many examples")
-    p.add_argument("--overwrite", type=bool, default=False, help="delete an existing store first")
-    p.add_argument("--progress", type=bool, default=True)
-    return p
-
-
-def annotate_main(argv: list[str]) -> int:
-    p = _parser()
-    cfg = p.parse_args(argv)
-    if cfg.annotator != "llm":
-        cfg.llm.backend = None  # the llm section (its backend would load a model) is not needed
-    init = p.instantiate_classes(cfg)
-    llm = LLMAnnotator(**init.llm) if cfg.annotator == "llm" else None
-    summary = run_annotation(init.data, cfg.out, cfg.annotator, llm, cfg.splits, cfg.format, cfg.rows_per_shard,
-                             cfg.batch_size, cfg.limit, cfg.overwrite, cfg.progress)
-    print(json.dumps(summary, indent=2))
-    print(f"annotations written to {cfg.out}/ (summary.json; run the same command again to resume)")
-    return 0

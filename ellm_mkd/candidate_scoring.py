@@ -1,0 +1,262 @@
+"""Scoring closed sets of candidate words at readout points in one teacher-forced pass.
+
+:class:`CandidateSet` (a set of words as token sequences), :class:`ReadoutPoint` (where to read
+one), the token tree that hangs candidate continuations off a text, and :func:`score_points`,
+which returns each point's log-probabilities renormalised over its candidates; plus the small
+model helpers the readout and generation share. The method is described in :mod:`ellm_mkd.readout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Causal LM tokenizers often have no pad token; padding positions are masked, so EOS serves."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def lm_parts(model: Any) -> tuple[Any, Any]:
+    """``(backbone, output layer)`` of a causal LM, through a peft wrapper if there is one
+    (LoRA layers live inside the backbone's modules, so calling the backbone uses them)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.base_model, lm.get_output_embeddings()
+
+
+def _head_logits(model: Any, head: Any, hidden: Tensor) -> Tensor:
+    logits = head(hidden).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class CandidateSet:
+    """A closed set of words read at one kind of readout point, as token sequences.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        words: the candidates (level names, verdicts), written after ``anchor`` with a space.
+        anchor: text the words follow in the chain (``level:``, ``=>``); the words are tokenized
+            *in context* (``anchor + " " + word`` minus the anchor's tokens) so tokenizers that
+            merge across the space still agree with what the model reads and writes.
+        terminator_ids: tokens that end the word in the chain (newline, end of turn); appended to
+            every candidate only when one candidate's tokens are a prefix of another's.
+    """
+
+    def __init__(self, tokenizer: Any, words: Sequence[str], anchor: str, terminator_ids: Sequence[int] = ()):
+        self.words = tuple(words)
+        if len(set(self.words)) != len(self.words) or not self.words:
+            raise ValueError(f"candidate words must be distinct and non-empty: {self.words}")
+        base = tokenizer(anchor, add_special_tokens=False)["input_ids"]
+        seqs = []
+        for w in self.words:
+            full = tokenizer(f"{anchor} {w}", add_special_tokens=False)["input_ids"]
+            ids = (
+                full[len(base) :]
+                if full[: len(base)] == base
+                else tokenizer(f" {w}", add_special_tokens=False)["input_ids"]
+            )
+            if not ids:
+                raise ValueError(f"candidate {w!r} tokenizes to nothing")
+            seqs.append(list(ids))
+        self.ambiguous = any(a != b and b[: len(a)] == a for a in seqs for b in seqs)
+        if self.ambiguous:
+            if not terminator_ids:
+                raise ValueError(
+                    f"candidates {self.words} are token prefixes of each other and no terminator was given"
+                )
+            seqs = [s + list(terminator_ids) for s in seqs]
+        self.token_ids: list[list[int]] = seqs
+
+    @property
+    def max_len(self) -> int:
+        return max(map(len, self.token_ids))
+
+
+@dataclass
+class ReadoutPoint:
+    """Read candidate set ``cset`` after the first ``cut`` tokens of sequence ``seq``."""
+
+    seq: int
+    cut: int
+    cset: CandidateSet
+    prefix_ids: list[int] | None = None  # the prefix when it is not the sequence's own first ``cut`` tokens
+
+
+class _TokenTree:
+    """One text plus candidate continuations hung off it.
+
+    A readout point's prefix and candidate are followed along the text while the text has the same
+    tokens (and the position's next-token distribution is available); where they part, the rest
+    become *nodes*: extra tokens that see their own prefix only and carry the position ids they would
+    have in place. Continuations that share tokens (`` level`` of `` level0`` and `` level1``) share
+    nodes. ``readable`` says which text positions already have their distribution (a generation
+    step recorded it); ``None`` means every text position is computed by the scoring pass.
+    """
+
+    def __init__(self, tokens: Sequence[int], readable: range | None = None):
+        self.tokens = list(tokens)
+        self.n_text = len(self.tokens)
+        self.readable = readable
+        self.parent: list[int] = list(range(-1, self.n_text - 1))
+        self.position_ids: list[int] = list(range(self.n_text))
+        self._children: dict[tuple[int, int], int] = {}
+        self._bases: dict[tuple[int, ...], tuple[int, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.tokens) - self.n_text
+
+    def _extend(self, pos: int, on_text: bool, tokens: Sequence[int], need_last_only: bool) -> tuple[list[int], bool]:
+        out = []
+        for j, tok in enumerate(tokens):
+            nxt = pos + 1
+            need = not need_last_only or j == len(tokens) - 1
+            if (
+                on_text
+                and nxt < self.n_text
+                and self.tokens[nxt] == tok
+                and (not need or self.readable is None or nxt in self.readable)
+            ):
+                pos = nxt
+            else:
+                on_text = False
+                node = self._children.get((pos, tok))
+                if node is None:
+                    node = len(self.tokens)
+                    self.tokens.append(tok)
+                    self.parent.append(pos)
+                    self.position_ids.append(self.position_ids[pos] + 1 if pos >= 0 else 0)
+                    self._children[(pos, tok)] = node
+                pos = node
+            out.append(pos)
+        return out, on_text
+
+    def reading_positions(self, prefix: Sequence[int], cand: Sequence[int]) -> list[int]:
+        """Positions whose next-token distributions score ``cand`` written after ``prefix``."""
+        if not prefix:
+            raise ValueError("a readout point needs a non-empty prefix")
+        key = tuple(prefix)
+        if key not in self._bases:
+            placed, on_text = self._extend(-1, True, prefix, need_last_only=True)
+            self._bases[key] = (placed[-1], on_text)
+        last, on_text = self._bases[key]
+        rest, _ = self._extend(last, on_text, cand[:-1], need_last_only=False)
+        return [last] + rest
+
+    def visible(self) -> Tensor:
+        """``[T, T]`` bool: the positions each position attends to (its own prefix and itself)."""
+        n = len(self.tokens)
+        mask = torch.zeros((n, n), dtype=torch.bool)
+        mask[: self.n_text, : self.n_text] = torch.ones((self.n_text, self.n_text), dtype=torch.bool).tril()
+        for node in range(self.n_text, n):
+            if self.parent[node] >= 0:
+                mask[node] = mask[self.parent[node]]
+            mask[node, node] = True
+        return mask
+
+
+def _plan(
+    trees: list[_TokenTree], tree_of: Sequence[int], sequences: Sequence[Sequence[int]], points: Sequence[ReadoutPoint]
+) -> list[list[tuple[int, list[int], list[int]]]]:
+    """Per point, per candidate: ``(tree, reading positions, candidate tokens)``."""
+    plan = []
+    for p in points:
+        t = tree_of[p.seq]
+        prefix = list(sequences[p.seq][: p.cut]) if p.prefix_ids is None else list(p.prefix_ids)
+        plan.append([(t, trees[t].reading_positions(prefix, cand), list(cand)) for cand in p.cset.token_ids])
+    return plan
+
+
+def _renormalise(plan: list[list[tuple[int, list[int], list[int]]]], logp_of) -> list[Tensor]:
+    out = []
+    for cands in plan:
+        vals = [sum(logp_of(t, pos, tok) for pos, tok in zip(positions, toks)) for t, positions, toks in cands]
+        out.append(torch.stack([torch.as_tensor(v).float().cpu() for v in vals]).log_softmax(-1))
+    return out
+
+
+def _attention_kind(backbone: Any) -> str:
+    impl = getattr(getattr(backbone, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"the readout needs 'sdpa' or 'eager' attention (it scores candidate words beside the text "
+            f"with a tree attention mask); this model uses {impl!r}"
+        )
+    return impl
+
+
+def _as_mask(visible: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+    """A bool visibility mask as the attention implementation wants it (eager adds it to the scores)."""
+    if impl == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def score_points(
+    model: Any, sequences: Sequence[Sequence[int]], points: Sequence[ReadoutPoint], pad_id: int, rows_per_pass: int = 16
+) -> list[Tensor]:
+    """Normalised log-probabilities over each point's candidates (one 1-D tensor per point).
+
+    ``sequences`` are token ids (no padding); each point reads after ``seq[:cut]`` (or after its
+    own ``prefix_ids``). One forward pass per ``rows_per_pass`` texts scores every point and every
+    candidate (see the module docstring).
+    """
+    backbone, head = lm_parts(model)
+    impl = _attention_kind(backbone)
+    device = next(model.parameters()).device
+    used = sorted({p.seq for p in points})
+    trees = [_TokenTree(sequences[s]) for s in used]
+    tree_of = {s: i for i, s in enumerate(used)}
+    plan = _plan(trees, tree_of, sequences, points)
+    wanted: dict[int, set[int]] = {}
+    for cands in plan:
+        for t, positions, _ in cands:
+            wanted.setdefault(t, set()).update(positions)
+    logp_at: dict[tuple[int, int], Tensor] = {}
+    order = sorted(wanted, key=lambda t: len(trees[t]))
+    dtype = next(backbone.parameters()).dtype
+    for start in range(0, len(order), rows_per_pass):
+        chunk = order[start : start + rows_per_pass]
+        width = max(len(trees[t]) for t in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        pos = torch.zeros((len(chunk), width), dtype=torch.long)
+        visible = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself only
+        for i, t in enumerate(chunk):
+            n = len(trees[t])
+            ids[i, :n] = torch.tensor(trees[t].tokens)
+            pos[i, :n] = torch.tensor(trees[t].position_ids)
+            visible[i, :n, :n] = trees[t].visible()
+        hidden = backbone(
+            input_ids=ids.to(device),
+            position_ids=pos.to(device),
+            use_cache=False,
+            attention_mask=_as_mask(visible[:, None].to(device), impl, dtype),
+        ).last_hidden_state
+        keys = [(row, t, p) for row, t in enumerate(chunk) for p in sorted(wanted[t])]
+        logp = _head_logits(model, head, hidden[[k[0] for k in keys], [k[2] for k in keys]]).log_softmax(-1)
+        for i, (_, t, p) in enumerate(keys):
+            logp_at[(t, p)] = logp[i]
+    return _renormalise(plan, lambda t, p, tok: logp_at[(t, p)][tok])
+
+
+def _hidden_states(backbone: Any, seqs: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
+    """Last hidden states of right-padded sequences ``[B, L, H]``."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state

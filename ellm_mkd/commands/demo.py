@@ -1,0 +1,169 @@
+"""``ellm-mkd demo``: the whole loop on the embedded default, end to end.
+
+1. synthesise the catalog and check it;
+2. annotate every split with the rules annotator (chains of thought with extractive evidence);
+3. fine-tune the teacher (bundled SmolLM2-135M-Instruct + LoRA) on the training chains, then test
+   it (direct readout: its own judgement, one pass per pair);
+4. write the teacher cache over the training split (forced readout: the teacher's verdict and
+   level distributions read after each annotated chain, one pass per pair);
+5. train both students (cross-encoder, two-tower) twice: on labels alone (baseline) and with full
+   MKD (soft levels + dimension verdicts + rationale alignment), and test each best checkpoint;
+6. write ``report.md`` with the metrics table (teacher, students baseline vs MKD, per query
+   bucket), PNG plots (PR curves, calibration, per-bucket bars) and examples where the teacher
+   writes its chain of thought beside the distilled student's dimension verdicts.
+
+Everything lands under ``--out`` (default ``runs/demo``), TensorBoard logs under
+``<out>/tensorboard``. Each stage replaces only what it owns there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonargparse import ArgumentParser
+
+from .pipeline import CONFIG_DIR, MKD_OVERLAY, fit_teacher, train_student, write_cache
+
+SCALES: dict[str, dict[str, Any]] = {
+    # synth: catalog size; teacher_steps x teacher_batch: LoRA examples; teacher_eval: pairs per teacher readout
+    # batch; cache_batches: training batches the teacher scores (None: all; the rest train on labels alone);
+    # teacher_test_batches: test batches the teacher is tested on (None: all); epochs / train_batches: student
+    # passes and batches per pass (None: all); examples: chains the teacher writes for the report
+    "tiny": {
+        "synth": {"num_queries": 40, "items_per_query": 5},
+        "teacher_steps": 1,
+        "teacher_batch": 2,
+        "teacher_eval": 8,
+        "cache_batches": 1,
+        "teacher_test_batches": 1,
+        "epochs": 1,
+        "train_batches": 3,
+        "examples": 1,
+    },
+    # default: sized to finish in under 20 minutes on a 2-core CPU (docs/benchmarks.md, "demo")
+    "default": {
+        "synth": {"num_queries": 96, "items_per_query": 8},
+        "teacher_steps": 12,
+        "teacher_batch": 8,
+        "teacher_eval": 32,
+        "cache_batches": None,
+        "teacher_test_batches": None,
+        "epochs": 2,
+        "train_batches": None,
+        "examples": 3,
+    },
+}
+STUDENTS = ("cross_encoder", "two_tower")
+
+
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"\n[{n}/{total}] {text}", flush=True)
+
+
+def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "default", seed: int = 0) -> int:
+    """Run the whole loop on the embedded catalog (see the module docstring).
+
+    Args:
+        out: output directory (each stage replaces only its own files there).
+        scale: ``tiny`` (a quick check, a few minutes) or ``default``.
+        seed: seed of the synthetic catalog.
+    """
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.synth import SynthConfig, write
+    from ellm_mkd.annotation import run_annotation
+    from ellm_mkd.metrics import format_table
+
+    from .data import check
+    from .report import write_report
+
+    t0 = time.time()
+    out_dir = Path(out)
+    data_dir = out_dir / "data"
+    plan = SCALES[scale]
+    total = 7
+    timings: dict[str, float] = {}
+
+    _stage(1, total, f"synthetic catalog -> {data_dir}  (scale {scale}, seed {seed})")
+    summary = write(data_dir, SynthConfig(seed=seed, **plan["synth"]), overwrite=True)
+    print("      " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()), flush=True)
+    rc = check([str(data_dir), "--json", str(out_dir / "data_check.json")])
+    if rc:
+        return rc
+
+    _stage(2, total, f"rule annotations (chains of thought with evidence) -> {out_dir / 'annotations'}")
+    shutil.rmtree(out_dir / "annotations", ignore_errors=True)
+    t = time.time()
+    dm = RelevanceDataModule({"path": str(data_dir)}, item_fields=["title", "brand", "color", "attributes"])
+    run_annotation(dm, out_dir / "annotations", "rules", splits=["train", "val", "test"])
+    timings["annotate"] = time.time() - t
+
+    _stage(
+        3,
+        total,
+        f"teacher: SmolLM2-135M-Instruct + LoRA, {plan['teacher_steps']} steps x {plan['teacher_batch']} examples",
+    )
+    t = time.time()
+    teacher = fit_teacher(out_dir, plan)
+    timings["teacher"] = time.time() - t
+
+    _stage(4, total, "teacher cache: verdict and level distributions after each training chain (forced readout)")
+    t = time.time()
+    cache = write_cache(out_dir, teacher["adapter"], plan)
+    timings["cache"] = time.time() - t
+
+    results: dict[str, dict[str, Any]] = {}
+    for i, kind in enumerate(STUDENTS):
+        _stage(
+            5 + i,
+            total,
+            f"{kind.replace('_', '-')} student (MiniLM-L6), baseline and full MKD, {plan['epochs']} epoch(s)",
+        )
+        t = time.time()
+        results[f"{kind}_baseline"] = train_student(out_dir, CONFIG_DIR / f"{kind}.yaml", f"{kind}_baseline", plan)
+        results[f"{kind}_mkd"] = train_student(
+            out_dir,
+            CONFIG_DIR / f"{kind}.yaml",
+            f"{kind}_mkd",
+            plan,
+            [MKD_OVERLAY],
+            ["--data.teacher.init_args.cache_dir", cache["path"], "--data.teacher.init_args.missing", "hard_label"],
+        )
+        timings[kind] = time.time() - t
+
+    _stage(7, total, f"report -> {out_dir / 'report.md'}")
+    t = time.time()
+    report = write_report(out_dir, teacher, results, cache, plan, scale, n_examples=plan["examples"])
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+
+    metrics = {
+        "teacher": {k: v for k, v in teacher.items() if k not in ("model", "predictions")},
+        **{k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in results.items()},
+        "cache": cache,
+        "timings_seconds": timings,
+        "scale": scale,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("\ntest metrics (overall and per query bucket)")
+    print(format_table({"teacher": teacher["test"], **{k: v["test"] for k, v in results.items()}}))
+    print(f"\ndemo finished in {timings['total']:.0f} s; outputs under {out_dir}/:")
+    print(f"  report.md ({report}) with plots/, metrics.json, data/, annotations/, teacher/, teacher_cache/,")
+    print("  tensorboard/<run>/checkpoints/best.ckpt for each student run (" + ", ".join(results) + "),")
+    print(f"  tensorboard/ (every loss term, metrics, figures: tensorboard --logdir {out_dir / 'tensorboard'})")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="ellm-mkd demo", description="Run the whole loop on the embedded synthetic catalog.")
+    p.add_function_arguments(run_demo)
+    cfg = p.parse_args(argv)
+    return run_demo(**vars(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(demo_main(sys.argv[1:]))
