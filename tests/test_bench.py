@@ -547,3 +547,18 @@ def test_bench_mkd_on_home_depot_subsample(tmp_path, tiny_llama, tiny_encoder):
         == 0
     )
     assert out_md.read_text().strip().splitlines()[1] == "## mkd_hd"
+
+
+def test_bench_options_are_a_typed_object_read_from_flags_or_yaml(tmp_path):
+    """Each benchmark's options are one dataclass (a benchmark runs the same from Python); ``--config``
+    reads them from YAML and flags override it."""
+    from ellm_mkd.commands.bench.common import options
+    from ellm_mkd.commands.bench.mkd import MkdBenchOptions, _parser
+
+    cfg_file = tmp_path / "bench.yaml"
+    cfg_file.write_text("num_queries: 40\nseeds: [3]\nepochs: 5\n")
+    got = options(MkdBenchOptions, _parser().parse_args(["--config", str(cfg_file), "--epochs", "1"]))
+    assert got == MkdBenchOptions(num_queries=40, seeds=[3], epochs=1)
+    assert MkdBenchOptions().rows == ["baseline", "soft", "soft_dim", "full", "full_augment"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--num_queries", "many"])

@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "mkd")
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("mkd", "trainer"))
+#: trainer overlays (configs/trainer): the hardware, composed after any stage config
+TRAINER_OVERLAYS = sorted((ROOT / "trainer").glob("*.yaml"))
+STAGE_CONFIGS = [
+    ROOT / "students" / "two_tower.yaml",
+    ROOT / "teacher" / "smollm2_135m_lora.yaml",
+    ROOT / "teacher" / "cache_smollm2_direct.yaml",
+]
 #: overlays (configs/mkd): each one goes after a student config; tested on top of both students
 OVERLAYS = sorted((ROOT / "mkd").glob("*.yaml"))
 STUDENT_CONFIGS = [ROOT / "students" / "cross_encoder.yaml", ROOT / "students" / "two_tower.yaml"]
@@ -45,6 +53,11 @@ def test_config_parses(path: Path):
 
         cli = cli_main(["--config", str(path)], run=False)
         assert cli.model is not None and cli.datamodule is not None, kind
+        # no stage config repeats the hardware: ellm-mkd's defaults apply until an overlay changes them
+        hw = {k: cli.config["trainer"][k] for k in ("accelerator", "devices", "precision")}
+        assert hw["accelerator"] == "auto" and hw["devices"] == 1
+        assert hw["precision"] in ("bf16-mixed", "32-true")  # 32-true where this CPU has no native bf16
+        assert "accelerator" not in yaml.safe_load(path.read_text())["trainer"], path
 
 
 @pytest.mark.parametrize("student", STUDENT_CONFIGS, ids=lambda p: p.stem)
@@ -59,3 +72,30 @@ def test_mkd_overlay_parses_on_each_student(overlay: Path, student: Path):
     assert cli.trainer.logger.name == overlay.stem  # each ablation row logs (and checkpoints) apart
     assert (cli.datamodule.teacher is None) == (overlay.stem == "baseline")
     assert (cli.datamodule.augment is not None) == overlay.stem.endswith("augment")
+
+
+@pytest.mark.parametrize("stage", STAGE_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=lambda p: p.stem)
+def test_trainer_overlay_composes_with_stage_configs(overlay: Path, stage: Path, capsys):
+    """An overlay sets the hardware and nothing else: the composed config has the overlay's trainer keys and
+    the stage config's own (epochs, callbacks, logger)."""
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--config", str(stage), "--config", str(overlay), "--print_config"], run=False)
+    assert done.value.code in (0, None)
+    composed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    want = yaml.safe_load(overlay.read_text())["trainer"]
+    assert {k: composed[k] for k in want} == want
+    own = yaml.safe_load(stage.read_text())["trainer"]
+    assert composed["default_root_dir"] == own["default_root_dir"] and composed["callbacks"]
+    if overlay.stem in ("cpu", "ddp"):  # the ones this machine can build a Trainer for
+        from lightning.pytorch.strategies import DDPStrategy
+
+        cli = cli_main(["--config", str(stage), "--config", str(overlay), "--trainer.accelerator", "cpu"], run=False)
+        assert isinstance(cli.trainer.strategy, DDPStrategy) == (overlay.stem == "ddp")
+        assert cli.trainer.num_devices == want["devices"]
+
+
+def test_there_are_trainer_overlays():
+    assert {p.stem for p in TRAINER_OVERLAYS} >= {"cpu", "gpu", "ddp", "multinode"}

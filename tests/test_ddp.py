@@ -74,7 +74,7 @@ def test_two_process_fit_trains_and_checkpoints(tmp_path, tiny_encoder, synth_di
 # --- the shipped configs as they are: validation on, TensorBoard, figures, checkpoint selection ---------------
 
 REPO = Path(__file__).resolve().parent.parent
-DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+DDP = ["--config", "configs/trainer/ddp.yaml", "--trainer.accelerator", "cpu"]  # the shipped overlay, 2 processes
 
 
 def run_bounded(args: list[str], timeout: float = 420) -> subprocess.CompletedProcess:

@@ -93,6 +93,8 @@ class EllmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from callbacks.mkd import MKDistillation
 
+        # the hardware every stage config shares, set once; configs/trainer/*.yaml overlays change it
+        parser.set_defaults({"trainer.accelerator": "auto", "trainer.devices": 1, "trainer.precision": "bf16-mixed"})
         parser.add_lightning_class_args(MKDistillation, "distill")
         parser.set_defaults({"distill.enabled": False})
         parser.link_arguments("data.num_levels", "model.init_args.num_levels", apply_on="instantiate")

@@ -23,45 +23,61 @@ import logging
 import shlex
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from callbacks.timer import ThroughputTimer
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import machine_description, publish
+from .common import machine_description, options, publish
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class CacheBenchOptions:
+    """Options of ``ellm-mkd bench cache`` (each a ``--name`` flag; ``--config FILE`` reads them from YAML).
+
+    Args:
+        model: teacher base model
+        adapter: LoRA adapter of the teacher (used when the directory exists)
+        work_dir: scratch directory of the runs
+        num_queries: catalog size (queries; 10 items each)
+        direct_batch_size: pairs per direct readout batch
+        cot_pairs: pairs written in cot readout
+        cot_batch_size: pairs per cot readout batch
+        student_config: student LightningCLI config timed with and without the cache
+        repeats: epochs timed with and without the cache, alternating
+        precision: trainer precision of the teacher and the student (32-true on CPUs without native bf16)
+        seed: seed of the catalog and of training
+        name: benchmark name (the JSON file and the markdown section)
+        out_json: default docs/results/<name>.json
+        out_md: markdown file whose <name> section is replaced
+    """
+
+    model: str = "smollm2-135m-instruct"
+    adapter: str | None = "runs/benchmarks/teacher/teacher/adapter"
+    work_dir: str = "runs/benchmarks/cache"
+    num_queries: int = 150
+    direct_batch_size: int = 32
+    cot_pairs: int = 64
+    cot_batch_size: int = 16
+    student_config: str = "configs/students/cross_encoder.yaml"
+    repeats: int = 2
+    precision: str = "bf16-mixed"
+    seed: int = 0
+    name: str = "cache"
+    out_json: str | None = None
+    out_md: str = "docs/benchmarks.md"
+
+
 def _parser():
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog="ellm-mkd bench cache", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=str, default="smollm2-135m-instruct", help="teacher base model")
-    p.add_argument(
-        "--adapter",
-        type=str | None,
-        default="runs/benchmarks/teacher/teacher/adapter",
-        help="LoRA adapter of the teacher (used when the directory exists)",
-    )
-    p.add_argument("--work_dir", type=str, default="runs/benchmarks/cache")
-    p.add_argument("--num_queries", type=int, default=150, help="catalog size (queries; 10 items each)")
-    p.add_argument("--direct_batch_size", type=int, default=32)
-    p.add_argument("--cot_pairs", type=int, default=64, help="pairs written in cot readout")
-    p.add_argument("--cot_batch_size", type=int, default=16)
-    p.add_argument("--student_config", type=str, default="configs/students/cross_encoder.yaml")
-    p.add_argument("--repeats", type=int, default=2, help="epochs timed with and without the cache, alternating")
-    p.add_argument(
-        "--precision",
-        type=str,
-        default="bf16-mixed",
-        help="trainer precision of the teacher and the student (32-true on CPUs without native bf16)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", type=str, default="cache")
-    p.add_argument("--out_json", type=str | None, default=None)
-    p.add_argument("--out_md", type=str, default="docs/benchmarks.md")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_class_arguments(CacheBenchOptions)
     return p
 
 
@@ -261,7 +277,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 def bench_cache_main(argv: list[str]) -> int:
     from ellm_mkd.commands.lightning_cli import resolve_precision
 
-    opts = _parser().parse_args(argv)
+    opts = options(CacheBenchOptions, _parser().parse_args(argv))
     opts.precision = resolve_precision(opts.precision, "cpu")  # record what runs, not what was asked
     command = "ellm-mkd bench cache " + shlex.join(argv)
     result = bench_cache(opts, command)

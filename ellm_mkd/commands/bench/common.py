@@ -4,6 +4,7 @@ models with the project's metrics, result rows, and writing ``docs/results/*.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 
 
 METRIC_KEYS = ("rmse", "auc", "spearman", "ndcg10", "macro_f1", "ece")
+
+
+def options(cls: type, cfg: Any) -> Any:
+    """The typed options object ``cls`` (a dataclass) of a benchmark from its parsed namespace: every
+    benchmark function takes one, so a benchmark runs the same from Python as from the command line."""
+    return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
 def now() -> float:

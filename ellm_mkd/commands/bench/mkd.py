@@ -32,6 +32,7 @@ import shlex
 import shutil
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import yaml
 
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import atomic_write_text, machine_description, publish
+from .common import atomic_write_text, machine_description, options, publish
 
 log = logging.getLogger(__name__)
 ROWS = ("baseline", "soft", "soft_dim", "full", "full_augment")
@@ -47,71 +48,79 @@ STUDENTS = ("cross_encoder", "two_tower")
 SUMMARY_METRICS = ("auc", "ndcg10", "macro_f1", "rmse", "spearman", "ece")
 
 
+@dataclass
+class MkdBenchOptions:
+    """Options of ``ellm-mkd bench mkd`` (each a ``--name`` flag; ``--config FILE`` reads them from YAML).
+
+    Args:
+        work_dir: default runs/benchmarks/<name>
+        num_queries: catalog size (queries)
+        items_per_query: catalog items per query
+        source: a real dataset instead of the catalog (e.g. ../shared/data/homedepot/train.csv.zip)
+        preset: its column preset (e.g. homedepot)
+        item_fields: item fields (catalog default: title, brand, color, attributes)
+        relevant_level: lowest level counted relevant by AUC
+        split_seed: seed of the query-disjoint split of --source
+        val_fraction: share of queries in validation (with --source)
+        test_fraction: share of queries in test (with --source)
+        limit_pairs: at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})
+        resume: reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an earlier
+                    run with the same settings (a stopped benchmark goes on where it stopped)
+        rerender: rewrite the markdown section (and targets) from the existing result JSON; runs nothing
+        teacher_model: teacher base model
+        encoder: student encoder
+        teacher_steps: teacher LoRA steps
+        teacher_batch: teacher examples per step
+        teacher_eval: pairs per teacher readout batch
+        students: student kinds (cross_encoder, two_tower)
+        rows: ablation rows (configs/mkd/<row>.yaml)
+        seeds: student training seeds
+        epochs: student epochs
+        train_batches: cap on student training batches per epoch
+        keep_checkpoints: keep each student run's checkpoint (about 270 MB for MiniLM with its optimizer state; 30
+                    runs by default); the benchmark needs only the test figures, stored under <work_dir>/bench_state
+        seed: catalog and teacher seed
+        name: benchmark name (the JSON file and the markdown section)
+        out_json: default docs/results/<name>.json
+        out_md: markdown file whose <name> section is replaced
+    """
+
+    work_dir: str | None = None
+    num_queries: int = 120
+    items_per_query: int = 8
+    source: str | None = None
+    preset: str | None = None
+    item_fields: list[str] | None = None
+    relevant_level: int | None = None
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    limit_pairs: dict[str, int] | None = None
+    resume: bool = True
+    rerender: bool = False
+    teacher_model: str = "smollm2-135m-instruct"
+    encoder: str = "minilm-l6"
+    teacher_steps: int = 96
+    teacher_batch: int = 8
+    teacher_eval: int = 32
+    students: list[str] = field(default_factory=lambda: list(STUDENTS))
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 2
+    train_batches: int | None = None
+    keep_checkpoints: bool = False
+    seed: int = 0
+    name: str = "mkd_catalog"
+    out_json: str | None = None
+    out_md: str = "docs/benchmarks.md"
+
+
 def _parser():
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog="ellm-mkd bench mkd", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work_dir", type=str | None, default=None, help="default runs/benchmarks/<name>")
-    p.add_argument("--num_queries", type=int, default=120, help="catalog size (queries)")
-    p.add_argument("--items_per_query", type=int, default=8)
-    p.add_argument(
-        "--source",
-        type=str | None,
-        default=None,
-        help="a real dataset instead of the catalog (e.g. ../shared/data/homedepot/train.csv.zip)",
-    )
-    p.add_argument("--preset", type=str | None, default=None, help="its column preset (e.g. homedepot)")
-    p.add_argument(
-        "--item_fields",
-        type=list[str] | None,
-        default=None,
-        help="item fields (catalog default: title, brand, color, attributes)",
-    )
-    p.add_argument("--relevant_level", type=int | None, default=None, help="lowest level counted relevant by AUC")
-    p.add_argument("--split_seed", type=int, default=0, help="seed of the query-disjoint split of --source")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--test_fraction", type=float, default=0.2)
-    p.add_argument(
-        "--limit_pairs",
-        type=dict[str, int] | None,
-        default=None,
-        help="at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})",
-    )
-    p.add_argument(
-        "--resume",
-        type=bool,
-        default=True,
-        help="reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an "
-        "earlier run with the same settings (a stopped benchmark goes on where it stopped)",
-    )
-    p.add_argument(
-        "--rerender",
-        type=bool,
-        default=False,
-        help="rewrite the markdown section (and targets) from the existing result JSON; runs nothing",
-    )
-    p.add_argument("--teacher_model", type=str, default="smollm2-135m-instruct", help="teacher base model")
-    p.add_argument("--encoder", type=str, default="minilm-l6", help="student encoder")
-    p.add_argument("--teacher_steps", type=int, default=96, help="teacher LoRA steps")
-    p.add_argument("--teacher_batch", type=int, default=8, help="teacher examples per step")
-    p.add_argument("--teacher_eval", type=int, default=32, help="pairs per teacher readout batch")
-    p.add_argument("--students", type=list[str], default=list(STUDENTS))
-    p.add_argument("--rows", type=list[str], default=list(ROWS), help="ablation rows (configs/mkd/<row>.yaml)")
-    p.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="student training seeds")
-    p.add_argument("--epochs", type=int, default=2, help="student epochs")
-    p.add_argument("--train_batches", type=int | None, default=None, help="cap on student training batches per epoch")
-    p.add_argument(
-        "--keep_checkpoints",
-        type=bool,
-        default=False,
-        help="keep each student run's checkpoint (about 270 MB for MiniLM with its optimizer state; 30 "
-        "runs by default); the benchmark needs only the test figures, stored under "
-        "<work_dir>/bench_state",
-    )
-    p.add_argument("--seed", type=int, default=0, help="catalog and teacher seed")
-    p.add_argument("--name", type=str, default="mkd_catalog")
-    p.add_argument("--out_json", type=str | None, default=None)
-    p.add_argument("--out_md", type=str, default="docs/benchmarks.md")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_class_arguments(MkdBenchOptions)
     return p
 
 
@@ -465,7 +474,7 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def bench_mkd_main(argv: list[str]) -> int:
     import json
 
-    opts = _parser().parse_args(argv)
+    opts = options(MkdBenchOptions, _parser().parse_args(argv))
     if opts.rerender:
         path = Path(opts.out_json or f"docs/results/{opts.name}.json")
         result = json.loads(path.read_text(encoding="utf-8"))

@@ -67,6 +67,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,7 @@ from .common import (
     machine_description,
     now,
     optimizer_description,
+    options,
     result_row,
     update_markdown,
 )
@@ -200,8 +202,53 @@ def run_student(
     return row, dm, model
 
 
+@dataclass
+class StudentsBenchOptions:
+    """Options of ``ellm-mkd bench students`` (each a ``--name`` flag; ``--config FILE`` reads them from YAML).
+
+    Args:
+        configs: student LightningCLI configs (they must share data.source and its split)
+        epochs: override trainer.max_epochs in every config (the baseline follows the cross-encoder's); default: the
+                    configs'
+        train_limit: cap the training pairs by keeping whole training queries in seeded hash order (quick runs);
+                    default: all
+        seed: training seed(s) (seed_everything; the split seed stays the config's); several seeds give mean rows
+                    with 'seeds' and 'std'
+        baseline: also train the sentence-transformers CrossEncoder
+        baseline_text: what the baseline reads as the item: 'title' (the raw title, what a user would feed it) or
+                    'rendered' (the students' item text, e.g. 'Title: ...')
+        references: also compute the global-mean and TF-IDF rows
+        override: extra LightningCLI arguments for every student config, e.g. [trainer.limit_test_batches=10]
+        name: benchmark name (JSON file, markdown section)
+        out_json: default: docs/results/<name>.json
+        out_md: markdown file whose <name> section is replaced
+        work_dir: scratch directory of the baseline trainer
+        stage: full: train, test and report every model; throughput: re-time training alone (cross-encoder against
+                    the baseline on the raw title and on the rendered text, --repeats rounds in rotated order) and
+                    add the figures to the existing result
+        throughput_pairs: training pairs of each timed run (--stage throughput)
+        repeats: rounds of timed runs (--stage throughput)
+    """
+
+    configs: list[str] = field(default_factory=lambda: list(DEFAULT_STUDENT_CONFIGS))
+    epochs: int | None = None
+    train_limit: int | None = None
+    seed: int | list[int] = 0
+    baseline: bool = True
+    baseline_text: Literal["title", "rendered"] = "title"
+    references: bool = True
+    override: list[str] = field(default_factory=lambda: [])
+    name: str = "students_homedepot"
+    out_json: str | None = None
+    out_md: str = "docs/benchmarks.md"
+    work_dir: str = "runs/benchmarks"
+    stage: Literal["full", "throughput"] = "full"
+    throughput_pairs: int = 3200
+    repeats: int = 3
+
+
 def _parser():
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(
         prog="ellm-mkd bench",
@@ -215,69 +262,8 @@ def _parser():
             "reference rows (global mean, char TF-IDF), on one query-disjoint split. Run from the repository root."
         )
     )
-    s.add_argument(
-        "--configs",
-        type=list[str],
-        default=DEFAULT_STUDENT_CONFIGS,
-        help="student LightningCLI configs (they must share data.source and its split)",
-    )
-    s.add_argument(
-        "--epochs",
-        type=int | None,
-        default=None,
-        help="override trainer.max_epochs in every config "
-        "(the baseline follows the cross-encoder's); default: the configs'",
-    )
-    s.add_argument(
-        "--train_limit",
-        type=int | None,
-        default=None,
-        help="cap the training pairs by keeping whole training queries in seeded hash order (quick runs); default: all",
-    )
-    s.add_argument(
-        "--seed",
-        type=int | list[int],
-        default=0,
-        help="training seed(s) (seed_everything; the split "
-        "seed stays the config's); several seeds give mean rows with 'seeds' and 'std'",
-    )
-    s.add_argument("--baseline", type=bool, default=True, help="also train the sentence-transformers CrossEncoder")
-    s.add_argument(
-        "--baseline_text",
-        type=Literal["title", "rendered"],
-        default="title",
-        help="what the baseline reads as the item: "
-        "'title' (the raw title, what a user would feed it) or 'rendered' (the students' item text, "
-        "e.g. 'Title: ...')",
-    )
-    s.add_argument("--references", type=bool, default=True, help="also compute the global-mean and TF-IDF rows")
-    s.add_argument(
-        "--override",
-        type=list[str],
-        default=[],
-        help="extra LightningCLI arguments for every student config, e.g. [trainer.limit_test_batches=10]",
-    )
-    s.add_argument(
-        "--name", type=str, default="students_homedepot", help="benchmark name (JSON file, markdown section)"
-    )
-    s.add_argument("--out_json", type=str | None, default=None, help="default: docs/results/<name>.json")
-    s.add_argument(
-        "--out_md", type=str, default="docs/benchmarks.md", help="markdown file whose <name> section is replaced"
-    )
-    s.add_argument("--work_dir", type=str, default="runs/benchmarks", help="scratch directory of the baseline trainer")
-    s.add_argument(
-        "--stage",
-        type=Literal["full", "throughput"],
-        default="full",
-        help="full: train, test and "
-        "report every model; throughput: re-time training alone (cross-encoder against the baseline "
-        "on the raw title and on the rendered text, --repeats rounds in rotated order) and add the "
-        "figures to the existing result",
-    )
-    s.add_argument(
-        "--throughput_pairs", type=int, default=3200, help="training pairs of each timed run (--stage throughput)"
-    )
-    s.add_argument("--repeats", type=int, default=3, help="rounds of timed runs (--stage throughput)")
+    s.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    s.add_class_arguments(StudentsBenchOptions)
     sub.add_subcommand("students", s)
     return p
 
@@ -426,7 +412,7 @@ def bench_students_main(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     if cfg.benchmark != "students":  # pragma: no cover (jsonargparse rejects unknown subcommands)
         raise SystemExit(f"unknown benchmark {cfg.benchmark!r}")
-    opts = cfg.students
+    opts = options(StudentsBenchOptions, cfg.students)
     command = "ellm-mkd bench " + shlex.join(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out_json = opts.out_json or f"docs/results/{opts.name}.json"

@@ -24,67 +24,70 @@ import logging
 import random
 import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .common import fmt, machine_description, publish
+from .common import fmt, machine_description, options, publish
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
 
 
+@dataclass
+class TeacherBenchOptions:
+    """Options of ``ellm-mkd bench teacher`` (each a ``--name`` flag; ``--config FILE`` reads them from YAML).
+
+    Args:
+        model: teacher base model
+        work_dir: catalog, annotations, logs
+        num_queries: catalog size (queries; 10 items each)
+        item_fields: item fields, in order
+        steps: LoRA optimizer steps
+        batch_size: training examples per step (each: a cot and a direct response)
+        lr: teacher peak learning rate
+        eval_pairs: seeded sample of test pairs for quality and speed
+        eval_batch_size: pairs per batched readout (--stage throughput: the batch it times)
+        naive_pairs: pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)
+        max_new_tokens: generation budget of one chain
+        precision: bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)
+        seed: seed of the catalog and of training
+        stage: all: catalog, zero-shot and LoRA quality, throughput; throughput: only the readout speed of the
+                    adapter a full run trained, written into that run's result
+        adapter: --stage throughput: the LoRA adapter (default <work_dir>/teacher/adapter)
+        name: benchmark name (the JSON file and the markdown section)
+        out_json: default docs/results/<name>.json
+        out_md: markdown file whose <name> section is replaced
+    """
+
+    model: str = "smollm2-135m-instruct"
+    work_dir: str = "runs/benchmarks/teacher"
+    num_queries: int = 600
+    item_fields: list[str] = field(default_factory=lambda: ["title", "brand", "color", "attributes"])
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 5e-4
+    eval_pairs: int = 96
+    eval_batch_size: int = 32
+    naive_pairs: int = 16
+    max_new_tokens: int = 128
+    precision: str = "bf16-mixed"
+    seed: int = 0
+    stage: Literal["all", "throughput"] = "all"
+    adapter: str | None = None
+    name: str = "teacher"
+    out_json: str | None = None
+    out_md: str = "docs/benchmarks.md"
+
+
 def _parser():
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog="ellm-mkd bench teacher", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=str, default="smollm2-135m-instruct", help="teacher base model")
-    p.add_argument("--work_dir", type=str, default="runs/benchmarks/teacher", help="catalog, annotations, logs")
-    p.add_argument("--num_queries", type=int, default=600, help="catalog size (queries; 10 items each)")
-    p.add_argument("--item_fields", type=list[str], default=["title", "brand", "color", "attributes"])
-    p.add_argument("--steps", type=int, default=60, help="LoRA optimizer steps")
-    p.add_argument(
-        "--batch_size", type=int, default=8, help="training examples per step (each: a cot and a direct response)"
-    )
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--eval_pairs", type=int, default=96, help="seeded sample of test pairs for quality and speed")
-    p.add_argument(
-        "--eval_batch_size",
-        type=int,
-        default=32,
-        help="pairs per batched readout (--stage throughput: the batch it times)",
-    )
-    p.add_argument(
-        "--naive_pairs",
-        type=int,
-        default=16,
-        help="pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)",
-    )
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument(
-        "--precision",
-        type=str,
-        default="bf16-mixed",
-        help="bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--stage",
-        type=Literal["all", "throughput"],
-        default="all",
-        help="all: catalog, zero-shot and LoRA quality, throughput; throughput: only the readout speed of "
-        "the adapter a full run trained, written into that run's result",
-    )
-    p.add_argument(
-        "--adapter",
-        type=str | None,
-        default=None,
-        help="--stage throughput: the LoRA adapter (default <work_dir>/teacher/adapter)",
-    )
-    p.add_argument("--name", type=str, default="teacher")
-    p.add_argument("--out_json", type=str | None, default=None)
-    p.add_argument("--out_md", type=str, default="docs/benchmarks.md")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_class_arguments(TeacherBenchOptions)
     return p
 
 
@@ -442,7 +445,7 @@ def markdown_section(result: dict[str, Any]) -> str:
 def bench_teacher_main(argv: list[str]) -> int:
     from ellm_mkd.commands.lightning_cli import resolve_precision
 
-    opts = _parser().parse_args(argv)
+    opts = options(TeacherBenchOptions, _parser().parse_args(argv))
     opts.precision = resolve_precision(opts.precision, "cpu")
     command = "ellm-mkd bench teacher " + shlex.join(argv)
     result = (bench_throughput if opts.stage == "throughput" else bench_teacher)(opts, command)
