@@ -11,6 +11,10 @@ format is :mod:`ellm_mkd.teacher_cache`. What it guarantees:
   taken out of the predict split, so running the same command again finishes the job. The
   manifest pins the teacher (weights hash, template, readout mode); resuming with another teacher
   is an error, as is writing into a cache that another job made, unless ``overwrite: true``.
+* **One job at a time**: rank 0 holds a lock beside the cache (``.<cache_dir name>.lock``) from setup
+  to the end of the job; a second job writing the same cache stops at once with a message instead of
+  doing all the work again and failing on ids written twice. The lock goes with the process that
+  held it, so a killed job never leaves it behind.
 * **Finalised**: when the job ends, rank 0 counts the rows of every shard and records
   ``row_count``, ``expected_rows`` and ``complete`` in the manifest.
 
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ellm_mkd.annotation_store import ID, MANIFEST, AnnotationStore, StoreError, read_annotations, read_manifest
@@ -66,6 +71,32 @@ class TeacherCacheWriter(BasePredictionWriter):
         self.skipped = 0
         self._t0 = 0.0
         self._finalised = False
+        self._lock: FileLock | None = None
+
+    def lock_path(self) -> Path:
+        """The lock file of this cache: beside it, so that ``overwrite`` can remove the directory."""
+        return self.cache_dir.parent / f".{self.cache_dir.name}.lock"
+
+    def _take_lock(self, trainer: L.Trainer) -> None:
+        taken = True
+        if trainer.is_global_zero:
+            self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.lock_path()))
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                self._lock, taken = None, False
+        if not trainer.strategy.broadcast(taken, src=0):  # every rank stops, none waits in a barrier
+            raise StoreError(
+                f"{self.cache_dir}: another ellm-mkd predict is writing this teacher cache (it holds "
+                f"{self.lock_path()}); wait for it to finish and run this again (it resumes), or choose another "
+                "cache_dir"
+            )
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -77,6 +108,7 @@ class TeacherCacheWriter(BasePredictionWriter):
             )
         self._finalised = False
         dm = trainer.datamodule
+        self._take_lock(trainer)
         if self.overwrite and trainer.is_global_zero and self.cache_dir.exists():
             self._clear()
         trainer.strategy.barrier("teacher_cache_clear")
@@ -160,6 +192,11 @@ class TeacherCacheWriter(BasePredictionWriter):
         # everything was cached before this run: the predict loop never started, finalise here
         if stage == "predict" and not self._finalised and self.store is None and self.skipped == self.expected_rows:
             self.finalise(trainer)
+        if stage == "predict":
+            self._release_lock()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release_lock()
 
     def finalise(self, trainer: L.Trainer) -> None:
         """Flush this rank's rows; rank 0 then records the row count and whether the cache is complete."""

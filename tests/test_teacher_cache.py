@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from helpers import rule_signals as _rule_signals
 from helpers import write_cache as _write_cache
 
@@ -270,6 +271,28 @@ def test_writer_direct_cache_via_cli(tiny_llama, synth_dir, tmp_path, capsys):
     assert not list(out.glob(".tmp-*"))
     # the same command again: nothing left to do, nothing written twice
     assert main(_predict_args(CACHE_CFG, tiny_llama, synth_dir, out, *hidden)) == 0
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    lock.acquire(timeout=0)  # the job released it at its end: free now (Timeout otherwise)
+    lock.release()
+    # a second writer while one holds the cache stops at once, with nothing written
+    shards = sorted(p.name for p in out.glob("*.parquet"))
+    with lock.acquire(timeout=0):
+        with pytest.raises(StoreError, match="another ellm-mkd predict is writing this teacher cache"):
+            main(
+                [
+                    *_predict_args(
+                        CACHE_CFG,
+                        tiny_llama,
+                        synth_dir,
+                        out,
+                        *hidden,
+                        "--trainer.callbacks.init_args.overwrite",
+                        "true",
+                    ),
+                    "--debug",
+                ]
+            )
+    assert sorted(p.name for p in out.glob("*.parquet")) == shards  # overwrite did not run: the lock comes first
     ids = read_annotations(out).column("example_id").to_pylist()
     assert len(ids) == len(set(ids)) == len(all_ids)
     # another readout (or teacher, template, hidden setting) may not write into this cache
