@@ -30,7 +30,7 @@ from typing import Any
 from callbacks.timer import ThroughputTimer
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import machine_description, options, publish
+from .common import machine_description, options, options_parser, publish
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,7 @@ class CacheBenchOptions:
 
 
 def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="ellm-mkd bench cache", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
-    p.add_class_arguments(CacheBenchOptions)
-    return p
+    return options_parser(CacheBenchOptions, "ellm-mkd bench cache", __doc__.split("\n\n")[0])
 
 
 def _dir_bytes(path: Path) -> int:

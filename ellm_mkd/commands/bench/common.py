@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("rmse", "auc", "spearman", "ndcg10", "macro_f1", "ece")
 
 
+def options_parser(cls: type, prog: str, description: str) -> Any:
+    """A benchmark's parser, built from its options dataclass (help from its docstring), with ``--config``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_class_arguments(cls)
+    return p
+
+
 def options(cls: type, cfg: Any) -> Any:
     """The typed options object ``cls`` (a dataclass) of a benchmark from its parsed namespace: every
     benchmark function takes one, so a benchmark runs the same from Python as from the command line."""

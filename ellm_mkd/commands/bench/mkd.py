@@ -40,7 +40,7 @@ import yaml
 
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import atomic_write_text, machine_description, options, publish
+from .common import atomic_write_text, machine_description, options, options_parser, publish
 
 log = logging.getLogger(__name__)
 ROWS = ("baseline", "soft", "soft_dim", "full", "full_augment")
@@ -116,12 +116,7 @@ class MkdBenchOptions:
 
 
 def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="ellm-mkd bench mkd", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
-    p.add_class_arguments(MkdBenchOptions)
-    return p
+    return options_parser(MkdBenchOptions, "ellm-mkd bench mkd", __doc__.split("\n\n")[0])
 
 
 def _data_options(opts, out: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from .common import fmt, machine_description, options, publish
+from .common import fmt, machine_description, options, options_parser, publish
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
@@ -83,12 +83,7 @@ class TeacherBenchOptions:
 
 
 def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="ellm-mkd bench teacher", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
-    p.add_class_arguments(TeacherBenchOptions)
-    return p
+    return options_parser(TeacherBenchOptions, "ellm-mkd bench teacher", __doc__.split("\n\n")[0])
 
 
 def _evaluate(model, dm, mode: str, precision: str) -> dict[str, float]:
