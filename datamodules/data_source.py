@@ -99,6 +99,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 _DEFAULT_MAPPING = ColumnMapping(query="query", title="title", label="label")
+#: a text line may hold this many bytes per ``max_field_chars`` (16 columns of 4-byte UTF-8 characters)
+#: before reading stops: no line that long can hold only fields within the limit
+LINE_BYTES_PER_FIELD_CHAR = 64
 
 
 @dataclass
@@ -152,10 +155,20 @@ class DataSource:
     whose label already averages raters), problem (a conflicting_duplicate under on_error), or
     auto (mean for the graded scheme, problem otherwise)"""
     max_field_chars: int = 20000
-    """a text field longer than this is a problem (too_long)"""
+    """a text field longer than this is a problem (too_long); a text-format line over
+    ``LINE_BYTES_PER_FIELD_CHAR * max_field_chars`` bytes stops the read at once (too_long)"""
+    max_input_bytes: int = 4 << 30
+    """the most bytes read from one file, after decompression (.gz, .zip): past it the read stops (too_large)"""
+    control_chars: Literal["strip", "keep", "reject"] = "strip"
+    """control characters in text fields (C0 but tab/newline/CR, DEL, C1, bidi overrides and isolates):
+    strip them (counted per column in the load report), keep them (counted), or reject the row (control_chars)"""
     max_problems_shown: int = 20
     """how many problems an error message lists"""
     split: SplitOptions = field(default_factory=SplitOptions)
+
+    @property
+    def max_line_bytes(self) -> int:
+        return LINE_BYTES_PER_FIELD_CHAR * self.max_field_chars
 
     def resolved_mapping(self) -> ColumnMapping:
         base = PRESETS[self.preset]["mapping"] if self.preset else _DEFAULT_MAPPING
@@ -173,6 +186,10 @@ class DataSource:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.on_conflict not in ("auto", "mean", "problem"):
             raise ValueError(f"on_conflict must be auto, mean or problem, got {self.on_conflict!r}")
+        if self.control_chars not in ("strip", "keep", "reject"):
+            raise ValueError(f"control_chars must be strip, keep or reject, got {self.control_chars!r}")
+        if self.max_field_chars < 1 or self.max_input_bytes < 1:
+            raise ValueError("max_field_chars and max_input_bytes must be >= 1")
         if self.on_error not in ("error", "quarantine"):
             raise ValueError(f"on_error must be 'error' or 'quarantine', got {self.on_error!r}")
         if isinstance(self.mapping, dict):

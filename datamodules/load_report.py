@@ -34,6 +34,10 @@ class LoadReport:
 
     rows_rejected: int = 0
     """distinct records rejected (a record may have several problems)"""
+    control_chars: dict[str, int] = field(default_factory=dict)
+    """source column -> text values holding control characters (stripped or kept by ``control_chars``)"""
+    converted: dict[str, int] = field(default_factory=dict)
+    """source column -> values that were not text (numbers, bytes, lists ...) read as text"""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

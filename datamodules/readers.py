@@ -16,6 +16,11 @@ encoding standard does (the five bytes cp1252 leaves undefined map to the C1 cod
 same value, as in every browser), so no byte is lost. A UTF-8 file with a few corrupt bytes stays
 UTF-8 and the rows holding them are reported as ``undecodable``. Any other Python codec name is
 accepted as given.
+
+Size caps (:func:`open_source`): a file (or ``.gz``/zip member) is read and decompressed as a stream
+that stops with a :class:`DataError` once it passes ``max_bytes`` (``too_large``) or, in a text
+format, a line passes ``max_line_bytes`` (``too_long``). A small ``.gz`` inflating to hundreds of
+megabytes fails in milliseconds, holding one chunk of it. :func:`join_products`: ESCI's layout.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import gzip
 import io
 import json
 import logging
+import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,8 @@ _DELIMS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
 #: csv's own per-field limit is set well above the validator's ``max_field_chars`` so that an
 #: absurdly long field is reported by the validator (with its column) rather than by csv.
 _CSV_FIELD_LIMIT = 1 << 30
+_CHUNK = 1 << 20  # bytes read (or decompressed) at a time
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 @dataclass
@@ -127,21 +137,72 @@ def detect_format(name: str) -> str:
     raise DataError(f"{name}: cannot tell the format from the name; set format to one of {list(FORMATS)}")
 
 
-def open_source(path: str | Path, fmt: str = "auto", member: str | None = None) -> Source:
-    """Read a file (plain, ``.gz`` or ``.zip``) into memory, raising :class:`DataError` on failure."""
+def _file_error(name: str, kind: str, msg: str, line: int | None = None, unit: str = "line") -> DataError:
+    """A whole-file :class:`DataError` with its one :class:`Problem`."""
+    return DataError(
+        f"{name}:{line}: {msg}" if line else f"{name}: {msg}", [Problem(name, line, None, kind, msg, unit=unit)]
+    )
+
+
+def _read_capped(stream: Any, name: str, max_bytes: int | None, max_line_bytes: int | None) -> bytes:
+    """All bytes of a stream, stopping with :class:`DataError` past ``max_bytes`` in all or past
+    ``max_line_bytes`` between two line breaks (``\\n`` or ``\\r``)."""
+    chunks: list[bytes] = []
+    total, run, lines = 0, 0, 1  # run: bytes of the line still open at the end of the last chunk
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if max_bytes is not None and total > max_bytes:
+            msg = f"more than max_input_bytes={max_bytes:,} bytes (after decompression); stopped reading"
+            raise _file_error(name, "too_large", msg + ". Raise max_input_bytes if the data really is this large")
+        if max_line_bytes is not None:
+            lengths = [len(x) for x in chunk.replace(b"\r", b"\n").split(b"\n")]
+            lengths[0] += run
+            over = next((i for i, n in enumerate(lengths) if n > max_line_bytes), None)
+            if over is not None:
+                at = lines + chunk[: sum(lengths[:over]) - run + over].count(b"\n")
+                msg = f"a line longer than {max_line_bytes:,} bytes (a field far over max_field_chars, or not a "
+                raise _file_error(name, "too_long", msg + "line-based file); stopped reading", at)
+            run = lengths[-1]
+            lines += chunk.count(b"\n")
+        chunks.append(chunk)
+
+
+def _read_member(stream: Any, name: str, max_bytes: int | None, max_line_bytes: int | None) -> bytes:
+    """A plain or gzip-compressed stream, capped (:func:`_read_capped`)."""
+    if stream.peek(2)[:2] == b"\x1f\x8b":
+        try:
+            return _read_capped(gzip.GzipFile(fileobj=stream), name, max_bytes, max_line_bytes)
+        except (EOFError, OSError, zlib.error) as e:
+            raise _file_error(name, "truncated", f"truncated or corrupt gzip stream ({e})") from None
+    return _read_capped(stream, name, max_bytes, max_line_bytes)
+
+
+def open_source(
+    path: str | Path,
+    fmt: str = "auto",
+    member: str | None = None,
+    max_bytes: int | None = None,
+    max_line_bytes: int | None = None,
+) -> Source:
+    """Read a file (plain, ``.gz`` or ``.zip``) into memory, raising :class:`DataError` on failure.
+    ``max_bytes`` caps the (decompressed) bytes read, ``max_line_bytes`` one line of a text format."""
     p = Path(path)
     name = str(path)
     if not p.exists():
         raise DataError(f"{name}: file not found")
     if p.is_dir():
         raise DataError(f"{name}: is a directory, expected a data file")
-    raw = p.read_bytes()
-    if not raw:
-        raise DataError(f"{name}: file is empty (0 bytes)", [Problem(name, None, None, "empty_file", "file is empty")])
+    if p.stat().st_size == 0:
+        raise _file_error(name, "empty_file", "file is empty (0 bytes)")
     inner = p.name
-    if zipfile.is_zipfile(p) or p.suffix.lower() == ".zip":
-        try:
-            zf = zipfile.ZipFile(io.BytesIO(raw))
+    zipped = zipfile.is_zipfile(p) or p.suffix.lower() == ".zip"
+    zf = None
+    try:
+        zf = zipfile.ZipFile(p) if zipped else None
+        if zf is not None:
             names = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")]
             if member is None:
                 if len(names) != 1:
@@ -149,41 +210,26 @@ def open_source(path: str | Path, fmt: str = "auto", member: str | None = None) 
                 member = names[0]
             elif member not in names:
                 raise DataError(f"{name}: zip has no member {member!r}; members: {names[:10]}")
-            raw = zf.read(member)
-        except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
-            raise DataError(
-                f"{name}: truncated or corrupt zip archive ({e})",
-                [Problem(name, None, None, "truncated", f"corrupt zip: {e}")],
-            ) from None
-        inner = member
-        name = f"{name}::{member}"
-        if not raw:
-            raise DataError(
-                f"{name}: file is empty (0 bytes)", [Problem(name, None, None, "empty_file", "file is empty")]
-            )
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise DataError(
-                f"{name}: truncated or corrupt gzip stream ({e})",
-                [Problem(name, None, None, "truncated", f"corrupt gzip: {e}")],
-            ) from None
-        if not raw:
-            raise DataError(
-                f"{name}: file is empty after decompression", [Problem(name, None, None, "empty_file", "file is empty")]
-            )
-    fmt = detect_format(inner) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise DataError(f"{name}: unknown format {fmt!r}; choose one of {list(FORMATS)}")
+            inner, name = member, f"{name}::{member}"
+        fmt = detect_format(inner) if fmt == "auto" else fmt
+        if fmt not in FORMATS:
+            raise DataError(f"{name}: unknown format {fmt!r}; choose one of {list(FORMATS)}")
+        line_cap = max_line_bytes if fmt in TEXT_FORMATS else None
+        with zf.open(member) if zf is not None else open(p, "rb") as f:
+            raw = _read_member(f, name, max_bytes, line_cap)
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error) as e:
+        raise _file_error(name, "truncated", f"truncated or corrupt zip archive ({e})") from None
+    finally:
+        if zf is not None:
+            zf.close()
+    if not raw:
+        raise _file_error(name, "empty_file", "file is empty (0 bytes after decompression)")
     if fmt == "parquet":
         try:
             table = pq.read_table(io.BytesIO(raw))
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(
-                f"{name}: not a readable Parquet file, truncated or corrupt ({e})",
-                [Problem(name, None, None, "truncated", f"unreadable Parquet: {e}", unit="row")],
-            ) from None
+            msg = f"not a readable Parquet file, truncated or corrupt ({e})"
+            raise _file_error(name, "truncated", msg, unit="row") from None
         return Source(name, fmt, table=table)
     return Source(name, fmt, data=raw)
 
@@ -198,13 +244,15 @@ def decode(src: Source, encoding: str = "auto") -> str:
     """Decode a text source; undecodable bytes become lone surrogates for the validator to report."""
     data = src.data or b""
     if encoding in ("auto", "utf-8", "utf8", "utf-8-sig"):
+        try:
+            return data.decode("utf-8-sig")  # the common case: valid UTF-8, decoded at C speed
+        except UnicodeDecodeError:
+            pass
         text = data.decode("utf-8-sig", errors="surrogateescape")
         if encoding != "auto":
             return text
-        bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
-        if not bad:
-            return text
-        good_multibyte = sum(1 for c in text if ord(c) > 127 and not "\udc80" <= c <= "\udcff")
+        bad = len(_SURROGATE.findall(text))
+        good_multibyte = len(text) - len(text.encode("ascii", "ignore")) - bad  # valid non-ASCII characters
         if bad <= UTF8_CORRUPTION_RATIO * good_multibyte:
             src.warnings.append(f"{src.name}: {bad} byte(s) are not valid UTF-8; rows holding them are reported")
             return text
@@ -239,7 +287,7 @@ def iter_delimited(
 ) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
     """Header and an iterator of records from CSV/TSV text (strict quoting)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    lines = text.splitlines(keepends=True)
+    lines = io.StringIO(text, newline="").readlines()  # the lines csv sees: \n, \r\n or \r end one, not \x0c or \x85
     if not lines or not text.strip():
         raise DataError(
             f"{src.name}: file has no header line", [Problem(src.name, None, None, "empty_file", "no header line")]
@@ -307,7 +355,9 @@ def iter_delimited(
 
 def iter_jsonl(src: Source, text: str) -> tuple[list[str], Iterator[tuple[int, dict | None, str, Problem | None]]]:
     """Columns (union of keys of the first 1000 objects) and an iterator of records."""
-    lines = text.splitlines()
+    lines = [ln.removesuffix("\r") for ln in text.split("\n")]  # JSON Lines ends a line at \n only
+    if lines and lines[-1] == "":
+        lines.pop()
     if not any(ln.strip() for ln in lines):
         raise DataError(
             f"{src.name}: file holds no JSON lines", [Problem(src.name, None, None, "empty_file", "no records")]
@@ -376,3 +426,69 @@ def iter_records(src: Source, encoding: str = "auto", delimiter: str | None = No
         return iter_jsonl(src, text)
     delim = delimiter or ("\t" if src.format == "tsv" else ",")
     return iter_delimited(src, text, delim)
+
+
+JOIN_KEYS = ("product_locale", "product_id")
+
+
+def _join_key(s: Source, what: str, warnings: list[str]) -> pa.ChunkedArray:
+    """``product_locale`` and ``product_id`` of one side as one text key per row (integers as their
+    decimal text, with a warning; an all-null or non-text, non-integer column is a :class:`DataError`)."""
+    cols = []
+    for k in JOIN_KEYS:
+        col = s.table.column(k)
+        t = col.type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_integer(t):
+            warnings.append(f"{s.name}: join column {k!r} is {t}; its values are matched as decimal text")
+        elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            why = "is all null (an empty column)" if pa.types.is_null(t) else f"is {t}, not text or integers"
+            msg = f"join column {k!r} {why}; the {what} file needs text {list(JOIN_KEYS)}"
+            raise DataError(f"{s.name}: {msg}", [Problem(s.name, None, k, "bad_value", msg, unit="row")])
+        cols.append(pc.cast(col, pa.string()))
+    return pc.binary_join_element_wise(*cols, "\x1f")
+
+
+def join_products(src: Source, products_path: str, max_bytes: int | None = None) -> Source:
+    """ESCI layout: each example row of ``src`` (Parquet) with the columns of its product, looked up by
+    ``(product_locale, product_id)`` in the products Parquet. Rows and order stay the examples';
+    ``__has_product`` says whether the product was found. A key that the products file holds twice
+    is a :class:`DataError` naming the products file, the key and its rows."""
+    prod = open_source(products_path, "parquet", max_bytes=max_bytes)
+    for s, what in ((src, "examples"), (prod, "products")):
+        missing = [k for k in JOIN_KEYS if k not in s.table.column_names]
+        if missing:
+            raise DataError(
+                f"{s.name}: the {what} file lacks join column(s) {missing}",
+                [
+                    Problem(s.name, None, m, "missing_column", f"join column {m!r} not found", unit="row")
+                    for m in missing
+                ],
+            )
+    warnings = src.warnings + prod.warnings
+    ex_key, prod_key = _join_key(src, "examples", warnings), _join_key(prod, "products", warnings)
+    counts = pa.table({"key": prod_key}).group_by("key").aggregate([("key", "count")])
+    dups = counts.filter((pc.field("key_count") > 1) & pc.is_valid(pc.field("key")))["key"]
+    if len(dups):
+        rows: dict[str, list[int]] = {}
+        for i in pc.indices_nonzero(pc.is_in(prod_key, value_set=dups)).to_pylist():
+            rows.setdefault(prod_key[i].as_py(), []).append(i + 1)
+        problems = []
+        for key, at in sorted(rows.items(), key=lambda kv: kv[1][0]):
+            msg = f"product {tuple(key.split(chr(31), 1))} appears {len(at)} times, at rows {at[:10]}"
+            problems.append(Problem(prod.name, at[0], "product_id", "duplicate_id", msg, unit="row"))
+        shown = "; ".join(x.message for x in problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise DataError(
+            f"{prod.name}: {len(problems)} (product_locale, product_id) key(s) appear more than once, so an "
+            f"example could not tell which product it means: {shown}. Keep one row per key",
+            problems,
+        )
+    index = pc.index_in(ex_key, value_set=prod_key)
+    found = pc.is_valid(index)
+    products = prod.table.drop_columns([c for c in prod.table.column_names if c in src.table.column_names])
+    joined = src.table
+    for name, col in zip(products.column_names, products.take(index).columns):
+        joined = joined.append_column(name, col)
+    joined = joined.append_column("__has_product", found)
+    return Source(f"{src.name} + {prod.name}", "parquet", table=joined, warnings=warnings)

@@ -12,6 +12,7 @@ nothing to tell apart, so its value is the whole item text (no marker tokens to 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,17 @@ FIELD_LABELS = {
     "attributes": "Attributes",
 }
 SEPARATOR = " | "
+#: control characters a text field should not carry: C0 controls other than tab, newline and carriage return
+#: (NUL, ESC ...), DEL, the C1 controls, and the bidirectional embeddings, overrides and isolates that can make
+#: text display in another order than it is read (U+202A..U+202E, U+2066..U+2069)
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def strip_control_chars(text: str) -> str:
+    """``text`` without its :data:`CONTROL_CHARS`."""
+    return CONTROL_CHARS.sub("", text)
+
+
 DEFAULT_ITEM_FIELDS: tuple[str, ...] = ("title", "brand", "color", "attributes", "bullets", "description")
 
 

@@ -16,8 +16,16 @@ query and item, same label) are merged, keeping the first, and counted in the re
 that disagree on the label are problems on every row involved. Nothing is dropped unreported.
 
 Problem kinds: missing_column, wrong_delimiter, empty_file, truncated, broken_quoting,
-field_count, invalid_json, empty_field, bad_label, undecodable, too_long, duplicate_id,
-conflicting_duplicate, missing_product, bad_value.
+field_count, invalid_json, empty_field, bad_label, undecodable, too_long, too_large, duplicate_id,
+conflicting_duplicate, missing_product, bad_value, control_chars.
+
+Text fields: a value that is not text (JSON or Parquet numbers, bytes; lists and dicts outside
+``bullets``, ``attributes`` and ``description``, where they are the natural shape) is read as text
+and counted per column in ``LoadReport.converted`` with a warning; booleans, dates and nested
+lists are ``bad_value``. Control characters (:data:`datamodules.text.CONTROL_CHARS`: NUL, ESC and
+the other C0 controls but tab/newline/CR, DEL, C1, bidi overrides and isolates) follow
+``control_chars``: ``strip`` (default) or ``keep``, counted per column in
+``LoadReport.control_chars`` with a warning, or ``reject`` (a ``control_chars`` problem).
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +50,9 @@ from .data_source import ColumnMapping, DataSource
 from .data_source import SplitOptions as SplitOptions
 from .labels import LabelError, LabelScheme
 from .load_report import LoadReport, _problem_message, _write_quarantine, quarantine_file
-from .readers import DataError, Problem, Source, iter_records, open_source
+from .readers import DataError, Problem, iter_records, join_products, open_source
 from .splits import assign_splits
+from .text import CONTROL_CHARS, strip_control_chars
 
 PROBLEM_KINDS = (
     "missing_column",
@@ -55,36 +66,47 @@ PROBLEM_KINDS = (
     "bad_label",
     "undecodable",
     "too_long",
+    "too_large",
     "duplicate_id",
     "conflicting_duplicate",
     "missing_product",
     "bad_value",
+    "control_chars",
 )
 _TEXT_FIELDS = ("query", "title", "brand", "color", "description", "bullets", "attributes")
+_LIST_FIELDS = ("description", "bullets", "attributes")  # a list or dict value is their natural shape
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-def _text(value: Any) -> str | None:
-    """Source value -> text: lists joined by newlines, dicts as ``key: value; ...``."""
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
+class _NotText(ValueError):
+    """A value that cannot stand for text (a boolean, a date, a nested list ...)."""
+
+
+def _text(value: Any, natural_lists: bool = True) -> tuple[str | None, str | None]:
+    """Source value -> (text, the kind of non-text value it was read from, or None). Lists are joined by
+    newlines, dicts written ``key: value; ...``; with ``natural_lists`` these are not counted as conversions.
+    Raises :class:`_NotText` for values that do not stand for text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, None
     if isinstance(value, str):
-        return value
+        return value, None
+    if isinstance(value, bool):
+        raise _NotText(f"expected text, got a boolean ({value})")
+    if isinstance(value, int | float | Decimal):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value), "number"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape"), "bytes"
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {v}" for k, v in value.items() if v is not None)
-    if isinstance(value, (list, tuple)):
-        return "\n".join(str(v) for v in value if v is not None)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _has_surrogate(s: str) -> int:
-    for i, c in enumerate(s):
-        if "\udc80" <= c <= "\udcff":
-            return i
-    return -1
+        if any(isinstance(v, list | dict) for v in value.values()):
+            raise _NotText("expected text, got a nested dict")
+        return "; ".join(f"{k}: {v}" for k, v in value.items() if v is not None), None if natural_lists else "dict"
+    if isinstance(value, list | tuple):
+        if any(isinstance(v, list | tuple | dict | bool) for v in value):
+            raise _NotText("expected text or a list of texts, got a nested list")
+        return "\n".join(str(v) for v in value if v is not None), None if natural_lists else "list"
+    raise _NotText(f"expected text, got {type(value).__name__} ({value!r:.40})")
 
 
 def _check_columns(
@@ -117,41 +139,19 @@ def _check_columns(
         raise DataError(f"{name}: " + "; ".join(p.message for p in problems), problems)
 
 
-def _join_products(src: Source, products_path: str) -> Source:
-    """ESCI layout: examples Parquet joined to products Parquet on (product_locale, product_id)."""
-    prod = open_source(products_path, "parquet")
-    keys = ["product_locale", "product_id"]
-    for s, what in ((src, "examples"), (prod, "products")):
-        missing = [k for k in keys if k not in s.table.column_names]
-        if missing:
-            raise DataError(
-                f"{s.name}: the {what} file lacks join column(s) {missing}",
-                [
-                    Problem(s.name, None, m, "missing_column", f"join column {m!r} not found", unit="row")
-                    for m in missing
-                ],
-            )
-    ex = src.table.append_column("__row", pa.array(range(1, src.table.num_rows + 1), pa.int64()))
-    pt = prod.table.append_column("__has_product", pa.array([True] * prod.table.num_rows))
-    dup_cols = [c for c in pt.column_names if c in ex.column_names and c not in keys]
-    pt = pt.drop_columns(dup_cols)
-    joined = ex.join(pt, keys=keys, join_type="left outer").sort_by("__row")
-    return Source(f"{src.name} + {prod.name}", "parquet", table=joined, warnings=src.warnings + prod.warnings)
-
-
 def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[pa.Table, LoadReport]:
     """Read, map, validate and split one source. See the module docstring for the policy.
     ``append_quarantine`` adds this source's rejects to the quarantine file instead of replacing it."""
     path = Path(source.path)
     if path.is_dir():
         return _load_example_dir(source)
-    src = open_source(path, source.format, source.member)
+    src = open_source(path, source.format, source.member, source.max_input_bytes, source.max_line_bytes)
     if source.products:
         if src.format != "parquet":
             raise DataError(
                 f"{src.name}: products: is for the ESCI two-Parquet layout; the examples file must be Parquet"
             )
-        src = _join_products(src, source.products)
+        src = join_products(src, source.products, source.max_input_bytes)
     mapping = source.resolved_mapping()
     scheme = source.resolved_scheme()
     columns, records = iter_records(src, source.encoding, source.delimiter)
@@ -167,6 +167,7 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
     present_dims = [d for d in DIMENSIONS if f"dim_{d}" in columns]
     average = source.on_conflict == "mean" or (source.on_conflict == "auto" and scheme.name == "graded")
     grades_seen: dict[int, list[float]] = {}  # row index -> grades of every judgment of that pair
+    converted_kinds: dict[str, set[str]] = {}  # column -> kinds of non-text values read as text
     joined = source.products is not None
 
     for line, rec, raw, prob in records:
@@ -201,18 +202,15 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
             col = getattr(mapping, fld)
             if not col or col not in rec:
                 continue
-            val = _text(rec[col])
+            try:
+                val, converted = _text(rec[col], fld in _LIST_FIELDS)
+            except _NotText as e:
+                row_problems.append(bad(col, "bad_value", str(e)))
+                continue
+            if converted:
+                report.converted[col] = report.converted.get(col, 0) + 1
+                converted_kinds.setdefault(col, set()).add(converted)
             if val is not None:
-                pos = _has_surrogate(val)
-                if pos >= 0:
-                    row_problems.append(
-                        bad(
-                            col,
-                            "undecodable",
-                            f"undecodable byte 0x{ord(val[pos]) - 0xDC00:02x} at character {pos + 1}",
-                        )
-                    )
-                    continue
                 if len(val) > source.max_field_chars:
                     row_problems.append(
                         bad(
@@ -222,6 +220,25 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
                         )
                     )
                     continue
+                m = _SURROGATE.search(val)
+                if m:
+                    row_problems.append(
+                        bad(
+                            col,
+                            "undecodable",
+                            f"undecodable byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start() + 1}",
+                        )
+                    )
+                    continue
+                m = CONTROL_CHARS.search(val)
+                if m:
+                    if source.control_chars == "reject":
+                        msg = f"control character U+{ord(m.group()):04X} at character {m.start() + 1}"
+                        row_problems.append(bad(col, "control_chars", msg + " (control_chars: reject)"))
+                        continue
+                    report.control_chars[col] = report.control_chars.get(col, 0) + 1
+                    if source.control_chars == "strip":
+                        val = strip_control_chars(val)
                 val = val.strip()
             if fld in ("query", "title") and not val:
                 row_problems.append(bad(col, "empty_field", f"{fld} is empty"))
@@ -246,13 +263,19 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
             row_problems.append(bad(mapping.label, "bad_label", "no label"))
 
         if mapping.item_id and mapping.item_id in rec:
-            iid = _text(rec[mapping.item_id])
-            iid = iid.strip() if iid else ""
+            try:
+                iid = (_text(rec[mapping.item_id])[0] or "").strip()
+            except _NotText as e:
+                row_problems.append(bad(mapping.item_id, "bad_value", str(e)))
+                iid = ""
             if not iid:
                 row_problems.append(bad(mapping.item_id, "empty_field", "item id is empty"))
             row["item_id"] = iid
         if mapping.source_id and mapping.source_id in rec:
-            row["source_id"] = (_text(rec[mapping.source_id]) or "").strip() or None
+            try:
+                row["source_id"] = (_text(rec[mapping.source_id])[0] or "").strip() or None
+            except _NotText as e:
+                row_problems.append(bad(mapping.source_id, "bad_value", str(e)))
         if mapping.frequency and mapping.frequency in rec and rec[mapping.frequency] not in (None, ""):
             try:
                 row["frequency"] = int(float(rec[mapping.frequency]))
@@ -327,6 +350,16 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
         rows.append(row)
 
     report.warnings.extend(src.warnings)
+    for col, n in report.converted.items():
+        kinds = " and ".join(sorted(converted_kinds[col]))
+        report.warnings.append(f"{src.name}: column {col!r}: {n} {kinds} value(s) where text is expected, read as text")
+    if report.control_chars:
+        counts = ", ".join(f"{c!r}: {n}" for c, n in report.control_chars.items())
+        done = "stripped" if source.control_chars == "strip" else "kept"
+        report.warnings.append(
+            f"{src.name}: control characters (NUL, ESC, C1, bidi overrides ...) in text values ({counts}), "
+            f"{done} (control_chars: {source.control_chars})"
+        )
     for j, grades in grades_seen.items():
         rows[j]["label"], rows[j]["grade"], rows[j]["gain"] = scheme.parse(sum(grades) / len(grades))
     if grades_seen:
@@ -346,8 +379,12 @@ def load_examples(source: DataSource, append_quarantine: bool = False) -> tuple[
     if report.duplicates_merged:
         report.warnings.append(f"{src.name}: {report.duplicates_merged} exact duplicate pair(s) merged (first kept)")
     if not rows:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.rejected.items()))
+        notes = "".join(f"\n  {w}" for w in report.warnings)
         raise DataError(
-            f"{src.name}: no usable rows ({report.rows_read} read, {report.rows_rejected} rejected)", problems
+            f"{src.name}: no usable rows ({report.rows_read} read, {report.rows_rejected} rejected"
+            f"{': ' + kinds if kinds else ''}){notes}",
+            problems,
         )
     table = rows_to_table(rows)
     table = assign_splits(table, keep_existing_split=bool(mapping.split), **asdict(source.split))
@@ -380,6 +417,9 @@ def _load_example_dir(source: DataSource) -> tuple[pa.Table, LoadReport]:
         report.duplicates_merged += r.duplicates_merged
         report.rows_rejected += r.rows_rejected
         report.warnings += r.warnings
+        for what in (report.converted, report.control_chars):
+            for k, v in (r.converted if what is report.converted else r.control_chars).items():
+                what[k] = what.get(k, 0) + v
         for k, v in r.rejected.items():
             report.rejected[k] = report.rejected.get(k, 0) + v
         report.quarantine_path = report.quarantine_path or r.quarantine_path

@@ -17,17 +17,31 @@ to a temporary file and renamed, so a killed run loses at most the rows in fligh
 the same config skips every finished ``example_id``. One row per example::
 
     example_id, split, annotator, label (human level or null), level (kept or voted level name),
-    rationale (kept chain text or null), status (ok | no_parse | disagrees), samples, parsed,
+    rationale (kept chain text or null), status (ok | disagrees), samples, parsed,
     votes (count per level), vote_share, agrees (vote == human label, or null)
 
+Failed pairs: a pair none of whose sampled chains parses (the server answered ``content: null`` or
+blank text, or prose instead of a chain) is re-sampled ``retries`` times with fresh seeds; if it
+still fails it is *not* stored, so the next run with the same config tries it again. The failures
+of a run are listed in ``failed.jsonl`` (example id, reason ``empty`` or ``no_parse``, the parser's
+message and the start of the first answer) and counted in the summary. When more than
+``max_failed_share`` of the pairs of a run failed — or the first :data:`FAIL_FAST_PAIRS` pairs all
+failed, when the run stops at once instead of spending the server's time — :func:`run_annotation`
+raises :class:`AnnotationFailed` (exit status 1) after keeping every good row.
+
 At the end ``summary.json`` (over the whole store, earlier runs included) gives status counts, the
-parse-failure rate of sampled chains, mean vote share, agreement rate and the level distribution.
+parse-failure rate of sampled chains, mean vote share, agreement rate and the level distribution,
+plus this run's attempted and failed counts.
+
+Progress: on a terminal a progress bar; otherwise (output to a log file) one plain log line every
+:data:`PROGRESS_EVERY_S` seconds and one at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -43,6 +57,21 @@ from .prompts import PromptTemplate
 
 log = logging.getLogger(__name__)
 
+#: a run whose first this-many pairs all failed stops at once (the server or prompt is broken)
+FAIL_FAST_PAIRS = 64
+#: seconds between plain progress lines when stderr is not a terminal
+PROGRESS_EVERY_S = 30.0
+FAILED_FILE = "failed.jsonl"
+_ANSWER_SHOWN = 200  # characters of a failed answer kept in failed.jsonl
+
+
+class AnnotationFailed(RuntimeError):
+    """Too many pairs of a run got no chain that parses; ``summary`` is what was written to summary.json."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
 
 class LLMAnnotator:
     """Self-consistency annotation with a generation backend.
@@ -57,6 +86,8 @@ class LLMAnnotator:
             without a label keep the vote's chain).
         seed: sampling seed passed to the backend.
         template: the prompt template (the teacher must later be trained with the same one).
+        retries: times a pair none of whose chains parsed is sampled again (fresh seeds) before it is
+            left for a rerun.
     """
 
     def __init__(
@@ -68,6 +99,7 @@ class LLMAnnotator:
         require_label_agreement: bool = True,
         seed: int | None = 0,
         template: PromptTemplate | None = None,
+        retries: int = 1,
     ):
         if backend is None:
             raise ValueError(
@@ -78,6 +110,9 @@ class LLMAnnotator:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if samples > 1 and sampling_temperature <= 0:
             raise ValueError("several samples per pair need a sampling_temperature > 0 (else they are all the same)")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.retries = retries
         self.backend = backend
         self.samples = samples
         self.sampling_temperature = sampling_temperature
@@ -98,28 +133,54 @@ class LLMAnnotator:
         }
 
     def annotate_batch(self, rows: Sequence[dict[str, Any]], level_names: Sequence[str]) -> list[dict[str, Any]]:
+        """One result per row; a row whose chains all failed to parse is sampled again up to ``retries``
+        times, and comes back with ``status: no_parse`` and its ``failure`` if it never parses."""
+        results = self._sample(rows, level_names, 0)
+        for attempt in range(1, self.retries + 1):
+            again = [i for i, res in enumerate(results) if res["status"] == "no_parse"]
+            if not again:
+                break
+            for i, res in zip(again, self._sample([rows[i] for i in again], level_names, attempt)):
+                results[i] = res
+        return results
+
+    def _sample(self, rows: Sequence[dict[str, Any]], level_names: Sequence[str], attempt: int) -> list[dict]:
         convs = [self.template.messages(r["query"], r["item_text"], level_names, "cot") for r in rows]
         outs = self.backend.generate(
             convs,
             n=self.samples,
             temperature=self.sampling_temperature,
             max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed + attempt * self.samples,  # fresh samples on a retry
         )
         return [self._vote(r, texts, level_names) for r, texts in zip(rows, outs)]
 
     def _vote(self, row: dict[str, Any], texts: Sequence[str], level_names: Sequence[str]) -> dict[str, Any]:
-        chains = []
+        chains, errors = [], []
         for t in texts:
             try:
                 chains.append((parse(t, row["query"], row["item_text"], level_names), t.strip()))
-            except CoTParseError:
-                pass
+            except CoTParseError as e:
+                errors.append(str(e))
         votes = Counter(c.level for c, _ in chains)
         human = level_names[row["label"]] if row["label"] is not None else None
         out = {"samples": len(texts), "parsed": len(chains), "votes": [votes.get(n, 0) for n in level_names]}
         if not chains:
-            return {**out, "status": "no_parse", "level": None, "rationale": None, "vote_share": 0.0, "agrees": None}
+            answers = [" ".join(t.split()) for t in texts if t and t.strip()]
+            failure = {
+                "reason": "no_parse" if answers else "empty",  # empty: content null or blank
+                "error": errors[0] if errors else "no answer",
+                "answer": answers[0][:_ANSWER_SHOWN] if answers else None,
+            }
+            return {
+                **out,
+                "status": "no_parse",
+                "level": None,
+                "rationale": None,
+                "vote_share": 0.0,
+                "agrees": None,
+                "failure": failure,
+            }
         top = max(votes.values())
         tied = [n for n in level_names if votes.get(n, 0) == top]
         winner = human if human in tied else tied[0]
@@ -188,6 +249,75 @@ def summarize_store(path: str | Path, level_names: Sequence[str]) -> dict[str, A
     }
 
 
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one plain log line every :data:`PROGRESS_EVERY_S` seconds."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.done = total, desc, 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and not self.lines:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="pair", file=sys.stderr)
+
+    def update(self, k: int, force: bool = False) -> None:
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+        now = time.monotonic()
+        if self.lines and (force or now - self.last >= PROGRESS_EVERY_S):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info(
+                "%s: %d/%d pairs (%.0f%%), %.2f pairs/s, %.0fs elapsed, about %.0fs left",
+                self.desc,
+                self.done,
+                self.total,
+                100 * self.done / max(self.total, 1),
+                rate,
+                now - self.t0,
+                eta,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.done:
+            self.update(0, force=True)
+
+
+def _write_failed(out: Path, failed: list[dict[str, Any]]) -> Path | None:
+    """This run's failed pairs as JSON lines (replacing an earlier run's list); None when there are none."""
+    path = out / FAILED_FILE
+    if not failed:
+        path.unlink(missing_ok=True)
+        return None
+    tmp = out / f".tmp-{FAILED_FILE}"
+    tmp.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failed), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _failure_message(out: Path, summary: dict[str, Any], max_failed_share: float, stopped_early: bool) -> str:
+    n, tried = summary["failed_this_run"], summary["attempted_this_run"]
+    reasons = summary["failures_this_run"]
+    why = (
+        f"the first {tried} pairs all failed, so the run stopped"
+        if stopped_early
+        else f"more than max_failed_share={max_failed_share:g}"
+    )
+    return (
+        f"{out}: {n} of {tried} pair(s) got no chain that parses ({why}): "
+        f"{reasons.get('empty', 0)} with only empty answers (content null or blank), "
+        f"{reasons.get('no_parse', 0)} with answers that are not a chain (e.g. {summary['first_failure']}). "
+        f"They are not stored; {summary['failed_file']} lists them. Check the server, model and max_new_tokens, "
+        "then run the same command again to retry them (good rows are kept)"
+    )
+
+
 def run_annotation(
     data: Any,
     out: str | Path,
@@ -200,11 +330,16 @@ def run_annotation(
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_failed_share: float = 0.5,
 ) -> dict[str, Any]:
     """Annotate the examples of ``splits`` of ``data`` (a :class:`~datamodules.RelevanceDataModule`)
-    into the store ``out``; returns the summary (also written to ``out/summary.json``)."""
+    into the store ``out``; returns the summary (also written to ``out/summary.json``). Raises
+    :class:`AnnotationFailed` (after storing every good row) when more than ``max_failed_share`` of
+    this run's pairs got no chain that parses."""
     if annotator == "llm" and llm is None:
         raise ValueError("annotator: llm needs an llm section (backend, samples, sampling_temperature, ...)")
+    if not 0 <= max_failed_share <= 1:
+        raise ValueError(f"max_failed_share must be in [0, 1], got {max_failed_share}")
     data.setup("fit")
     level_names = tuple(data.level_names)
     manifest = {
@@ -220,6 +355,8 @@ def run_annotation(
     if limit is not None:
         rows = rows[:limit]
     t0 = time.time()
+    failed: list[dict[str, Any]] = []
+    attempted, stopped_early = 0, False
     with AnnotationStore(out, manifest, fmt=format, rows_per_shard=rows_per_shard, overwrite=overwrite) as store:
         done = store.done_ids()
         todo = [r for r in rows if r["example_id"] not in done]
@@ -242,9 +379,7 @@ def run_annotation(
             for i, eid in enumerate(cols["example_id"]):
                 if eid in wanted:
                     table_rows[eid] = {k: cols[k][i] for k in names}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"annotate ({annotator})", unit="pair", disable=not progress, file=sys.stderr)
+        bar = _Progress(len(todo), f"annotate ({annotator})", progress)
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             results = (
@@ -252,29 +387,50 @@ def run_annotation(
                 if rules is not None
                 else llm.annotate_batch(batch, level_names)
             )
-            store.append(
-                [
-                    {
-                        "example_id": r["example_id"],
-                        "split": r["split"],
-                        "annotator": annotator,
-                        "label": r["label"],
-                        **res,
-                    }
-                    for r, res in zip(batch, results)
-                ]
-            )
+            keep = []
+            for r, res in zip(batch, results):
+                base = {"example_id": r["example_id"], "split": r["split"]}
+                if res["status"] == "no_parse":  # not stored: the next run tries the pair again
+                    failed.append({**base, "samples": res["samples"], **res["failure"]})
+                else:
+                    keep.append({**base, "annotator": annotator, "label": r["label"], **res})
+            store.append(keep)
+            attempted += len(batch)
             bar.update(len(batch))
+            if attempted >= FAIL_FAST_PAIRS and len(failed) == attempted and attempted < len(todo):
+                stopped_early = True
+                break
         bar.close()
     written = store.rows_written  # after close: the last shard is flushed on exit
+    out = Path(out)
+    failed_file = _write_failed(out, failed)
     summary = summarize_store(out, level_names)
+    seconds = time.time() - t0
     summary.update(
         {
+            "attempted_this_run": attempted,
             "written_this_run": written,
-            "seconds_this_run": round(time.time() - t0, 2),
-            "pairs_per_s_this_run": round(written / max(time.time() - t0, 1e-9), 2),
+            "failed_this_run": len(failed),
+            "failures_this_run": dict(Counter(f["reason"] for f in failed)),
+            "failed_file": str(failed_file) if failed_file else None,
+            "seconds_this_run": round(seconds, 2),
+            "pairs_per_s_this_run": round(written / max(seconds, 1e-9), 2),
             "out": str(out),
         }
     )
+    if failed:
+        first = failed[0]
+        summary["first_failure"] = f"{first['example_id']}: {first['error']}" + (
+            f"; answer {first['answer']!r}" if first["answer"] else ""
+        )
+        log.warning("%s: %d of %d pair(s) got no chain that parses; see %s", out, len(failed), attempted, failed_file)
+    if summary["status"].get("no_parse"):
+        log.warning(
+            "%s: %d row(s) stored as no_parse by an earlier version count as done; pass overwrite=True to redo them",
+            out,
+            summary["status"]["no_parse"],
+        )
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
+    if stopped_early or (attempted and len(failed) / attempted > max_failed_share):
+        raise AnnotationFailed(_failure_message(out, summary, max_failed_share, stopped_early), summary)
     return summary

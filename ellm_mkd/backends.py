@@ -19,11 +19,20 @@ batched generation, for machines without a server.
   follow-up and ``n=1`` requests do not replay the first sample when a seed is given;
 * every request goes through one helper, :meth:`OpenAIChatBackend._post`, that owns timeouts and
   retries: connection errors, timeouts, HTTP 429 and 5xx are retried with exponential backoff
-  (``backoff_s * 2**attempt`` plus up to 25 % jitter, or the server's ``Retry-After`` seconds);
-  other 4xx answers are the caller's mistake and fail at once. Every failure is a
-  :class:`BackendError` naming the URL and what to do;
+  (``backoff_s * 2**attempt`` plus up to 25 % jitter, or the server's ``Retry-After``, in seconds
+  or as an HTTP date, capped at ``max_retry_after_s``); other 4xx answers are the caller's mistake
+  and fail at once. Every failure is a :class:`BackendError` naming the URL and what to do;
+* ``timeout_s`` is a *deadline* for each attempt, from sending the request to the answer's last
+  byte, not only the longest wait for one read: the answer is read as a stream and an attempt
+  still unfinished after ``timeout_s`` is cut off, so a server that drips its answer a few bytes at
+  a time cannot hold a worker forever (connect and each read also time out after ``timeout_s``;
+  the response headers are capped at 16 KB by h11). An answer over :data:`MAX_ANSWER_BYTES` is
+  refused. One attempt therefore ends within about ``2 * timeout_s`` (a stream that stalls just
+  before the deadline waits out one read timeout), the whole call within
+  ``(max_retries + 1) * (2 * timeout_s + max_retry_after_s)``;
 * ``message.content: null`` (a server that stopped before writing any text) becomes ``""``: the
-  caller's parser rejects that one sample instead of the whole batch failing here.
+  caller's parser rejects that one sample instead of the whole batch failing here (the annotator
+  counts such answers and leaves their pairs for a rerun).
 
 The API key is read once, from the environment variable named by ``api_key_env``; it is sent as
 ``Authorization: Bearer ...`` and never appears in :meth:`~OpenAIChatBackend.describe`, in
@@ -32,6 +41,7 @@ The API key is read once, from the environment variable named by ``api_key_env``
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import os
@@ -48,6 +58,8 @@ Conversation = list[dict[str, str]]
 _MANAGED_KEYS = ("model", "messages", "n", "temperature", "max_tokens", "seed")
 _BODY_SHOWN = 300  # characters of a server's error body quoted in a BackendError
 _jitter = random.Random()  # jitter only spaces out retries; it never touches sampled outputs
+#: the largest chat-completions answer read (a few chains of a few hundred tokens are a few KB)
+MAX_ANSWER_BYTES = 32 << 20
 
 
 class BackendError(RuntimeError):
@@ -99,15 +111,30 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (the HTTP-date form is ignored: backoff applies instead)."""
+    """``Retry-After`` in seconds: a number of seconds or an HTTP date (``None`` when absent or unreadable,
+    so backoff applies instead)."""
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = max(when.timestamp() - time.time(), 0.0)
+    return seconds if seconds >= 0 and seconds == seconds else None
+
+
+class _DeadlineExceeded(Exception):
+    """An attempt that did not receive its whole answer within ``timeout_s``."""
+
+
+class _AnswerTooLarge(Exception):
+    """An answer body over :data:`MAX_ANSWER_BYTES`."""
 
 
 class OpenAIChatBackend:
@@ -117,6 +144,8 @@ class OpenAIChatBackend:
     ``http://127.0.0.1:8080/v1`` (llama.cpp server). ``max_retries`` counts retries after the first
     attempt. ``extra_body`` adds fields to every request (``top_p``, ``stop``, ...); it may not set
     the fields the backend manages itself (model, messages, n, temperature, max_tokens, seed).
+    ``timeout_s`` is the deadline of one attempt, start to last byte (see the module docstring);
+    ``max_retry_after_s`` caps how long a server's ``Retry-After`` may make the backend wait.
     """
 
     name = "openai-chat"
@@ -132,6 +161,7 @@ class OpenAIChatBackend:
         backoff_s: float = 1.0,
         n_per_request: bool = True,
         extra_body: dict | None = None,
+        max_retry_after_s: float = 60.0,
     ):
         base_url = base_url.strip().rstrip("/")
         if not base_url.startswith(("http://", "https://")):
@@ -146,6 +176,8 @@ class OpenAIChatBackend:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0 or backoff_s < 0:
             raise ValueError(f"max_retries and backoff_s must be >= 0, got {max_retries} and {backoff_s}")
+        if not max_retry_after_s >= 0:
+            raise ValueError(f"max_retry_after_s must be >= 0, got {max_retry_after_s}")
         extra_body = dict(extra_body or {})
         clash = [k for k in _MANAGED_KEYS if k in extra_body]
         if clash:
@@ -160,6 +192,7 @@ class OpenAIChatBackend:
         self.api_key_env = api_key_env
         self.concurrency, self.timeout_s = concurrency, float(timeout_s)
         self.max_retries, self.backoff_s = max_retries, float(backoff_s)
+        self.max_retry_after_s = float(max_retry_after_s)
         self.n_per_request, self.extra_body = n_per_request, extra_body
 
         headers = {"Content-Type": "application/json"}
@@ -287,20 +320,42 @@ class OpenAIChatBackend:
             texts.append(content)
         return texts
 
+    def _send(self, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
+        """One attempt: status, headers and the whole body, read as a stream within the deadline."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._client.stream("POST", self.url, json=body) as response:
+            if time.monotonic() > deadline:
+                raise _DeadlineExceeded
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise _AnswerTooLarge
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _DeadlineExceeded
+            return response.status_code, response.headers, b"".join(chunks)
+
     def _post(self, body: dict[str, Any]) -> Any:
-        """POST one request with timeouts and retries; the parsed JSON answer or :class:`BackendError`."""
+        """POST one request with a deadline and retries; the parsed JSON answer or :class:`BackendError`."""
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             retry_after: float | None = None
             try:
-                response = self._client.post(self.url, json=body)
-            except httpx.TimeoutException as e:
-                problem = f"no answer within timeout_s={self.timeout_s:g}s ({type(e).__name__})"
+                status, headers, content = self._send(body)
+            except (httpx.TimeoutException, _DeadlineExceeded) as e:
+                what = "a read or connect timeout" if isinstance(e, httpx.TimeoutException) else "the answer unfinished"
+                problem = f"no complete answer within timeout_s={self.timeout_s:g}s ({what})"
                 final = BackendError(
                     f"the chat-completions server at {self.url} timed out: {problem}, "
                     f"{attempts} attempt(s). Raise timeout_s, lower concurrency or "
                     "max_new_tokens, or check the server's load"
                 )
+            except _AnswerTooLarge:
+                raise BackendError(
+                    f"the chat-completions server at {self.url} sent an answer over {MAX_ANSWER_BYTES} bytes; "
+                    "lower max_new_tokens or samples, or check that base_url points at a chat-completions API"
+                ) from None
             except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 final = BackendError(
@@ -311,7 +366,7 @@ class OpenAIChatBackend:
             except httpx.HTTPError as e:  # bad URL, unsupported protocol ...: retrying cannot help
                 raise BackendError(f"cannot send a request to {self.url}: {type(e).__name__}: {e}; fix base_url") from e
             else:
-                status = response.status_code
+                response = httpx.Response(status, headers=headers, content=content)
                 if status < 300:
                     try:
                         return response.json()
@@ -339,7 +394,9 @@ class OpenAIChatBackend:
             if attempt == attempts - 1:
                 raise final
             if retry_after is not None:
-                delay = retry_after
+                delay = min(retry_after, self.max_retry_after_s)
+                if retry_after > self.max_retry_after_s:
+                    problem += f" (Retry-After {retry_after:g}s capped at max_retry_after_s={self.max_retry_after_s:g})"
             else:
                 delay = self.backoff_s * 2**attempt
                 delay += _jitter.uniform(0, 0.25 * delay)

@@ -115,11 +115,15 @@ def test_encodings_utf8_bom_and_cp1252_fallback(tmp_path):
     t2, rep2 = load_examples(esci_source(cp))
     assert any("read as cp1252" in w for w in rep2.warnings)
     assert t2.to_pylist()[0]["title"] == rows[0][2]
-    # a byte cp1252 leaves undefined (0x90) is kept, not an error (WHATWG windows-1252)
+    # a byte cp1252 leaves undefined (0x90) decodes to the C1 control U+0090, not an error (WHATWG
+    # windows-1252); the control-character policy then strips it (default) or keeps it, counted either way
     raw = cp.read_bytes().replace("°".encode("cp1252"), b"\x90")
     cp.write_bytes(raw)
     t3, rep3 = load_examples(esci_source(cp))
-    assert t3.to_pylist()[0]["title"].endswith("\x90") and "undefined in cp1252" in rep3.warnings[0]
+    assert t3.to_pylist()[0]["title"].endswith("Chuck") and "undefined in cp1252" in rep3.warnings[0]
+    assert rep3.control_chars == {"title": 1}
+    t4, rep4 = load_examples(esci_source(cp, control_chars="keep"))
+    assert t4.to_pylist()[0]["title"].endswith("\x90") and rep4.control_chars == {"title": 1}
 
 
 def test_esci_two_parquet_layout(tmp_path):

@@ -29,7 +29,16 @@ def _parser():
     p.add_argument("--batch_size", type=int, default=16, help="pairs per backend call")
     p.add_argument("--limit", type=int | None, default=None, help="annotate at most this many examples")
     p.add_argument("--overwrite", type=bool, default=False, help="delete an existing store first")
-    p.add_argument("--progress", type=bool, default=True)
+    p.add_argument(
+        "--progress", type=bool, default=True, help="a progress bar on a terminal, else a log line every 30 s"
+    )
+    p.add_argument(
+        "--max_failed_share",
+        type=float,
+        default=0.5,
+        help="exit with an error when more than this share of the pairs got no chain that parses "
+        "(they are not stored: a rerun retries them)",
+    )
     return p
 
 
@@ -52,6 +61,7 @@ def annotate_main(argv: list[str]) -> int:
         cfg.limit,
         cfg.overwrite,
         cfg.progress,
+        cfg.max_failed_share,
     )
     print(json.dumps(summary, indent=2))
     print(f"annotations written to {cfg.out}/ (summary.json; run the same command again to resume)")

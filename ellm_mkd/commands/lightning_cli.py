@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -100,6 +101,11 @@ class EllmCLI(LightningCLI):
         parser.link_arguments("data.num_levels", "model.init_args.num_levels", apply_on="instantiate")
         parser.link_arguments("data.relevant_level", "model.init_args.relevant_level", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        plain_progress_when_not_a_terminal(trainer)
+        return trainer
+
     def _say_where(self, what: list[tuple[str, str | None]]) -> None:
         if self.trainer.is_global_zero:
             for name, path in what:
@@ -136,6 +142,21 @@ class EllmCLI(LightningCLI):
                 trainer.get("precision"), accelerator if isinstance(accelerator, str) else None
             )
             checkpoints_under_root_dir(trainer)
+
+
+def plain_progress_when_not_a_terminal(trainer: Any) -> None:
+    """A progress bar cannot draw into a log file: when stderr is not a terminal, Lightning's default bar
+    (TQDM or Rich) is replaced by :class:`callbacks.progress.LogProgress`, one plain line every 30 s."""
+    from lightning.pytorch.callbacks.progress import RichProgressBar, TQDMProgressBar
+
+    from callbacks.progress import LogProgress
+
+    if sys.stderr.isatty():
+        return
+    for i, cb in enumerate(trainer.callbacks):
+        if type(cb) in (TQDMProgressBar, RichProgressBar):
+            trainer.callbacks[i] = LogProgress()
+            return
 
 
 def checkpoints_under_root_dir(trainer: Any) -> None:

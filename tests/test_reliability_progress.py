@@ -1,0 +1,116 @@
+"""Progress when output goes to a log file (issue 21, item 11): plain lines from a real Lightning run, and
+the CLI's choice of them over the progress bar when stderr is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks.progress import RichProgressBar, TQDMProgressBar
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.progress import LogProgress
+from ellm_mkd.commands.lightning_cli import plain_progress_when_not_a_terminal
+
+
+class Tiny(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def _loss(self, batch):
+        (x,) = batch
+        return self.layer(x).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def predict_step(self, batch, batch_idx):
+        return self.layer(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(n: int) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 4)), batch_size=4)
+
+
+def test_fit_validate_test_predict_log_plain_lines(tmp_path, caplog):
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[LogProgress(every_s=0)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
+    model = Tiny()
+    with caplog.at_level(logging.INFO, logger="callbacks.progress"):
+        trainer.fit(model, loader(16), loader(8))
+        trainer.test(model, loader(12), verbose=False)
+        trainer.predict(model, loader(8))
+    lines = [r.getMessage() for r in caplog.records if r.name == "callbacks.progress"]
+    assert lines[0].startswith("fit epoch 1/2: batch 1/4 (25%), ")
+    assert re.search(r"(batches/s|s/batch|fast), 0s elapsed", lines[0]) and re.search(r"loss=[-0-9.e]+", lines[0])
+    assert any(x.startswith("fit epoch 1/2 done: batch 4/4 (100%)") for x in lines)
+    assert any(x.startswith("validate epoch 1/2 done: batch 2/2 (100%)") and "val_loss=" in x for x in lines)
+    assert any(x.startswith("fit epoch 2/2: batch 4/4") for x in lines)
+    assert [x.split(",")[0] for x in lines if x.startswith("test")] == [
+        "test: batch 1/3 (33%)",
+        "test: batch 2/3 (67%)",
+        "test: batch 3/3 (100%)",
+        "test done: batch 3/3 (100%)",
+    ]
+    assert lines[-1].startswith("predict done: batch 2/2 (100%)")
+
+
+def test_lines_are_spaced_by_time_or_batches(tmp_path, caplog):
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[LogProgress(every_s=3600, every_n_batches=5)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    with caplog.at_level(logging.INFO, logger="callbacks.progress"):
+        trainer.predict(Tiny(), loader(48))
+    lines = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "callbacks.progress"]
+    assert lines == ["predict: batch 5/12 (42%)", "predict: batch 10/12 (83%)", "predict done: batch 12/12 (100%)"]
+    with pytest.raises(ValueError, match="every_s"):
+        LogProgress(every_s=-1)
+
+
+def test_the_cli_replaces_the_bar_only_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    def trainer() -> Trainer:
+        return Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file
+    t = trainer()
+    plain_progress_when_not_a_terminal(t)
+    assert isinstance(t.progress_bar_callback, LogProgress)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    t = trainer()
+    plain_progress_when_not_a_terminal(t)
+    assert type(t.progress_bar_callback) in (TQDMProgressBar, RichProgressBar)
