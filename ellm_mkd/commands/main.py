@@ -20,12 +20,15 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
-    "bench": "bench students | bench teacher | bench cache | bench mkd: measure models (quality, throughput); "
+    "bench": "bench students | teacher | cache | mkd | serve: measure models (quality, throughput); "
     "writes docs/results and docs/benchmarks.md",
     "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
     "cache": "cache inspect PATH: a teacher cache's manifest, level distribution, entropy and sample chains",
     "data": "data check PATH: validate a dataset and print its counts; "
     "data synth --out DIR: generate the embedded catalog",
+    "export": "export CKPT --out DIR: a student as ONNX (+ int8), tokenizer, model.json, sentence-transformers folder",
+    "score": "score DATA --model DIR|CKPT --out FILE: pairs -> Parquet/CSV/JSONL of grades, levels, verdicts",
+    "serve": "serve --model DIR|CKPT: a JSON HTTP scoring service (LitServe) with dynamic batching",
 }
 
 
@@ -49,6 +52,9 @@ ENTRY_POINTS = {
     "cache": ("cache", "cache_main"),
     "bench": ("bench", "bench_main"),
     "demo": ("demo", "demo_main"),
+    "export": ("export", "export_main"),
+    "score": ("score", "score_main"),
+    "serve": ("serve", "serve_main"),
 }
 
 
@@ -62,12 +68,21 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING_COMMANDS:
+        from callbacks.score_writer import AUTO_ENV
+
         from .lightning_cli import cli_main
 
+        before = os.environ.get(AUTO_ENV)
+        if cmd == "predict":  # a student's predict writes a scores file (callbacks.score_writer)
+            os.environ[AUTO_ENV] = "1"
         try:
             cli_main([cmd, *rest])
         finally:
             close_process_group()
+            if before is None:
+                os.environ.pop(AUTO_ENV, None)
+            else:
+                os.environ[AUTO_ENV] = before
         return 0
     if cmd in ENTRY_POINTS:
         module, func = ENTRY_POINTS[cmd]

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "teacher": ("teacher", "bench_teacher_main"),
     "cache": ("cache", "bench_cache_main"),
     "mkd": ("mkd", "bench_mkd_main"),
+    "serve": ("serve", "bench_serve_main"),
 }
 
 
