@@ -61,6 +61,7 @@ from ellm_mkd.schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
 
 from .augment import Augmentation, file_pairs, sample_pairs
 from .inputs import InputLayout, TextInputs
+from .sampling import LengthGroupedSampler
 from .splits import limit_by_query, select_split
 from .teacher_batch import add_teacher_fields
 from .teacher_signal import TeacherSource
@@ -168,6 +169,8 @@ class RelevanceDataModule(L.LightningDataModule):
         predict_split: the split ``predict`` runs over (``all``: train, val and test, e.g. for a teacher cache).
         sort_eval_by_length: serve val/test/predict rows ordered by text length (less padding,
             faster evaluation; predictions carry their ``example_id``).
+        group_by_length: training batches of rows of similar text length, in random order
+            (:class:`~datamodules.sampling.LengthGroupedSampler`): less padding for an LLM teacher.
         relevant_level: first level that counts as relevant for AUC (default: the top level).
             Home Depot with cut points (2.0, 2.5): level 2, i.e. mean grade >= 2.5.
         annotations: directory written by ``ellm-mkd annotate``; adds ``rationale`` to the batches.
@@ -194,6 +197,7 @@ class RelevanceDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test", "all"] = "test",
         relevant_level: int | None = None,
         sort_eval_by_length: bool = True,
+        group_by_length: bool = False,
         annotations: str | None = None,
         missing_annotations: Literal["error", "skip", "keep"] = "error",
         teacher: TeacherSource | None = None,
@@ -224,6 +228,7 @@ class RelevanceDataModule(L.LightningDataModule):
         self.layout: InputLayout = TextInputs()  # until a model connects its own
         self.predict_split = predict_split
         self.sort_eval_by_length = sort_eval_by_length
+        self.group_by_length = group_by_length
         self.annotations = annotations
         self.missing_annotations = missing_annotations
         self.teacher = teacher
@@ -427,10 +432,15 @@ class RelevanceDataModule(L.LightningDataModule):
         if len(ds) == 0 and not excluded:
             raise ValueError(f"{self.source.path}: the {split} split is empty; check split fractions")
         bs = self.batch_size if train else (self.eval_batch_size or 2 * self.batch_size)
+        sampler = None
+        if train and self.group_by_length:
+            lengths = [len(r["query"]) + len(r["item_text"]) + len(r.get("rationale") or "") for r in ds.rows]
+            sampler = LengthGroupedSampler(lengths, bs, seed=torch.initial_seed() % 2**31)
         return DataLoader(
             ds,
             batch_size=bs,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0,

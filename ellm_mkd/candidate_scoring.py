@@ -203,6 +203,35 @@ def _as_mask(visible: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def _tree_inputs(trees: Sequence[_TokenTree], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``input_ids``, ``position_ids`` and the ``[B, T, T]`` visibility of a batch of trees (right-padded)."""
+    width = max(len(t) for t in trees)
+    ids = torch.full((len(trees), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(trees), width), dtype=torch.long)
+    visible = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)  # padding sees itself only
+    for i, t in enumerate(trees):
+        n = len(t)
+        ids[i, :n] = torch.tensor(t.tokens)
+        pos[i, :n] = torch.tensor(t.position_ids)
+        visible[i, :n, :n] = t.visible()
+    return ids, pos, visible
+
+
+def _tree_hidden(model: Any, trees: Sequence[_TokenTree], pad_id: int) -> Tensor:
+    """Last hidden states ``[B, T, H]`` of a batch of trees, one forward pass (differentiable)."""
+    backbone, _ = lm_parts(model)
+    impl = _attention_kind(backbone)
+    device = next(model.parameters()).device
+    dtype = next(backbone.parameters()).dtype
+    ids, pos, visible = _tree_inputs(trees, pad_id)
+    return backbone(
+        input_ids=ids.to(device),
+        position_ids=pos.to(device),
+        use_cache=False,
+        attention_mask=_as_mask(visible[:, None].to(device), impl, dtype),
+    ).last_hidden_state
+
+
 @torch.no_grad()
 def score_points(
     model: Any, sequences: Sequence[Sequence[int]], points: Sequence[ReadoutPoint], pad_id: int, rows_per_pass: int = 16
@@ -213,9 +242,7 @@ def score_points(
     own ``prefix_ids``). One forward pass per ``rows_per_pass`` texts scores every point and every
     candidate (see the module docstring).
     """
-    backbone, head = lm_parts(model)
-    impl = _attention_kind(backbone)
-    device = next(model.parameters()).device
+    _, head = lm_parts(model)
     used = sorted({p.seq for p in points})
     trees = [_TokenTree(sequences[s]) for s in used]
     tree_of = {s: i for i, s in enumerate(used)}
@@ -226,29 +253,77 @@ def score_points(
             wanted.setdefault(t, set()).update(positions)
     logp_at: dict[tuple[int, int], Tensor] = {}
     order = sorted(wanted, key=lambda t: len(trees[t]))
-    dtype = next(backbone.parameters()).dtype
     for start in range(0, len(order), rows_per_pass):
         chunk = order[start : start + rows_per_pass]
-        width = max(len(trees[t]) for t in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        pos = torch.zeros((len(chunk), width), dtype=torch.long)
-        visible = torch.eye(width, dtype=torch.bool).repeat(len(chunk), 1, 1)  # padding sees itself only
-        for i, t in enumerate(chunk):
-            n = len(trees[t])
-            ids[i, :n] = torch.tensor(trees[t].tokens)
-            pos[i, :n] = torch.tensor(trees[t].position_ids)
-            visible[i, :n, :n] = trees[t].visible()
-        hidden = backbone(
-            input_ids=ids.to(device),
-            position_ids=pos.to(device),
-            use_cache=False,
-            attention_mask=_as_mask(visible[:, None].to(device), impl, dtype),
-        ).last_hidden_state
+        hidden = _tree_hidden(model, [trees[t] for t in chunk], pad_id)
         keys = [(row, t, p) for row, t in enumerate(chunk) for p in sorted(wanted[t])]
         logp = _head_logits(model, head, hidden[[k[0] for k in keys], [k[2] for k in keys]]).log_softmax(-1)
         for i, (_, t, p) in enumerate(keys):
             logp_at[(t, p)] = logp[i]
     return _renormalise(plan, lambda t, p, tok: logp_at[(t, p)][tok])
+
+
+def teacher_forced_scores(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    points: Sequence[ReadoutPoint],
+    pad_id: int,
+    token_positions: Sequence[Sequence[int]] = (),
+    skip_read: bool = True,
+) -> tuple[list[Tensor], Tensor]:
+    """The training counterpart of :func:`score_points`, differentiable and in one forward pass.
+
+    Returns ``(point_logp, token_logp)``: ``point_logp`` holds, per point, its log-probabilities
+    renormalised over its candidates (1-D, on the model's device); ``token_logp`` ``[N]`` the
+    log-probability of the text's own next token at every position in ``token_positions[s]``
+    (positions of sequence ``s``, each before its last token), in that order, leaving out
+    (``skip_read``) the text positions some point reads: where the text writes a level or verdict
+    itself, the candidate terms own it. One pass computes both.
+    """
+    _, head = lm_parts(model)
+    trees = [_TokenTree(s) for s in sequences]
+    plan = _plan(trees, list(range(len(trees))), sequences, points)
+    keys: dict[tuple[int, int], int] = {}
+    for cands in plan:
+        for t, positions, _ in cands:
+            for p in positions:
+                keys.setdefault((t, p), len(keys))
+    read = set(keys) if skip_read else set()
+    token_positions = [[p for p in positions if (s, p) not in read] for s, positions in enumerate(token_positions)]
+    for s, positions in enumerate(token_positions):
+        for p in positions:
+            if not 0 <= p < len(sequences[s]) - 1:
+                raise ValueError(f"token position {p} of sequence {s} has no next token in the text")
+            keys.setdefault((s, p), len(keys))
+    hidden = _tree_hidden(model, trees, pad_id)
+    device = hidden.device
+    if not keys:
+        return [], hidden.sum() * 0.0 + hidden.new_zeros((0,)).float()
+    offsets = [0]
+    for cands in plan:
+        offsets.append(offsets[-1] + len(cands))
+    where = list(keys)
+    logp = _head_logits(model, head, hidden[[t for t, _ in where], [p for _, p in where]]).log_softmax(-1)
+    rows, cols, owner = [], [], []
+    for i, cands in enumerate(plan):
+        for j, (t, positions, toks) in enumerate(cands):
+            for p, tok in zip(positions, toks):
+                rows.append(keys[(t, p)])
+                cols.append(tok)
+                owner.append(offsets[i] + j)
+    picked = logp[
+        torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)
+    ]
+    seq_logp = torch.zeros(offsets[-1], device=device).index_add(
+        0, torch.tensor(owner, dtype=torch.long, device=device), picked
+    )
+    point_logp = [v.log_softmax(-1) for v in seq_logp.split([len(c) for c in plan])]
+    t_rows = [keys[(s, p)] for s, positions in enumerate(token_positions) for p in positions]
+    t_cols = [sequences[s][p + 1] for s, positions in enumerate(token_positions) for p in positions]
+    token_logp = logp[
+        torch.tensor(t_rows, dtype=torch.long, device=device), torch.tensor(t_cols, dtype=torch.long, device=device)
+    ]
+    return point_logp, token_logp
 
 
 def _hidden_states(backbone: Any, seqs: list[list[int]], pad_id: int, device: torch.device) -> Tensor:

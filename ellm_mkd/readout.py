@@ -175,7 +175,7 @@ class TeacherReadout:
                 continue
             chains.append(chain)
             errors.append(None)
-            for k, cut_text, cset in self._cuts(body):
+            for k, cut_text, cset in self.chain_cuts(body):
                 cut_ids = prompt_ids + self._ids(lead + cut_text)
                 pts.append(ReadoutPoint(i, len(cut_ids), cset, prefix_ids=cut_ids))
                 owners.append((i, "level" if k < 0 else "dim", k))
@@ -218,7 +218,7 @@ class TeacherReadout:
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         return states[torch.arange(len(seqs), device=device), last].float().cpu()
 
-    def _cuts(self, body: str) -> list[tuple[int, str, CandidateSet]]:
+    def chain_cuts(self, body: str) -> list[tuple[int, str, CandidateSet]]:
         """``(dimension index or -1 for the level, text up to the readout point, candidates)``."""
         out = []
         offset = 0

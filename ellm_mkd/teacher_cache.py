@@ -22,7 +22,8 @@ column              type                        meaning
 ``verdict_probs``   list<float32> [D*V] or null verdict distribution per CoT dimension (row-major
                                                 ``[dimension][verdict]``); null in ``direct``
                                                 readout and for chains that did not parse
-``rationale``       string                      the generated chain ("" in ``direct`` readout)
+``rationale``       string                      the generated chain ("" in ``direct`` readout, and where
+                                                the chain did not parse)
 ``parse_error``     string or null              why the chain did not parse (null: it did)
 ``evidence``        list<struct>                ``{dimension, side, start, end}``: character
                                                 offsets of the chain's evidence in ``query``
@@ -147,7 +148,8 @@ def signals_from_prediction(prediction: dict[str, Any]) -> list[TeacherSignal]:
             item_text=prediction["item_text"][i],
             level_probs=probs[i],
             verdict_probs=verdicts[i] if prediction["has_verdicts"][i] else None,
-            rationale=prediction["rationale"][i] or "",
+            # a chain that did not parse is no rationale: its error (which names the line) is kept instead
+            rationale=(prediction["rationale"][i] or "") if prediction["parse_error"][i] is None else "",
             parse_error=prediction["parse_error"][i],
             evidence=list(prediction["evidence"][i]),
             hidden=hidden[i],

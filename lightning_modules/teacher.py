@@ -2,15 +2,15 @@
 
 Training (``ellm-mkd fit --config configs/teacher/smollm2_135m_lora.yaml``): for each annotated
 example (``data.annotations``, written by ``ellm-mkd annotate``) the teacher reads the prompt of
-:class:`~ellm_mkd.prompts.PromptTemplate` and learns the response; the loss counts the response
-tokens only (prompt and padding are masked). ``train_modes`` says which responses it learns:
+:class:`~ellm_mkd.prompts.PromptTemplate` and learns the response. ``train_modes`` says which:
 
 ``cot``     the whole chain (dimension lines, then ``level: <name>``);
 ``direct``  the answer-first response ``level: <name>`` to the direct prompt, so the cheap
             one-pass readout is trained too.
 
-Only the output-layer rows of response positions are computed (``lm_head`` over a 49k vocabulary at
-every prompt position would dominate time and memory). LoRA (peft) adapts the attention and MLP
+The loss is :mod:`lightning_modules.teacher_objective`: the level and the verdicts are read as the
+readout reads them and carry their own weighted terms (``w_level``, ``w_grade``, ``w_verdicts``), the
+rest of the response a small next-token term (``w_tokens``). LoRA (peft) adapts the attention and MLP
 projections named in ``lora_target_modules``; ``use_lora: false`` trains every weight.
 
 Evaluation (``validate`` / ``test``) reads the relevance distribution with
@@ -20,10 +20,12 @@ rate and the dimension verdict accuracy on data that knows the true verdicts.
 ``predict`` returns, per example, the level and verdict distributions and the rationale (what the
 teacher cache stores).
 
-Checkpoints hold the trainable weights only (the LoRA adapter, a few MB), plus the base model's
-name; loading one rebuilds the base model from ``model`` and restores the adapter. At the end of
-``fit`` the adapter and a merged model directory (base + adapter, loadable by any transformers
-code as a plain causal LM) are written under ``export_dir``.
+Checkpoints hold the trainable weights only (the LoRA adapter, a few MB; every weight with
+``use_lora: false``), plus the base model's name; loading one rebuilds the base model from ``model``
+and restores the adapter. At the end of ``fit`` the model takes the weights of the best checkpoint
+(where a ``ModelCheckpoint`` monitors a validation metric, e.g. ``val/auc``), and the adapter and a
+merged model directory (base + adapter, loadable by any transformers code as a plain causal LM; the
+one to give as ``model`` after full fine-tuning) are written under ``export_dir``.
 """
 
 from __future__ import annotations
@@ -36,16 +38,16 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
 from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
 from ellm_mkd.prompts import PromptTemplate
-from ellm_mkd.readout import TeacherReadout, ensure_pad_token, lm_parts
+from ellm_mkd.readout import TeacherReadout, ensure_pad_token
 
 from .evaluation import STAGES, RelevanceEvaluation
+from .teacher_objective import build_responses, combine, objective_terms
 
 log = logging.getLogger(__name__)
 Mode = Literal["cot", "direct"]
@@ -70,6 +72,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         max_seq_length: token budget of prompt + response; longer pairs lose the end of the response
             (counted in ``train/truncated``).
         train_modes: responses learned per example (``cot``, ``direct``).
+        w_level, w_grade, w_verdicts, w_tokens: weights of the objective's terms
+            (:mod:`lightning_modules.teacher_objective`): level cross-entropy at each readout point, squared
+            error of the expected grade, verdict cross-entropy at each chain line, next-token loss of the
+            rest of the response.
         val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``):
             ``direct`` (answer-first, one pass), ``cot`` (write the chain, then read), or ``forced``
             (read the verdicts and level after the *annotated* chain, ``data.annotations``, instead of
@@ -107,6 +113,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         max_seq_length: int = 512,
         train_modes: list[Mode] = ("cot", "direct"),
+        w_level: float = 1.0,
+        w_grade: float = 0.0,
+        w_verdicts: float = 1.0,
+        w_tokens: float = 0.1,
         val_mode: ReadMode = "direct",
         test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
@@ -193,80 +203,35 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             )
         return self._readout
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        hp = self.hparams
+        return {"level": hp.w_level, "grade": hp.w_grade, "verdicts": hp.w_verdicts, "tokens": hp.w_tokens}
 
-    def build_training_batch(
-        self, batch: dict[str, Any], modes: list[Mode] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """``input_ids``, ``attention_mask``, ``labels`` (-100 outside responses) and the number of
-        truncated sequences, for every example x every mode (default: ``train_modes``)."""
-        eos = self.readout.stop_ids[:1] or [self.tokenizer.eos_token_id]
-        seqs: list[tuple[list[int], int]] = []
-        for q, d, lab, rationale, eid in zip(
-            batch["query"],
-            batch["item_text"],
-            batch["labels"].tolist(),
-            batch.get("rationale") or [None] * len(batch["query"]),
-            batch["example_id"],
-        ):
-            for mode in modes or self.hparams.train_modes:
-                if mode == "cot":
-                    if not rationale:
-                        raise ValueError(f"example {eid} has no annotated chain of thought to learn")
-                    response = rationale.strip()
-                else:
-                    if lab < 0:
-                        continue
-                    response = f"{self.template.answer_prefix} {self.level_names[lab]}"
-                prompt = self.template.prompt(self.tokenizer, q, d, self.level_names, mode)
-                p_ids = self._ids(prompt)
-                seqs.append((p_ids + self._ids(response) + eos, len(p_ids)))
-        if not seqs:
-            empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-            return empty, empty, empty, 0
-        limit = self.hparams.max_seq_length
-        truncated = sum(len(s) > limit for s, _ in seqs)
-        width = min(max(len(s) for s, _ in seqs), limit)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, (s, n_prompt) in enumerate(seqs):
-            s = s[:limit]
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            labels[i, n_prompt : len(s)] = ids[i, n_prompt : len(s)]
-        dev = self.device
-        return ids.to(dev), mask.to(dev), labels.to(dev), truncated
-
-    def response_loss(self, ids: Tensor, mask: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy of the response tokens (next-token prediction, prompt masked); ``mean`` or ``sum``."""
-        backbone, head = lm_parts(self.model)
-        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
-        sel = target != -100
-        if not sel.any():
-            return hidden.sum() * 0.0
-        logits = head(hidden[:, :-1][sel]).float()
-        return F.cross_entropy(logits, target[sel], reduction=reduction)
+    def objective(self, batch: dict[str, Any], modes: list[Mode] | None = None) -> tuple[Tensor, dict[str, float], int]:
+        """The weighted training loss of ``batch`` (:mod:`lightning_modules.teacher_objective`) over ``modes``
+        (default ``train_modes``), each term's mean, and the number of truncated responses. One forward
+        pass per mode: a direct prompt is much shorter than a chain, so padding both kinds together would
+        waste compute."""
+        parts, truncated = [], 0
+        for mode in modes or self.hparams.train_modes:
+            responses = build_responses(self.readout, batch, mode, self.hparams.max_seq_length, self.level_names)
+            truncated += responses.truncated
+            if len(responses):
+                parts.append(objective_terms(self.model, responses, self.tokenizer.pad_token_id, self.level_grades))
+        if not parts:
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return zero, {}, truncated
+        loss, means = combine(parts, self.loss_weights)
+        return loss, means, truncated
 
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        # one forward per mode: a direct prompt is ~50 tokens shorter than a chain, so padding the
-        # two kinds together would waste a quarter of the step; the loss is still the mean over all
-        # response tokens of the batch
-        total, tokens, truncated = None, 0, 0
-        for mode in self.hparams.train_modes:
-            ids, mask, labels, trunc = self.build_training_batch(batch, [mode])
-            if not ids.numel():
-                continue
-            part = self.response_loss(ids, mask, labels, reduction="sum")
-            total = part if total is None else total + part
-            tokens += int((labels[:, 1:] != -100).sum())
-            truncated += trunc
-        loss = total / max(tokens, 1)
+        loss, means, truncated = self.objective(batch)
         bs = len(batch["example_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for term, value in means.items():
+            self.log(f"train/{term}", value, batch_size=bs)
         self.log("train/truncated", float(truncated), batch_size=bs, reduce_fx="sum")
         return loss
 
@@ -292,14 +257,11 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         mode = self.hparams.val_mode if stage == "val" else self.hparams.test_mode
-        if batch.get("rationale") is not None and all(batch["rationale"]) and "cot" in self.hparams.train_modes:
-            ids, mask, labels, _ = self.build_training_batch(batch)
-            self.log(
-                f"{stage}/loss",
-                self.response_loss(ids, mask, labels),
-                batch_size=len(batch["example_id"]),
-                sync_dist=True,
-            )
+        has_chains = batch.get("rationale") is not None and all(batch["rationale"])
+        modes = [m for m in self.hparams.train_modes if m == "direct" or has_chains]
+        if modes and stage == "val":
+            loss, _, _ = self.objective(batch, modes)
+            self.log("val/loss", loss, batch_size=len(batch["example_id"]), sync_dist=True)
         r = self.read(batch, mode)
         dev = self.device
         probs = r.level_probs.to(dev)
@@ -431,7 +393,21 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         (out / "teacher.json").write_text(json.dumps(info, indent=2))
         return out
 
+    def restore_best(self) -> str | None:
+        """Load the best checkpoint's weights (the fit's ``ModelCheckpoint`` with a ``monitor``) into this
+        model; returns its path, or None where there is none (no monitor, or nothing validated)."""
+        cb = self.trainer.checkpoint_callback if self._trainer is not None else None
+        best = getattr(cb, "best_model_path", "") if cb is not None and getattr(cb, "monitor", None) else ""
+        if not best or not Path(best).is_file():
+            return None
+        state = torch.load(best, map_location=self.device, weights_only=False)["state_dict"]
+        self.load_state_dict(state, strict=not self.hparams.use_lora)
+        score = getattr(cb, "best_model_score", None)
+        log.info("teacher: best validated weights restored (%s %s) from %s", cb.monitor, score, best)
+        return best
+
     def on_fit_end(self) -> None:
+        self.restore_best()
         if self.trainer.global_rank != 0:
             return
         out = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "teacher")

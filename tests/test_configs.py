@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("mkd", "trainer"))
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("mkd", "trainer", "overlays"))
+#: teacher overlays (configs/teacher/overlays): composed after a teacher config
+TEACHER_OVERLAYS = sorted((ROOT / "teacher" / "overlays").glob("*.yaml"))
 #: trainer overlays (configs/trainer): the hardware, composed after any stage config
 TRAINER_OVERLAYS = sorted((ROOT / "trainer").glob("*.yaml"))
 STAGE_CONFIGS = [
@@ -99,3 +101,17 @@ def test_trainer_overlay_composes_with_stage_configs(overlay: Path, stage: Path,
 
 def test_there_are_trainer_overlays():
     assert {p.stem for p in TRAINER_OVERLAYS} >= {"cpu", "gpu", "ddp", "multinode"}
+
+
+@pytest.mark.parametrize("overlay", TEACHER_OVERLAYS, ids=lambda p: p.stem)
+def test_teacher_overlay_composes_with_the_teacher_config(overlay: Path):
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    base = ROOT / "teacher" / "smollm2_135m_lora.yaml"
+    cli = cli_main(["--config", str(base), "--config", str(overlay)], run=False)
+    own = yaml.safe_load(overlay.read_text())["model"]["init_args"]
+    for key, value in own.items():
+        assert cli.model.hparams[key] == value, key
+    if own.get("use_lora") is False:  # full fine-tuning: every weight trains, no adapter
+        assert all(p.requires_grad for p in cli.model.parameters())
+        assert not any("lora_" in n for n, _ in cli.model.named_parameters())

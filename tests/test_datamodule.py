@@ -133,3 +133,33 @@ def test_connect_takes_an_input_layout_and_nothing_else(synth_dir, minilm_tokeni
     dm = make_dm(synth_dir)
     with pytest.raises(TypeError, match="needs an InputLayout, got BertTokenizer"):
         dm.connect(layout=minilm_tokenizer)
+
+
+def test_length_grouped_sampler_groups_lengths_and_reshuffles():
+    from datamodules.sampling import LengthGroupedSampler
+
+    lengths = [(i * 37) % 101 for i in range(400)]
+    s = LengthGroupedSampler(lengths, batch_size=8, window_batches=10, seed=3)
+    first, second = list(s), list(s)
+    assert sorted(first) == list(range(400)) and sorted(second) == list(range(400))  # every row once per epoch
+    assert first != second  # a new order each epoch
+
+    def spread(order):  # mean length range inside a batch of 8
+        batches = [order[j : j + 8] for j in range(0, len(order), 8)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()
+    assert spread(first) < spread(shuffled) / 4
+    s.set_epoch(0)
+    assert list(s) == list(LengthGroupedSampler(lengths, batch_size=8, window_batches=10, seed=3))  # seeded
+
+
+def test_group_by_length_drives_the_training_loader(synth_dir):
+    from datamodules.sampling import LengthGroupedSampler
+
+    dm = RelevanceDataModule(source={"path": str(synth_dir)}, batch_size=4, group_by_length=True)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, LengthGroupedSampler)
+    ids = [e for b in loader for e in b["example_id"]]
+    assert sorted(ids) == sorted(r["example_id"] for r in dm.datasets["train"].rows)

@@ -154,6 +154,41 @@ def test_readme_lists_the_commands_a_user_meets():
         assert any(needle in c for c in cmds), needle
 
 
+def _serve_once(args: list[str], cwd: Path) -> None:
+    import time
+    import urllib.request
+
+    port = args[args.index("--port") + 1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ellm_mkd", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, f"serve exited: {proc.stderr.read()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "serve did not become healthy in 180 s"
+            time.sleep(0.5)
+        body = json.dumps({"query": "cordless drill", "items": [{"item_id": "A1", "title": "20V Drill"}]}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict", data=body, method="POST", headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.loads(r.read())
+        assert out["results"][0]["item_id"] == "A1" and "expected_grade" in out["results"][0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_every_readme_command_runs_as_written_after_the_demo(after_demo):
@@ -169,6 +204,10 @@ def test_every_readme_command_runs_as_written_after_the_demo(after_demo):
         for pattern, extra, _why in SIZED:
             if pattern in cmd:
                 args += extra
+        if args[0] == "serve":  # a service: start it, score one request over HTTP, stop it
+            _serve_once(args, cwd)
+            ran.append("serve")
+            continue
         r = subprocess.run(
             [sys.executable, "-m", "ellm_mkd", *args], capture_output=True, text=True, cwd=cwd, timeout=900
         )

@@ -238,33 +238,80 @@ def _batch():
     }
 
 
-def test_training_batch_masks_everything_but_the_responses(tiny_llama):
+def test_responses_put_points_where_the_readout_reads(tiny_llama):
+    from lightning_modules.teacher_objective import build_responses
+
     m = _teacher(tiny_llama)
-    ids, mask, labels, truncated = m.build_training_batch(_batch())
-    assert ids.shape[0] == 4 and truncated == 0  # two examples x (cot, direct)
     tok = m.tokenizer
-    texts = [tok.decode(ids[i][labels[i] != -100]) for i in range(4)]
-    assert texts[0] == CHAIN + tok.eos_token
-    assert texts[1] == "level: partially relevant" + tok.eos_token
-    assert texts[3] == "level: irrelevant" + tok.eos_token
-    assert bool((labels[mask == 0] == -100).all())
-    short = _teacher(tiny_llama, max_seq_length=64).build_training_batch(_batch())
-    assert short[0].shape[1] == 64 and short[3] == 4
+    direct = build_responses(m.readout, _batch(), "direct", 512, LEVELS)
+    assert len(direct) == 2 and direct.kinds == ["level", "level"] and direct.targets == [1, 0]
+    assert tok.decode(direct.sequences[0][direct.prompt_lengths[0] :]) == "level: partially relevant" + tok.eos_token
+    # the point reads after "level:", where the readout's direct question reads
+    assert direct.points[0].prefix_ids == m.readout._ids(m.readout.prompts([QUERY], [ITEM], "direct")[0] + "level:")
+    cot = build_responses(m.readout, _batch(), "cot", 512, LEVELS)
+    assert cot.kinds == ["verdict"] * 5 + ["level"] + ["verdict"] * 5 + ["level"]
+    # match, absent, absent, match, partial, then the level; the second chain says irrelevant
+    assert cot.targets[:6] == [VERDICTS.index(v) for v in ("match", "absent", "absent", "match", "partial")] + [1]
+    assert cot.targets[11] == 0
+    assert tok.decode(cot.sequences[0][cot.prompt_lengths[0] :]) == CHAIN + tok.eos_token
+    short = build_responses(m.readout, _batch(), "cot", cot.prompt_lengths[0] + 12, LEVELS)
+    assert short.truncated == 2 and "level" not in short.kinds  # the answers were cut off, their points dropped
+    unlabelled = {**_batch(), "labels": torch.tensor([-1, 0])}
+    assert len(build_responses(m.readout, unlabelled, "direct", 512, LEVELS)) == 1
+
+
+def test_objective_terms_equal_hand_computed_ones(tiny_llama):
+    """Each term against one full forward per candidate (the level and verdict distributions as the
+    readout renormalises them) and a plain next-token loss over the rest of the response."""
+    from lightning_modules.teacher_objective import build_responses
+
+    m = _teacher(tiny_llama, w_level=1.0, w_grade=0.5, w_verdicts=0.25, w_tokens=0.1, train_modes=["cot"])
+    m.level_grades = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    m.eval()
+    lm = m.model
+    b = _batch()
+    r = build_responses(m.readout, b, "cot", 512, LEVELS)
+    level_ce, grade_se, verdict_ce, read = [], [], [], [set(), set()]
+    for pt, kind, target in zip(r.points, r.kinds, r.targets):
+        cands = pt.cset.token_ids
+        lp = _brute(lm, pt.prefix_ids, cands)
+        (level_ce if kind == "level" else verdict_ce).append(-lp[target])
+        if kind == "level":
+            grade_se.append(((lp.exp() @ m.level_grades - m.level_grades[target]) / 3.0) ** 2)
+        read[pt.seq].update(pt.cut - 1 + j for j in range(len(cands[target])))
+    tokens = []
+    with torch.no_grad():
+        for i, seq in enumerate(r.sequences):
+            lp = lm(input_ids=torch.tensor([seq])).logits[0].float().log_softmax(-1)
+            tokens += [-lp[p, seq[p + 1]] for p in range(r.prompt_lengths[i] - 1, len(seq) - 1) if p not in read[i]]
+    want = {
+        "level": torch.stack(level_ce).mean(),
+        "grade": torch.stack(grade_se).mean(),
+        "verdicts": torch.stack(verdict_ce).mean(),
+        "tokens": torch.stack(tokens).mean(),
+    }
+    with torch.no_grad():
+        loss, means, truncated = m.objective(b)
+    assert truncated == 0 and set(means) == set(want)
+    for k, v in want.items():
+        assert abs(means[k] - float(v)) < 1e-4, (k, means[k], float(v))
+    total = 1.0 * want["level"] + 0.5 * want["grade"] + 0.25 * want["verdicts"] + 0.1 * want["tokens"]
+    assert abs(float(loss) - float(total)) < 1e-4
 
 
 def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
     m = _teacher(tiny_llama)
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    ids, mask, labels, _ = m.build_training_batch(_batch())
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):
-        loss = m.response_loss(ids, mask, labels)
+        loss, means, _ = m.objective(_batch())
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
+    assert set(means) == {"level", "grade", "verdicts", "tokens"}
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -378,6 +425,60 @@ def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_pa
     assert TeacherLM(model=tiny_llama, log_figures=False).cache_identity()["weights_hash"] != pinned
 
 
+def test_fit_validates_and_keeps_the_best_weights(tiny_llama, synth_dir, tmp_path):
+    """Validation (direct AUC) selects the checkpoint; after fit the model and its export hold the best
+    validated weights, and restore_best brings them back over any later change."""
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    ann = tmp_path / "ann"
+    _annotate(synth_dir, ann)
+    run = tmp_path / "run"
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            "configs/teacher/smollm2_135m_lora.yaml",
+            f"--model.init_args.model={tiny_llama}",
+            "--model.init_args.train_modes=[direct]",
+            "--model.init_args.lr=0.05",
+            f"--data.source.path={synth_dir}",
+            f"--data.annotations={ann}",
+            "--data.item_fields=[title,brand]",
+            "--data.batch_size=4",
+            "--data.eval_batch_size=16",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_steps=6",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=2",
+            f"--trainer.default_root_dir={run}",
+            f"--trainer.logger.init_args.save_dir={run}",
+            f"--model.init_args.export_dir={run}/teacher",
+            "--model.init_args.save_merged=false",
+        ]
+    )
+    cb = cli.trainer.checkpoint_callback
+    assert cb.monitor == "val/auc" and cb.mode == "max"
+    scores = {Path(k).name: float(v) for k, v in cb.best_k_models.items()}
+    assert scores and float(cb.best_model_score) == max(scores.values())
+    best = torch.load(cb.best_model_path, weights_only=False)["state_dict"]
+    model = cli.model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(best) >= set(trainable)
+    for n, p in trainable.items():
+        assert torch.equal(p.detach(), best[n])
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(1.0)
+    assert model.restore_best() == cb.best_model_path
+    assert all(torch.equal(p.detach(), best[n]) for n, p in trainable.items())
+    from safetensors.torch import load_file
+
+    exported = load_file(run / "teacher" / "adapter" / "adapter_model.safetensors")
+    name = next(n for n in trainable if "lora_B" in n)
+    key = next(k for k in exported if k in name.replace(".default", "").removeprefix("model."))
+    assert torch.equal(exported[key], best[name])
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
@@ -386,12 +487,11 @@ def test_smollm2_lora_steps_lower_the_loss_and_readout_is_a_distribution():
 
     m = TeacherLM(model="smollm2-135m-instruct", num_levels=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
     m.level_names = LEVELS
-    ids, mask, labels, _ = m.build_training_batch(_batch())
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(4):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):  # emulated bf16 is ~20x slower
-            loss = m.response_loss(ids, mask, labels)
+            loss, _, _ = m.objective(_batch())
         loss.backward()
         opt.step()
         opt.zero_grad()
