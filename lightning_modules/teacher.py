@@ -257,10 +257,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         mode = self.hparams.val_mode if stage == "val" else self.hparams.test_mode
+        # the loss needs the chains; without them it would only repeat the direct readout's forward pass
         has_chains = batch.get("rationale") is not None and all(batch["rationale"])
-        modes = [m for m in self.hparams.train_modes if m == "direct" or has_chains]
-        if modes and stage == "val":
-            loss, _, _ = self.objective(batch, modes)
+        if stage == "val" and has_chains and "cot" in self.hparams.train_modes:
+            loss, _, _ = self.objective(batch)
             self.log("val/loss", loss, batch_size=len(batch["example_id"]), sync_dist=True)
         r = self.read(batch, mode)
         dev = self.device
