@@ -46,6 +46,14 @@ Candidates
     category query has only close-category ones) by exact items; what is still missing becomes
     complements, then irrelevant items.
 
+Pool (``pool_items_per_query`` > 0)
+    ``pool.parquet``: that many further candidates for each *training* query, drawn the same way
+    (same level mix, none of them already judged for the query) from separate random streams, so
+    the judged splits are identical with or without a pool. It stands for the production setting
+    where a few pairs are human-labelled and many more are not: the teacher labels the pool
+    (``data.augment.source``) and the students learn from its judgement. Its rows carry the rules'
+    labels so that a benchmark can score the teacher on them; augmentation drops every label.
+
 Labelling rules
     A query asks for a category (named, or implied by its model number: a model number names one
     product, so a pure model-number query asks for that product's category), optionally a brand, a
@@ -121,6 +129,8 @@ OUTPUT_FILES: tuple[str, ...] = (
     "queries.parquet",
     "synth.json",
 )
+#: Written beside them when ``pool_items_per_query`` > 0: unjudged candidate pairs of the training queries.
+POOL_FILE = "pool.parquet"
 #: The labelling rules as text (stored in synth.json).
 RULES: str = textwrap.dedent((__doc__ or "").partition("Labelling rules\n")[2]).strip()
 
@@ -132,6 +142,7 @@ class SynthData:
     examples: pa.Table
     products: pa.Table
     queries: pa.Table
+    pool: pa.Table | None = None
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -155,30 +166,7 @@ def build(config: SynthConfig | None = None) -> SynthData:
     cols: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
     for q in queries:
         for p, dims in _candidates(rng_pairs, q, by_cat, cfg.items_per_query):
-            level = rule_level(dims)
-            label = _noisy(rng_noise, level) if rng_noise.random() < cfg.label_noise else level
-            row = {
-                "example_id": make_example_id(q.text, p.item_id),
-                "source_id": None,
-                "source_line": len(cols["query"]) + 1,
-                "query": q.text,
-                "item_id": p.item_id,
-                "title": p.title,
-                "brand": p.brand,
-                "color": p.attrs.get("color", ""),
-                "description": p.description,
-                "bullets": p.bullets,
-                "attributes": _attr_text(p),
-                "label": label,
-                "grade": float(label),
-                "gain": GAINS[label],
-                "frequency": q.frequency,
-                "query_bucket": None,
-                "split": None,
-                **{f"dim_{d}": dims[d] for d in DIMENSIONS},
-            }
-            for name, value in row.items():
-                cols[name].append(value)
+            _add_pair(cols, q, p, dims, rng_noise, cfg.label_noise)
     examples = assign_splits(
         pa.Table.from_pydict(cols, schema=EXAMPLE_SCHEMA),
         seed=cfg.seed,
@@ -186,6 +174,10 @@ def build(config: SynthConfig | None = None) -> SynthData:
         test_fraction=cfg.test_fraction,
     )
     examples = examples.select(EXAMPLE_SCHEMA.names).cast(EXAMPLE_SCHEMA)
+    first: dict[str, tuple[str, str]] = {}
+    for q, s, b in zip(*(examples.column(c).to_pylist() for c in ("query", "split", "query_bucket"))):
+        first.setdefault(q, (s, b))
+    pool = _pool(cfg, queries, by_cat, examples, first) if cfg.pool_items_per_query else None
 
     product_table = pa.Table.from_pydict(
         {
@@ -202,9 +194,6 @@ def build(config: SynthConfig | None = None) -> SynthData:
             "attributes": [_attr_text(p) for p in products],
         }
     )
-    first: dict[str, tuple[str, str]] = {}
-    for q, s, b in zip(*(examples.column(c).to_pylist() for c in ("query", "split", "query_bucket"))):
-        first.setdefault(q, (s, b))
     query_table = pa.Table.from_pydict(
         {
             "query": [q.text for q in queries],
@@ -220,7 +209,58 @@ def build(config: SynthConfig | None = None) -> SynthData:
             "query_bucket": [first[q.text][1] for q in queries],
         }
     )
-    return SynthData(examples, product_table, query_table)
+    return SynthData(examples, product_table, query_table, pool)
+
+
+def _add_pair(cols: dict[str, list], q: Query, p: Product, dims: dict[str, str], rng_noise, label_noise: float) -> None:
+    """Append one judged (query, item) row to the column lists."""
+    level = rule_level(dims)
+    label = _noisy(rng_noise, level) if rng_noise.random() < label_noise else level
+    row = {
+        "example_id": make_example_id(q.text, p.item_id),
+        "source_id": None,
+        "source_line": len(cols["query"]) + 1,
+        "query": q.text,
+        "item_id": p.item_id,
+        "title": p.title,
+        "brand": p.brand,
+        "color": p.attrs.get("color", ""),
+        "description": p.description,
+        "bullets": p.bullets,
+        "attributes": _attr_text(p),
+        "label": label,
+        "grade": float(label),
+        "gain": GAINS[label],
+        "frequency": q.frequency,
+        "query_bucket": None,
+        "split": None,
+        **{f"dim_{d}": dims[d] for d in DIMENSIONS},
+    }
+    for name, value in row.items():
+        cols[name].append(value)
+
+
+def _pool(
+    cfg: SynthConfig, queries: list[Query], by_cat: dict[str, list[Product]], examples: pa.Table, first
+) -> pa.Table:
+    """``pool_items_per_query`` further candidates for each training query, none of them judged for it, drawn from
+    their own random streams (the judged tables do not depend on the pool). Rows keep the rules' labels so a
+    benchmark can score the teacher on them; augmentation reads them as unlabelled pairs."""
+    judged: dict[str, set[str]] = {}
+    for q, item in zip(examples.column("query").to_pylist(), examples.column("item_id").to_pylist()):
+        judged.setdefault(q, set()).add(item)
+    rng_pairs = random.Random(f"synth-pool:{cfg.seed}")
+    rng_noise = random.Random(f"synth-pool-noise:{cfg.seed}")
+    cols: dict[str, list] = {name: [] for name in EXAMPLE_SCHEMA.names}
+    for q in queries:
+        split, bucket = first[q.text]
+        if split != "train":
+            continue
+        free = {c: [p for p in ps if p.item_id not in judged[q.text]] for c, ps in by_cat.items()}
+        for p, dims in _candidates(rng_pairs, q, free, cfg.pool_items_per_query):
+            _add_pair(cols, q, p, dims, rng_noise, cfg.label_noise)
+            cols["split"][-1], cols["query_bucket"][-1] = split, bucket
+    return pa.Table.from_pydict(cols, schema=EXAMPLE_SCHEMA)
 
 
 def generate(config: SynthConfig | None = None) -> tuple[pa.Table, pa.Table]:
@@ -242,6 +282,7 @@ def summarize(data: SynthData, config: SynthConfig) -> dict:
             "examples": data.examples.num_rows,
             "queries": data.queries.num_rows,
             "products": data.products.num_rows,
+            "pool": data.pool.num_rows if data.pool is not None else 0,
             "categories": len(CATEGORIES),
         },
         "label_distribution": {
@@ -280,8 +321,11 @@ def write(out_dir: str | os.PathLike, config: SynthConfig | None = None, overwri
             pq.write_table(select_split(data.examples, split), tmp / f"{split}.parquet")
         pq.write_table(data.products, tmp / "products.parquet")
         pq.write_table(data.queries, tmp / "queries.parquet")
+        if data.pool is not None:
+            pq.write_table(data.pool, tmp / POOL_FILE)
         (tmp / "synth.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for name in OUTPUT_FILES:
+        (out / POOL_FILE).unlink(missing_ok=True)  # a pool of earlier settings never outlives them
+        for name in (POOL_FILE, *OUTPUT_FILES) if data.pool is not None else OUTPUT_FILES:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

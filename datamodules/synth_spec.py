@@ -50,6 +50,10 @@ class SynthConfig:
     """Most models per series (1..this); sibling models give ``model: partial`` pairs."""
     kind_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_MIX))
     """Share of each query kind (keys from QUERY_KINDS; normalised to sum 1)."""
+    pool_items_per_query: int = 0
+    """Further candidate items per training query, written to ``pool.parquet`` as a pool of pairs for the teacher
+    to label (0: no pool). Drawn after the judged pairs from their own random stream, so the judged tables are the
+    same whatever the pool size."""
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:
@@ -65,6 +69,8 @@ class SynthConfig:
                 "need 0 <= val_fraction, test_fraction and their sum < 1; "
                 f"got {self.val_fraction}, {self.test_fraction}"
             )
+        if self.pool_items_per_query < 0:
+            raise ValueError(f"pool_items_per_query must be >= 0, got {self.pool_items_per_query}")
         if self.series_per_brand < 1 or self.variants_per_series < 1:
             raise ValueError(
                 "series_per_brand and variants_per_series must be >= 1, "

@@ -52,6 +52,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import httpx
 
+from .prompts import neutralize_special_tokens
+
 log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
@@ -149,6 +151,7 @@ class OpenAIChatBackend:
     """
 
     name = "openai-chat"
+    server_kind = "chat-completions"  #: how messages name the server
 
     def __init__(
         self,
@@ -279,7 +282,8 @@ class OpenAIChatBackend:
             want = k - len(texts)
             body: dict[str, Any] = {
                 "model": self.model,
-                "messages": messages,
+                # the server renders its own chat template: break the common control markers in the text first
+                "messages": [{**m, "content": neutralize_special_tokens(m["content"])} for m in messages],
                 "n": want,
                 "temperature": temperature,
                 "max_tokens": max_new_tokens,
@@ -347,19 +351,19 @@ class OpenAIChatBackend:
                 what = "a read or connect timeout" if isinstance(e, httpx.TimeoutException) else "the answer unfinished"
                 problem = f"no complete answer within timeout_s={self.timeout_s:g}s ({what})"
                 final = BackendError(
-                    f"the chat-completions server at {self.url} timed out: {problem}, "
+                    f"the {self.server_kind} server at {self.url} timed out: {problem}, "
                     f"{attempts} attempt(s). Raise timeout_s, lower concurrency or "
                     "max_new_tokens, or check the server's load"
                 )
             except _AnswerTooLarge:
                 raise BackendError(
-                    f"the chat-completions server at {self.url} sent an answer over {MAX_ANSWER_BYTES} bytes; "
-                    "lower max_new_tokens or samples, or check that base_url points at a chat-completions API"
+                    f"the {self.server_kind} server at {self.url} sent an answer over {MAX_ANSWER_BYTES} bytes; "
+                    f"lower max_new_tokens or samples, or check that base_url points at a {self.server_kind} API"
                 ) from None
             except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 problem = f"{type(e).__name__}: {e}"
                 final = BackendError(
-                    f"cannot reach the chat-completions server at {self.url}: {e or type(e).__name__} "
+                    f"cannot reach the {self.server_kind} server at {self.url}: {e or type(e).__name__} "
                     f"({attempts} attempt(s)). Start it (vLLM, SGLang, llama.cpp server ...) "
                     "or fix base_url"
                 )
@@ -383,12 +387,13 @@ class OpenAIChatBackend:
                         404: " (check base_url, which should end in /v1, and the model name)",
                     }.get(status, "")
                     raise BackendError(
-                        f"the chat-completions server at {self.url} refused the request: HTTP {status}: {message}{hint}"
+                        f"the {self.server_kind} server at {self.url} refused the request: "
+                        f"HTTP {status}: {message}{hint}"
                     )
                 problem = f"HTTP {status}: {message}"
                 retry_after = _retry_after(response)
                 final = BackendError(
-                    f"the chat-completions server at {self.url} answered {problem} "
+                    f"the {self.server_kind} server at {self.url} answered {problem} "
                     f"({attempts} attempt(s)); the server is overloaded or failing, retry later"
                 )
             if attempt == attempts - 1:

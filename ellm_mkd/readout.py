@@ -49,7 +49,7 @@ from .candidate_scoring import CandidateSet, ReadoutPoint, _hidden_states, ensur
 from .cot import ChainOfThought, CoTParseError, parse, unfinishable
 from .generation import RecordedGeneration as RecordedGeneration
 from .generation import _stop_ids, generate_batched, generate_recorded
-from .prompts import PromptTemplate
+from .prompts import PromptTemplate, neutralize_special_tokens
 
 
 @dataclass
@@ -109,6 +109,10 @@ class TeacherReadout:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of response text (a given chain quotes the data): never a special token."""
+        return self._ids(neutralize_special_tokens(text, self.tokenizer))
+
     def prompts(self, queries: Sequence[str], items: Sequence[str], mode: Literal["cot", "direct"]) -> list[str]:
         return [self.template.prompt(self.tokenizer, q, d, self.level_names, mode) for q, d in zip(queries, items)]
 
@@ -160,7 +164,9 @@ class TeacherReadout:
             prompt_ids = self._ids(prompt)
             body = resp.strip()
             lead = resp[: len(resp) - len(resp.lstrip())]  # what the model wrote before the chain
-            texts.append(gen.tokens[i] if gen is not None else prompt_ids + self._ids(lead + body) + self.stop_ids[:1])
+            texts.append(
+                gen.tokens[i] if gen is not None else prompt_ids + self._text_ids(lead + body) + self.stop_ids[:1]
+            )
             try:
                 chain = parse(resp, q, d, self.level_names)
             except CoTParseError as e:
@@ -176,7 +182,7 @@ class TeacherReadout:
             chains.append(chain)
             errors.append(None)
             for k, cut_text, cset in self.chain_cuts(body):
-                cut_ids = prompt_ids + self._ids(lead + cut_text)
+                cut_ids = prompt_ids + self._text_ids(lead + cut_text)
                 pts.append(ReadoutPoint(i, len(cut_ids), cset, prefix_ids=cut_ids))
                 owners.append((i, "level" if k < 0 else "dim", k))
                 if k < 0:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ellm_mkd.candidate_scoring import ReadoutPoint, teacher_forced_scores
 from ellm_mkd.cot import CoTParseError, parse
+from ellm_mkd.prompts import neutralize_special_tokens
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 TERMS = ("level", "grade", "verdicts", "tokens")
@@ -65,6 +66,9 @@ def build_responses(
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    def text_ids(text: str) -> list[int]:  # a chain quotes the data: never a special token
+        return ids(neutralize_special_tokens(text, tok))
+
     out = ResponseBatch()
     rationales = batch.get("rationale") or [None] * len(batch["query"])
     for q, d, lab, rationale, eid in zip(
@@ -88,12 +92,12 @@ def build_responses(
                 raise ValueError(f"example {eid}: its annotated chain does not parse: {e}") from None
             verdicts = chain.verdicts()
             level = lab if lab >= 0 else list(level_names).index(chain.level)
-            seq = p_ids + ids(body) + eos
+            seq = p_ids + text_ids(body) + eos
             for k, cut_text, _ in readout.chain_cuts(body):
                 if k < 0:
-                    points.append((p_ids + ids(cut_text), "level", level))
+                    points.append((p_ids + text_ids(cut_text), "level", level))
                 else:
-                    points.append((p_ids + ids(cut_text), "verdict", VERDICTS.index(verdicts[DIMENSIONS[k]])))
+                    points.append((p_ids + text_ids(cut_text), "verdict", VERDICTS.index(verdicts[DIMENSIONS[k]])))
         if len(seq) > max_seq_length:
             out.truncated += 1
             seq = seq[:max_seq_length]

@@ -112,3 +112,17 @@ def run_cli_metrics(cmd: str, config: Path, tmp: Path, name: str, *args: str) ->
     for row in csv.DictReader(open(next((tmp / name).rglob("metrics.csv")))):
         last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return last
+
+
+class SigtermAt(__import__("lightning").pytorch.Callback):
+    """Sends this process a real SIGTERM once the trainer reaches ``step`` (what a scheduler does to a job)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -368,6 +368,8 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
                 "2",
                 "--teacher_eval",
                 "16",
+                "--teacher_readout",
+                "forced",
                 "--rows",
                 "[baseline,full,full_augment]",
                 "--seeds",
@@ -428,6 +430,8 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
         "2",
         "--teacher_eval",
         "16",
+        "--teacher_readout",
+        "forced",
         "--rows",
         "[baseline,full]",
         "--seeds",
@@ -476,6 +480,78 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert json.loads(out_json.read_text())["setup"]["resumed_runs"] == 0
     kept = runs / "cross_encoder_baseline_s0" / "checkpoints"
     assert [p.name for p in kept.glob("*.ckpt")] == ["best.ckpt"]  # kept this time
+
+
+def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, tiny_llama, tiny_encoder):
+    """The production setting: a teacher fine-tuned beforehand (a whole model directory) judges the labelled
+    training pairs and a pool of unlabelled catalog pairs (direct readout); the MKD row runs once per pool size,
+    the baseline once; the pool size is chosen on validation; a plot of AUC against pool size is written."""
+    import pyarrow.parquet as pq
+
+    out_json, out_md = tmp_path / "mkd_pools.json", tmp_path / "benchmarks.md"
+    args = [
+        "mkd",
+        "--teacher_dir",
+        tiny_llama,
+        "--teacher_how",
+        "a tiny random model",
+        "--encoder",
+        tiny_encoder,
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--num_queries",
+        "24",
+        "--items_per_query",
+        "5",
+        "--teacher_eval",
+        "16",
+        "--pools",
+        "[0,2]",
+        "--rows",
+        "[baseline,soft]",
+        "--compare_row",
+        "soft",
+        "--seeds",
+        "[0,1]",
+        "--students",
+        "[cross_encoder]",
+        "--epochs",
+        "1",
+        "--train_batches",
+        "2",
+        "--name",
+        "mkd_pools",
+        "--out_json",
+        str(out_json),
+        "--out_md",
+        str(out_md),
+    ]
+    assert bench_main(args) == 0
+    res = json.loads(out_json.read_text())
+    train = res["setup"]["split_pairs"]["train"]
+    pool = pq.read_table(tmp_path / "work" / "data" / "pool_2x.parquet")
+    train_queries = set(pq.read_table(tmp_path / "work" / "data" / "train.parquet").column("query").to_pylist())
+    assert pool.num_rows == 2 * train and set(pool.column("query").to_pylist()) == train_queries
+    # the cache holds the teacher's direct judgement of every labelled pair and every pool pair
+    assert res["setup"]["cache_rows"] == 3 * train and res["setup"]["teacher"]["readout_for_cache"] == "direct"
+    from ellm_mkd.teacher_cache import TeacherCache
+
+    manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest
+    assert manifest["teacher"]["readout"] == "direct"
+    assert [(r["row"], r["pool"]) for r in res["rows"]] == [("baseline", 0), ("soft", 0), ("soft", 2)]
+    by = {(r["row"], r["pool"]): r for r in res["rows"]}
+    # the augmented run trains on the labelled pairs and the pool (train_batches caps the batches, so the pair
+    # counts are what the capped epoch saw; the pool run saw at least as many)
+    assert by[("soft", 2)]["train_pairs"] >= by[("soft", 0)]["train_pairs"]
+    assert all(r["val_metrics"]["auc"]["n"] == 2 for r in res["rows"])
+    chosen = max((by[("soft", p)] for p in (0, 2)), key=lambda r: r["val_metrics"]["auc"]["mean"])
+    measured = res["targets"]["cross_encoder_soft_beats_baseline_all"]["measured"]
+    assert measured.startswith(f"soft{' + pool 2x' if chosen['pool'] else ''} {chosen['metrics']['auc']['mean']:.4f}")
+    assert {"teacher_above_cross_encoder_baseline", "cross_encoder_soft_keeps_ece"} <= set(res["targets"])
+    assert res["setup"]["teacher"]["dir"] == tiny_llama and res["setup"]["teacher"]["steps"] is None
+    plot = tmp_path / "mkd_pools_pools.png"
+    assert plot.stat().st_size > 0 and "](mkd_pools_pools.png)" in out_md.read_text()
+    assert "soft + pool 2x" in out_md.read_text() and "a tiny random model" in out_md.read_text()
 
 
 @pytest.mark.integration
@@ -562,3 +638,24 @@ def test_bench_options_are_a_typed_object_read_from_flags_or_yaml(tmp_path):
     assert MkdBenchOptions().rows == ["baseline", "soft", "soft_dim", "full", "full_augment"]
     with pytest.raises(SystemExit):
         _parser().parse_args(["--num_queries", "many"])
+
+
+def test_bench_injection_measures_flips_per_style(tmp_path, synth_dir, tiny_llama):
+    """The injection benchmark: held-out pairs below the injected level, clean and with each style appended to
+    the product text, on a whole-model teacher directory; flip rates per style and the 2% target."""
+    out_json, out_md = tmp_path / "injection.json", tmp_path / "benchmarks.md"
+    args = ["injection", "--data", str(synth_dir), "--teacher_dir", tiny_llama, "--compare_base", "false"]
+    args += ["--max_pairs", "6", "--batch_size", "4", "--out_json", str(out_json), "--out_md", str(out_md)]
+    assert bench_main(args) == 0
+    res = json.loads(out_json.read_text())
+    t = res["teachers"]["fine_tuned"]
+    assert set(res["teachers"]) == {"fine_tuned"} and t["pairs"] == 6
+    assert set(t["styles"]) == {"plain", "chat_markers", "fake_chain", "fake_level", "quote_escape"}
+    for m in t["styles"].values():
+        assert 0 <= m["to_injected_level"] <= m["flip_rate"] <= 1 and -1 <= m["mean_delta_p_injected"] <= 1
+    assert t["max_flip_rate"] == max(m["flip_rate"] for m in t["styles"].values())
+    assert res["targets"]["flip_rate"]["met"] == (t["max_flip_rate"] <= 0.02)
+    assert "<|im_start|>system" in res["setup"]["injections"]["chat_markers"]
+    assert "| fine_tuned | 6 | chat_markers |" in out_md.read_text()
+    with pytest.raises(ValueError, match="unknown injection styles"):
+        bench_main([*args, "--styles", "[shouting]"])

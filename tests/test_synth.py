@@ -287,6 +287,7 @@ def test_write_round_trip_and_refuses_to_overwrite(tmp_path, data: synth.SynthDa
         ({"variants_per_series": 0}, "variants_per_series"),
         ({"kind_mix": {"typo": 1.0}}, "unknown kinds"),
         ({"kind_mix": {"model": -1.0}}, "kind_mix"),
+        ({"pool_items_per_query": -1}, "pool_items_per_query"),
     ],
 )
 def test_config_is_validated(kwargs: dict, message: str) -> None:
@@ -299,3 +300,27 @@ def test_small_and_custom_configs() -> None:
     assert d.examples.num_rows == 48
     assert set(d.queries.column("kind").to_pylist()) == {"model"}
     assert len(CATEGORIES) >= 15
+
+
+def test_pool_of_unjudged_pairs_for_training_queries(tmp_path) -> None:
+    """``pool_items_per_query`` draws further candidates for every training query, none of them judged for it,
+    with the same rules (labels follow the verdicts up to noise); the judged tables do not change, and a write
+    without a pool removes the pool of an earlier one."""
+    cfg = dict(seed=3, num_queries=60, items_per_query=6)
+    plain, pooled = build(SynthConfig(**cfg)), build(SynthConfig(**cfg, pool_items_per_query=12))
+    assert plain.pool is None and pooled.examples.equals(plain.examples) and pooled.products.equals(plain.products)
+    rows, pool = _rows(plain), pooled.pool.to_pylist()
+    train_queries = {r["query"] for r in rows if r["split"] == "train"}
+    judged = {(r["query"], r["item_id"]) for r in rows}
+    per_query = Counter(r["query"] for r in pool)
+    assert set(per_query) == train_queries and set(per_query.values()) == {12}
+    assert not judged & {(r["query"], r["item_id"]) for r in pool}
+    assert len({r["example_id"] for r in pool}) == len(pool)
+    assert all(r["split"] == "train" and r["example_id"] == make_example_id(r["query"], r["item_id"]) for r in pool)
+    noisy = sum(r["label"] != rule_level(_dims(r)) for r in pool)
+    assert noisy <= 0.15 * len(pool) and len({r["label"] for r in pool}) == 4
+    write(tmp_path, SynthConfig(**cfg, pool_items_per_query=12))
+    assert pq.read_table(tmp_path / synth.POOL_FILE).num_rows == len(pool)
+    assert json.loads((tmp_path / "synth.json").read_text())["counts"]["pool"] == len(pool)
+    write(tmp_path, SynthConfig(**cfg), overwrite=True)
+    assert not (tmp_path / synth.POOL_FILE).exists()

@@ -113,7 +113,7 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
 
     _stage(4, total, "teacher cache: verdict and level distributions after each training chain (forced readout)")
     t = time.time()
-    cache = write_cache(out_dir, teacher["adapter"], plan)
+    cache = write_cache(out_dir, plan, ["--model.init_args.adapter", teacher["adapter"]])
     timings["cache"] = time.time() - t
 
     results: dict[str, dict[str, Any]] = {}

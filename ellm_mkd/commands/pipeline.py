@@ -77,17 +77,53 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
     }
 
 
-def write_cache(out: Path, adapter: str, plan: dict[str, Any], extra: list[str] = ()) -> dict[str, Any]:
-    """The teacher cache over the training split (forced readout), replacing any cache there."""
+def teacher_model_args(model: str, teacher_dir: str | None = None) -> list[str]:
+    """The TeacherLM options that load a teacher: ``model`` as is, or a fine-tuned ``teacher_dir`` (a LoRA
+    ``adapter/`` directory on top of ``model``, or a whole model such as the ``merged/`` directory a full
+    fine-tune writes)."""
+    if teacher_dir is None:
+        return ["--model.init_args.model", model]
+    if (Path(teacher_dir) / "adapter_config.json").exists():
+        return ["--model.init_args.model", model, "--model.init_args.adapter", str(teacher_dir)]
+    return ["--model.init_args.model", str(teacher_dir), "--model.init_args.use_lora", "false"]
+
+
+def test_teacher(out: Path, plan: dict[str, Any], model_args: list[str]) -> dict[str, Any]:
+    """Test an already fine-tuned teacher (direct readout) on the test split; returns its metrics."""
+    cli = _cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "teacher.yaml"),
+            *data_args(out, plan),
+            "--data.annotations",
+            str(out / "annotations"),
+            "--data.eval_batch_size",
+            str(plan["teacher_eval"]),
+            "--trainer.default_root_dir",
+            str(out / "teacher"),
+            "--trainer.logger",
+            "false",
+            *model_args,
+        ]
+    )
+    if plan["teacher_test_batches"]:
+        cli.trainer.limit_test_batches = plan["teacher_test_batches"]
+    cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+    return dict(cli.trainer.lightning_module.last_results["test"])
+
+
+def write_cache(
+    out: Path, plan: dict[str, Any], model_args: list[str], readout: str = "forced", extra: list[str] = ()
+) -> dict[str, Any]:
+    """The teacher cache over the training split with ``readout`` (``configs/teacher/cache_smollm2_<readout>.yaml``:
+    direct, cot or forced), replacing any cache there."""
     cache = out / "teacher_cache"
     args = [
         "--config",
-        str(REPO / "configs" / "teacher" / "cache_smollm2_forced.yaml"),
-        "--model.init_args.adapter",
-        adapter,
+        str(REPO / "configs" / "teacher" / f"cache_smollm2_{readout}.yaml"),
+        *model_args,
         *data_args(out, plan),
-        "--data.annotations",
-        str(out / "annotations"),
+        *(["--data.annotations", str(out / "annotations")] if readout == "forced" else []),
         "--data.predict_split",
         "train",
         "--data.eval_batch_size",
@@ -110,9 +146,10 @@ def write_cache(out: Path, adapter: str, plan: dict[str, Any], extra: list[str] 
     rows = len(TeacherCache(cache))
     sec = time.time() - t0
     print(
-        f"      teacher cache: {rows} training pairs in {sec:.0f} s ({rows / sec:.2f} pairs/s) -> {cache}", flush=True
+        f"      teacher cache ({readout}): {rows} training pairs in {sec:.0f} s ({rows / sec:.2f} pairs/s) -> {cache}",
+        flush=True,
     )
-    return {"path": str(cache), "rows": rows, "seconds": sec}
+    return {"path": str(cache), "rows": rows, "seconds": sec, "readout": readout}
 
 
 def train_student(
@@ -125,7 +162,8 @@ def train_student(
     predictions: bool = True,
 ) -> dict[str, Any]:
     """Fit a student from ``config`` (+ ``overlays``), test its best checkpoint, predict the test split.
-    Returns test metrics, the checkpoint path, fit seconds and the training-loop seconds per epoch."""
+    Returns test and validation metrics of the best checkpoint, its path, fit seconds and the training-loop
+    seconds per epoch."""
     from callbacks.timer import ThroughputTimer
 
     args = ["--config", str(config)]
@@ -150,8 +188,10 @@ def train_student(
     t0 = time.time()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_s = time.time() - t0
-    cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
     model = cli.trainer.lightning_module
+    cli.trainer.validate(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
+    val = dict(model.last_results["val"])  # what selects among settings (never the test split)
+    cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
     results = dict(model.last_results["test"])
     preds = _predictions(cli.trainer, model, cli.datamodule) if predictions else None
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -165,6 +205,7 @@ def train_student(
     chains = [c.chain_embedding_seconds for c in cli.trainer.callbacks if isinstance(c, MKDistillation)]
     return {
         "test": results,
+        "val": val,
         "checkpoint": best,
         "fit_seconds": fit_s,
         "predictions": preds,

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "cache": ("cache", "bench_cache_main"),
     "mkd": ("mkd", "bench_mkd_main"),
     "serve": ("serve", "bench_serve_main"),
+    "injection": ("injection", "bench_injection_main"),
 }
 
 

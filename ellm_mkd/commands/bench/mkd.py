@@ -4,18 +4,22 @@ One run, one machine:
 
 1. synthesise the catalog (``--num_queries`` x ``--items_per_query``), annotate every split with the
    rules annotator, fine-tune the teacher (SmolLM2-135M + LoRA, ``--teacher_steps``) and test it
-   (direct readout) on the test split;
-2. write the teacher cache over the training split, augmented pairs included (forced readout: the
-   teacher's distributions after each annotated chain; augmented pairs get a chain the teacher writes);
-3. for each student, ablation row (``configs/mkd/<row>.yaml``) and seed: fit, test the best
-   checkpoint; rows: ``baseline`` (labels), ``soft``, ``soft_dim``, ``full`` (+ rationale),
+   (direct readout) on the test split (``--teacher_dir``: a teacher fine-tuned beforehand is tested instead);
+2. write the teacher cache over the training split and the unlabelled pool (``--teacher_readout``: direct by
+   default, the teacher's own judgement; ``forced`` reads it after each annotated chain, which only hands the
+   annotations back); ``--pools`` draws, for each training query, catalog items nobody labelled, in multiples
+   of the labelled pairs;
+3. for each student, ablation row (``configs/mkd/<row>.yaml``), pool size and seed: fit, validate and test the
+   best checkpoint; rows: ``baseline`` (labels), ``soft``, ``soft_dim``, ``full`` (+ rationale),
    ``full_augment`` (+ teacher-labelled pairs);
 4. report the mean and standard deviation over seeds of every metric, overall and per query bucket,
    the teacher's own figures on the same test split, and the epoch-time overhead of each MKD row
    over the baseline (training loop only, the same training pairs: ``full_augment`` trains on more
    pairs, so its overhead is per pair; full MKD embeds the teacher's chains once before the first
-   epoch, reported on its own as seconds per run), and the targets: full MKD beats the baseline (mean AUC
-   overall, on tail and on unseen queries) with at most 10% epoch overhead.
+   epoch, reported on its own as seconds per run), and the targets (:mod:`.mkd_report`): the teacher at least
+   as good as the baselines; the compared MKD row (``--compare_row``) at its validation-chosen pool size above
+   the baseline by more than its seed std (overall, tail, unseen), level metrics no worse, overhead <= 10%.
+   With more than one pool size, a plot of student AUC against pool size beside the JSON.
 
 ``--source`` runs the same on a real dataset (``--preset``, ``--item_fields``, ``--relevant_level``, a
 query-disjoint split; ``--limit_pairs`` subsamples whole queries per split so the teacher, its cache
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 import statistics
@@ -41,10 +46,12 @@ import yaml
 from ellm_mkd.commands.pipeline import REPO
 
 from .common import atomic_write_text, machine_description, options, options_parser, publish
+from .mkd_report import markdown_section, pool_plot, seed_std, targets
 
 log = logging.getLogger(__name__)
 ROWS = ("baseline", "soft", "soft_dim", "full", "full_augment")
 STUDENTS = ("cross_encoder", "two_tower")
+READOUTS = ("direct", "cot", "forced")
 SUMMARY_METRICS = ("auc", "ndcg10", "macro_f1", "rmse", "spearman", "ece")
 
 
@@ -68,6 +75,17 @@ class MkdBenchOptions:
                     run with the same settings (a stopped benchmark goes on where it stopped)
         rerender: rewrite the markdown section (and targets) from the existing result JSON; runs nothing
         teacher_model: teacher base model
+        teacher_dir: a teacher fine-tuned beforehand (``ellm-mkd fit`` of a teacher config): its LoRA ``adapter/``
+                    directory (on teacher_model) or a whole model such as the ``merged/`` directory a full fine-tune
+                    writes; the benchmark tests it and caches its judgement instead of fine-tuning one
+        teacher_how: how teacher_dir was made (the exact command), printed in the report
+        teacher_readout: what the cache holds: direct (the teacher's level distribution, one pass per pair), cot
+                    (a chain the teacher writes, then its distributions) or forced (after the annotator's chain,
+                    which hands the annotations back)
+        pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs (catalog only):
+                    every MKD row but full_augment runs once per pool size, the baseline once
+        compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
+                    validation AUC
         encoder: student encoder
         teacher_steps: teacher LoRA steps
         teacher_batch: teacher examples per step
@@ -99,6 +117,11 @@ class MkdBenchOptions:
     resume: bool = True
     rerender: bool = False
     teacher_model: str = "smollm2-135m-instruct"
+    teacher_dir: str | None = None
+    teacher_how: str | None = None
+    teacher_readout: str = "direct"
+    pools: list[int] = field(default_factory=lambda: [0])
+    compare_row: str = "full"
     encoder: str = "minilm-l6"
     teacher_steps: int = 96
     teacher_batch: int = 8
@@ -167,7 +190,7 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
     }
 
 
-TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval")
+TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval", "teacher_dir", "teacher_readout")
 
 
 def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
@@ -176,7 +199,8 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
     keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (
         TEACHER_KEYS if teacher else ()
     )
-    return json.dumps({"data": data, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
+    extra = {"max_pool": max(opts.pools)} if teacher and max(opts.pools) > 0 else {}
+    return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
 def _load_state(path: Path, *fingerprints: str) -> dict[str, Any] | None:
@@ -198,22 +222,58 @@ def _drop_checkpoints(run: dict[str, Any]) -> None:
         shutil.rmtree(best.parent, ignore_errors=True)
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    vals = [v for v in values if v is not None and v == v]
-    if not vals:
-        return {}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+def _pool_files(out: Path, pools: list[int], items_per_query: int) -> dict[int, str]:
+    """``pool_<p>x.parquet`` beside the catalog: for each training query, the first ``p * items_per_query`` pairs
+    of its pool (a larger pool holds every smaller one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.synth import POOL_FILE
+
+    table = pq.read_table(out / "data" / POOL_FILE)
+    seen: dict[str, int] = {}
+    rank = []
+    for q in table.column("query").to_pylist():
+        rank.append(seen.get(q, 0))
+        seen[q] = rank[-1] + 1
+    files = {}
+    for p in pools:
+        if p > 0:
+            path = out / "data" / f"pool_{p}x.parquet"
+            keep = pa.array([r < p * items_per_query for r in rank])
+            pq.write_table(table.filter(keep), path)
+            files[p] = str(path)
+    return files
+
+
+def _augment_args(pool_file: str) -> list[str]:
+    """The data options that add a pool file's pairs, unlabelled, to the training split."""
+    return [f"--data.augment={json.dumps({'source': {'path': pool_file, 'require_label': False}})}"]
 
 
 def bench_mkd(opts, command: str) -> dict[str, Any]:
     from datamodules.datamodule import RelevanceDataModule
     from datamodules.synth import SynthConfig, write
     from ellm_mkd.annotation import run_annotation
-    from ellm_mkd.commands.pipeline import CONFIG_DIR, fit_teacher, train_student, write_cache
+    from ellm_mkd.commands.pipeline import (
+        CONFIG_DIR,
+        fit_teacher,
+        teacher_model_args,
+        test_teacher,
+        train_student,
+        write_cache,
+    )
 
     unknown = (set(opts.rows) - set(ROWS)) | (set(opts.students) - set(STUDENTS))
     if unknown:
         raise ValueError(f"unknown rows or students {sorted(unknown)}; rows: {list(ROWS)}, students: {list(STUDENTS)}")
+    if opts.teacher_readout not in READOUTS:
+        raise ValueError(f"teacher_readout must be one of {list(READOUTS)}, got {opts.teacher_readout!r}")
+    pools = sorted(set(opts.pools))
+    if pools[0] < 0:
+        raise ValueError(f"pools are multiples of the labelled training pairs (>= 0), got {opts.pools}")
+    if pools[-1] > 0 and opts.source is not None:
+        raise ValueError("pools are drawn from the embedded catalog; with --source give pools: [0]")
     out = Path(opts.work_dir or f"runs/benchmarks/{opts.name}")
     plan = {
         "synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
@@ -235,20 +295,28 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     if setup is None:  # runs stored under other settings are not read (their fingerprints differ)
         (state / "setup.json").unlink(missing_ok=True)
         if opts.source is None:
-            write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"]), overwrite=True)
+            pool_items = pools[-1] * opts.items_per_query
+            write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"], pool_items_per_query=pool_items), True)
         dm = RelevanceDataModule(**data)
         run_annotation(
             dm, out / "annotations", "rules", splits=["train", "val", "test"], overwrite=True, progress=False
         )
         dm.setup("fit")
         sizes = {split: len(dm.datasets[split]) for split in ("train", "val", "test")}
-        tm = ["--model.init_args.model", opts.teacher_model]
-        teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm], predictions=False)
+        if opts.teacher_dir is None:
+            tm = ["--model.init_args.model", opts.teacher_model]
+            teacher = fit_teacher(out, plan, ["--seed_everything", str(opts.seed), *tm], predictions=False)
+            model_args = teacher_model_args(opts.teacher_model, teacher["adapter"])
+        else:  # fine-tuned beforehand: test it on this split
+            model_args = teacher_model_args(opts.teacher_model, opts.teacher_dir)
+            teacher = {"test": test_teacher(out, plan, model_args), "adapter": None, "fit_seconds": None}
         augment = []
-        if "full_augment" in opts.rows:  # the cache covers the augmented pairs too (a superset serves every row)
+        if pools[-1] > 0:  # the cache covers the largest pool (a superset serves every pool size)
+            augment = _augment_args(_pool_files(out, pools, opts.items_per_query)[pools[-1]])
+        elif "full_augment" in opts.rows:  # the cache covers the sampled pairs too (a superset serves every row)
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
-        cache = write_cache(out, teacher["adapter"], plan, [*augment, *tm])
+        cache = write_cache(out, plan, model_args, opts.teacher_readout, augment)
         setup = {
             "fingerprint": fingerprint,
             "sizes": sizes,
@@ -267,63 +335,70 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     else:
         log.info("resuming: teacher and cache from %s", state)
     sizes, cache, teacher = setup["sizes"], setup["cache"], setup["teacher"]
+    pool_files = {p: str(out / "data" / f"pool_{p}x.parquet") for p in pools if p > 0}
 
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    runs: dict[str, dict[tuple[str, int], list[dict[str, Any]]]] = {}
     machines = {setup["machine"]}
     resumed = 0
     for kind in opts.students:
         for row in opts.rows:
-            for seed in opts.seeds:
-                name = f"{kind}_{row}_s{seed}"
-                own = fingerprint if row != "baseline" else _fingerprint(opts, data, teacher=False)
-                r = _load_state(state / "runs" / f"{name}.json", own, fingerprint) if opts.resume else None
-                if r is None:
-                    extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
-                    if row != "baseline":
-                        extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
-                    r = train_student(
-                        out,
-                        CONFIG_DIR / f"{kind}.yaml",
-                        name,
-                        plan,
-                        [REPO / "configs" / "mkd" / f"{row}.yaml"],
-                        extra,
-                        predictions=False,
-                    )
-                    r = {
-                        **{k: v for k, v in r.items() if k != "predictions"},
-                        "fingerprint": own,
-                        "machine": machine_description(),
-                    }
-                    if not opts.keep_checkpoints:
-                        _drop_checkpoints(r)
-                    _save_state(state / "runs" / f"{name}.json", r)
-                else:
-                    resumed += 1
-                machines.add(r["machine"])
-                runs.setdefault(kind, {}).setdefault(row, []).append(r)
+            for pool in pools if row not in ("baseline", "full_augment") else [0]:
+                for seed in opts.seeds:
+                    name = f"{kind}_{row}" + (f"_pool{pool}x" if pool else "") + f"_s{seed}"
+                    own = fingerprint if row != "baseline" else _fingerprint(opts, data, teacher=False)
+                    r = _load_state(state / "runs" / f"{name}.json", own, fingerprint) if opts.resume else None
+                    if r is None:
+                        extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
+                        if row != "baseline":
+                            extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
+                        if pool:
+                            extra += _augment_args(pool_files[pool])
+                        r = train_student(
+                            out,
+                            CONFIG_DIR / f"{kind}.yaml",
+                            name,
+                            plan,
+                            [REPO / "configs" / "mkd" / f"{row}.yaml"],
+                            extra,
+                            predictions=False,
+                        )
+                        r = {
+                            **{k: v for k, v in r.items() if k != "predictions"},
+                            "fingerprint": own,
+                            "machine": machine_description(),
+                        }
+                        if not opts.keep_checkpoints:
+                            _drop_checkpoints(r)
+                        _save_state(state / "runs" / f"{name}.json", r)
+                    else:
+                        resumed += 1
+                    machines.add(r["machine"])
+                    runs.setdefault(kind, {}).setdefault((row, pool), []).append(r)
 
     rows_out = []
     for kind, by_row in runs.items():
-        base = by_row.get("baseline")
+        base = by_row.get(("baseline", 0))
         base_epoch = (
             statistics.fmean(r["train_loop_seconds_per_epoch"] / max(r["train_pairs"], 1) for r in base)
             if base
             else None
         )
-        for row, rs in by_row.items():
+        for (row, pool), rs in by_row.items():
             keys = sorted({k for r in rs for k in r["test"]})
             per_pair = statistics.fmean(r["train_loop_seconds_per_epoch"] / max(r["train_pairs"], 1) for r in rs)
             rows_out.append(
                 {
                     "student": kind,
                     "row": row,
+                    "pool": pool,
                     "seeds": list(opts.seeds),
-                    "metrics": {k: _mean_std([r["test"].get(k) for r in rs]) for k in keys},
-                    "train_loop_seconds_per_epoch": _mean_std([r["train_loop_seconds_per_epoch"] for r in rs]),
+                    "train_pairs": statistics.fmean(r["train_pairs"] / max(opts.epochs, 1) for r in rs),
+                    "metrics": {k: seed_std([r["test"].get(k) for r in rs]) for k in keys},
+                    "val_metrics": {k: seed_std([(r.get("val") or {}).get(k) for r in rs]) for k in ("auc", "ndcg10")},
+                    "train_loop_seconds_per_epoch": seed_std([r["train_loop_seconds_per_epoch"] for r in rs]),
                     "epoch_overhead_vs_baseline": None if base_epoch is None else per_pair / base_epoch - 1.0,
                     # once per run, before the first epoch (full MKD's chains through the frozen encoder)
-                    "chain_embedding_seconds": _mean_std([r.get("chain_embedding_seconds") for r in rs]),
+                    "chain_embedding_seconds": seed_std([r.get("chain_embedding_seconds") for r in rs]),
                 }
             )
     return {
@@ -337,11 +412,17 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "catalog": plan["synth"] if opts.source is None else None,
             "teacher": {
                 "model": opts.teacher_model,
-                "steps": opts.teacher_steps,
+                "dir": opts.teacher_dir,
+                "how": opts.teacher_how,
+                "steps": None if opts.teacher_dir else opts.teacher_steps,
                 "batch": opts.teacher_batch,
-                "readout_for_cache": "forced",
+                "fit_seconds": teacher["fit_seconds"],
+                "readout_for_cache": cache.get("readout", "forced"),
             },
             "cache_rows": cache["rows"],
+            "cache_seconds": cache["seconds"],
+            "pools": pools,
+            "compare_row": opts.compare_row,
             "student_epochs": opts.epochs,
             "train_batches": opts.train_batches,
             "setup_seconds": setup["seconds"],
@@ -354,118 +435,6 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     }
 
 
-def _cell(m: dict[str, Any], key: str) -> str:
-    v = m.get(key)
-    return "–" if not v else f"{v['mean']:.3f} ± {v['std']:.3f}"
-
-
-def markdown_section(result: dict[str, Any]) -> str:
-    from ellm_mkd.schema import BUCKETS
-
-    name, s = result["benchmark"], result["setup"]
-    d = s.get("data") or {"source": "embedded catalog"}
-    if s.get("catalog"):
-        what = f"Embedded catalog, {s['catalog']['num_queries']} queries x {s['catalog']['items_per_query']} items"
-    else:
-        sp = d.get("split") or {}
-        what = (
-            f"`{d['source']}` (preset {d.get('preset')}, item fields {', '.join(d['item_fields'])}), query-disjoint "
-            f"split (seed {sp.get('seed')}, {sp.get('val_fraction')} / {sp.get('test_fraction')} of queries for "
-            f"validation / test)"
-        )
-        if d.get("limit_pairs"):
-            what += (
-                ", subsampled by whole queries to at most "
-                + ", ".join(f"{v} {k}" for k, v in d["limit_pairs"].items())
-                + " pairs"
-            )
-    if s.get("split_pairs"):
-        what += " (" + ", ".join(f"{v} {k}" for k, v in s["split_pairs"].items()) + " pairs)"
-    lines = [
-        f"<!-- bench:{name} -->",
-        f"## {name}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; date {result['date']}.",
-        "",
-        f"{what}; teacher "
-        f"`{s['teacher']['model']}` + LoRA ({s['teacher']['steps']} steps x {s['teacher']['batch']}), cache of "
-        f"{s['cache_rows']} training pairs (forced readout); students {s['student_epochs']} epoch(s); mean ± std over "
-        f"seeds {result['rows'][0]['seeds'] if result['rows'] else []}. "
-        "Teacher (direct readout) on the same test split: "
-        f"AUC {result['teacher'].get('auc', float('nan')):.3f}, "
-        f"nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
-        f"accuracy {result['teacher'].get('accuracy', float('nan')):.3f}.",
-        "",
-        "| student | row | bucket | AUC | nDCG@10 | macro-F1 | RMSE | epoch overhead vs baseline | "
-        "chain embedding, once per run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        m = r["metrics"]
-        for bucket in ("all", *BUCKETS):
-            p = "" if bucket == "all" else f"{bucket}/"
-            if p and not m.get(p + "count"):
-                continue
-            ov, ce = r["epoch_overhead_vs_baseline"], r.get("chain_embedding_seconds")
-            lines.append(
-                f"| {r['student']} | {r['row']} | {bucket} | {_cell(m, p + 'auc')} | {_cell(m, p + 'ndcg10')} | "
-                f"{_cell(m, p + 'macro_f1')} | {_cell(m, p + 'rmse')} | "
-                f"{'' if bucket != 'all' or ov is None else f'{100 * ov:+.1f}%'} | "
-                f"{'' if bucket != 'all' or not ce else format(ce['mean'], '.1f') + ' s'} |"
-            )
-    if len(s.get("machines") or []) > 1:
-        lines += [
-            "",
-            "Runs of this benchmark were resumed on more than one machine ("
-            + "; ".join(s["machines"])
-            + "): epoch times compare only within one machine.",
-        ]
-    if s.get("resumed_runs"):
-        lines += [
-            "",
-            f"{s['resumed_runs']} student run(s) were finished by an earlier invocation with the same settings "
-            "(`--resume`, the default) and read back from its state.",
-        ]
-    checks = targets(result)
-    if checks:
-        title = "Targets" if s.get("catalog") else "Full MKD against the baseline (no target on this dataset)"
-        lines += ["", f"{title}:", "", "| check | rule | measured | met |", "|---|---|---|---|"]
-        for key, c in checks.items():
-            lines.append(f"| {key} | {c['rule']} | {c['measured']} | {'yes' if c['met'] else '**no**'} |")
-    lines.append(f"<!-- /bench:{name} -->")
-    return "\n".join(lines)
-
-
-def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Full MKD against the baseline per student: mean AUC overall, on tail and on unseen queries, and the
-    epoch-time overhead (<= 10%)."""
-    by = {(r["student"], r["row"]): r for r in result["rows"]}
-    out: dict[str, dict[str, Any]] = {}
-    for student in dict.fromkeys(r["student"] for r in result["rows"]):
-        full, base = by.get((student, "full")), by.get((student, "baseline"))
-        if not full or not base:
-            continue
-        for bucket in ("all", "tail", "unseen"):
-            key = "auc" if bucket == "all" else f"{bucket}/auc"
-            f, b = full["metrics"].get(key), base["metrics"].get(key)
-            if not f or not b:
-                continue
-            out[f"{student}_full_beats_baseline_{bucket}"] = {
-                "rule": f"mean AUC ({bucket}) full > baseline",
-                "measured": f"full {f['mean']:.4f}, baseline {b['mean']:.4f}",
-                "met": f["mean"] > b["mean"],
-            }
-        ov = full.get("epoch_overhead_vs_baseline")
-        if ov is not None:
-            out[f"{student}_full_epoch_overhead"] = {
-                "rule": "training-loop time per pair, full over baseline <= +10%",
-                "measured": f"{100 * ov:+.1f}%",
-                "met": ov <= 0.10,
-            }
-    return out
-
-
 def bench_mkd_main(argv: list[str]) -> int:
     import json
 
@@ -476,5 +445,8 @@ def bench_mkd_main(argv: list[str]) -> int:
     else:
         result = bench_mkd(opts, "ellm-mkd bench mkd " + shlex.join(argv))
     result["targets"] = targets(result)
-    publish(result, opts, markdown_section(result))
+    out_json = Path(opts.out_json or f"docs/results/{opts.name}.json")
+    png = pool_plot(result, out_json.with_name(f"{out_json.stem}_pools.png"))
+    rel = None if png is None else os.path.relpath(png, Path(opts.out_md).parent)
+    publish(result, opts, markdown_section(result, rel))
     return 0
