@@ -20,10 +20,11 @@ LIGHTNING_COMMANDS = {
 COMMANDS = {
     **LIGHTNING_COMMANDS,
     "demo": "the whole loop on the embedded synthetic catalog (make demo)",
-    "bench": "bench students | teacher | cache | mkd | serve: measure models (quality, throughput); "
+    "bench": "bench students | teacher | cache | mkd | serve | injection: measure models (quality, throughput); "
     "writes docs/results and docs/benchmarks.md",
     "annotate": "chains of thought for every example (rules, or LLM self-consistency); sharded and resumable",
-    "cache": "cache inspect PATH: a teacher cache's manifest, level distribution, entropy and sample chains",
+    "cache": "cache inspect PATH: a teacher cache's manifest, level distribution, entropy and sample chains; "
+    "cache serve-teacher --config FILE: a teacher cache from a teacher behind an OpenAI-compatible server",
     "data": "data check PATH: validate a dataset and print its counts; "
     "data synth --out DIR: generate the embedded catalog",
     "export": "export CKPT --out DIR: a student as ONNX (+ int8), tokenizer, model.json, sentence-transformers folder",
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ellm-mkd: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":  # Lightning's, raised at a batch boundary after SIGTERM
+            raise
+        print(f"ellm-mkd {' '.join(argv[:1])}: stopped by SIGTERM (resume with --ckpt_path last)", file=sys.stderr)
+        return 143
     except Exception as e:
         if debug:
             raise
