@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("mkd", "trainer", "overlays"))
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("mkd", "trainer", "overlays", "large"))
+#: 7B-class teacher configs (configs/teacher/large): no such weights here, so the parser checks them without building
+#: the model; each composed with the trainer overlay it is meant for
+LARGE_TEACHER = sorted((ROOT / "teacher" / "large").glob("*.yaml"))
 #: teacher overlays (configs/teacher/overlays): composed after a teacher config
 TEACHER_OVERLAYS = sorted((ROOT / "teacher" / "overlays").glob("*.yaml"))
 #: trainer overlays (configs/trainer): the hardware, composed after any stage config
@@ -50,6 +53,14 @@ def test_config_parses(path: Path):
         parser = _synth_parser()
         cfg = parser.parse_args(["--config", str(path), "--out", "x"])
         parser.instantiate(cfg)
+    elif path.name == "cache_served.yaml":  # ellm-mkd cache serve-teacher: not a Lightning config
+        from ellm_mkd.commands.cache import serve_teacher_parser
+
+        parser = serve_teacher_parser()
+        cfg = parser.parse_args(["--config", str(path)])
+        init = parser.instantiate(cfg)
+        assert cfg.cache_dir and init.teacher.readout in ("direct", "cot")
+        init.teacher.close()
     else:
         from ellm_mkd.commands.lightning_cli import cli_main
 
@@ -76,6 +87,24 @@ def test_mkd_overlay_parses_on_each_student(overlay: Path, student: Path):
     assert (cli.datamodule.augment is not None) == overlay.stem.endswith("augment")
 
 
+def assert_subset(want, got, where: str = "trainer") -> None:
+    """Every value ``want`` sets is in ``got``; a class given as ``class_path``/``init_args`` is compared by its
+    class and the arguments ``want`` sets (the parser fills in the others; a dataclass prints as its fields)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict), where
+        if "class_path" in want and "class_path" in got:
+            assert got["class_path"] == want["class_path"], where
+        if "class_path" in want:
+            want, got = want.get("init_args", {}), got.get("init_args", got)
+        for key, value in want.items():
+            assert key in got, f"{where}.{key}"
+            assert_subset(value, got[key], f"{where}.{key}")
+    elif isinstance(want, list) and where.endswith("_policy"):  # a set of classes: printed in any order
+        assert sorted(got) == sorted(want), where
+    else:
+        assert got == want, where
+
+
 @pytest.mark.parametrize("stage", STAGE_CONFIGS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=lambda p: p.stem)
 def test_trainer_overlay_composes_with_stage_configs(overlay: Path, stage: Path, capsys):
@@ -88,7 +117,7 @@ def test_trainer_overlay_composes_with_stage_configs(overlay: Path, stage: Path,
     assert done.value.code in (0, None)
     composed = yaml.safe_load(capsys.readouterr().out)["trainer"]
     want = yaml.safe_load(overlay.read_text())["trainer"]
-    assert {k: composed[k] for k in want} == want
+    assert_subset(want, composed)
     own = yaml.safe_load(stage.read_text())["trainer"]
     assert composed["default_root_dir"] == own["default_root_dir"] and composed["callbacks"]
     if overlay.stem in ("cpu", "ddp"):  # the ones this machine can build a Trainer for
@@ -100,7 +129,30 @@ def test_trainer_overlay_composes_with_stage_configs(overlay: Path, stage: Path,
 
 
 def test_there_are_trainer_overlays():
-    assert {p.stem for p in TRAINER_OVERLAYS} >= {"cpu", "gpu", "ddp", "multinode"}
+    assert {p.stem for p in TRAINER_OVERLAYS} >= {"cpu", "gpu", "ddp", "multinode", "fsdp_teacher"}
+
+
+@pytest.mark.parametrize("path", LARGE_TEACHER, ids=lambda p: p.stem)
+def test_large_teacher_config_parses_with_its_overlay(path: Path, capsys):
+    """Parsed by the real CLI parser (``--print_config`` stops before any class is built: there are no 7B weights
+    here): the full fine-tuning file goes after the LoRA one, the fits go with the FSDP overlay, the cache with
+    the multi-node DDP one; every key the files set reaches the composed config."""
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    stage = yaml.safe_load(path.read_text())
+    configs = [path] if "class_path" in stage.get("model", {}) else [path.parent / "qwen2_5_7b_lora.yaml", path]
+    cache = stage.get("model", {}).get("init_args", {}).get("adapter") is not None
+    overlay = ROOT / "trainer" / ("multinode.yaml" if cache else "fsdp_teacher.yaml")
+    cmd = "predict" if cache else "fit"
+    with pytest.raises(SystemExit) as done:
+        cli_main([cmd, *[f"--config={c}" for c in configs], f"--config={overlay}", "--print_config"])
+    assert done.value.code in (0, None)
+    composed = yaml.safe_load(capsys.readouterr().out)
+    assert "accelerator" not in stage.get("trainer", {})  # the hardware comes from the overlay
+    for section in ("model", "data"):  # what this file sets (the last one composed) is what the run gets
+        assert_subset(stage.get(section, {}), composed[section], section)
+    assert_subset(yaml.safe_load(overlay.read_text())["trainer"], composed["trainer"])
+    assert composed["model"]["class_path"] == "lightning_modules.TeacherLM"
 
 
 @pytest.mark.parametrize("overlay", TEACHER_OVERLAYS, ids=lambda p: p.stem)
