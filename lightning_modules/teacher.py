@@ -22,7 +22,9 @@ teacher cache stores).
 
 Checkpoints hold the trainable weights only (the LoRA adapter, a few MB; every weight with
 ``use_lora: false``), plus the base model's name; loading one rebuilds the base model from ``model``
-and restores the adapter. At the end of ``fit`` the model takes the weights of the best checkpoint
+and restores the adapter. Under FSDP (configs/trainer/fsdp_teacher.yaml) every rank writes its part of every
+weight instead, and the export gathers the shards onto rank 0 first (:meth:`TeacherLM.gathered_model`).
+At the end of ``fit`` the model takes the weights of the best checkpoint
 (where a ``ModelCheckpoint`` monitors a validation metric, e.g. ``val/auc``), and the adapter and a
 merged model directory (base + adapter, loadable by any transformers code as a plain causal LM; the
 one to give as ``model`` after full fine-tuning) are written under ``export_dir``.
@@ -352,8 +354,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the trainable weights and buffers only: the frozen base model is rebuilt from ``model``."""
-        if not self.hparams.use_lora:
-            return
+        if not self.hparams.use_lora or self._sharded():
+            return  # sharded: every rank writes its own part of every weight (the loader expects them all)
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         buffers = {n for n, _ in self.named_buffers() if not n.startswith("model.")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable or k in buffers}
@@ -363,15 +365,18 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "prompt_template" in checkpoint:
             self.template = PromptTemplate(**checkpoint["prompt_template"])
-        if self.hparams.use_lora:
+        if self.hparams.use_lora and "state_dict" in checkpoint:  # sharded: the strategy loads the weights
             state = self.state_dict()
             missing = {k: v for k, v in state.items() if k not in checkpoint["state_dict"]}
             checkpoint["state_dict"] = {**missing, **checkpoint["state_dict"]}
 
-    def export(self, out_dir: str | Path, merged: bool = True) -> Path:
-        """Write ``adapter/`` (peft) and ``merged/`` (plain causal LM + tokenizer) under ``out_dir``."""
+    def export(self, out_dir: str | Path, merged: bool = True, model: torch.nn.Module | None = None) -> Path:
+        """Write ``adapter/`` (peft) and ``merged/`` (plain causal LM + tokenizer) under ``out_dir``; of
+        ``model`` where given (an unwrapped copy holding every weight, see :meth:`gathered_model`)."""
         out = Path(out_dir)
         from ellm_mkd.teacher_cache import weights_fingerprint
+
+        model = self.model if model is None else model
 
         info = {
             "base_model": self.hparams.model,
@@ -379,13 +384,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             "level_names": list(self.level_names),
             "template": self.template.__dict__,
             "template_fingerprint": self.template.fingerprint(),
-            "weights_hash": weights_fingerprint(self.model),
+            "weights_hash": weights_fingerprint(model),
         }
         if self.hparams.use_lora:
-            self.model.save_pretrained(out / "adapter")
+            model.save_pretrained(out / "adapter")
             self.tokenizer.save_pretrained(out / "adapter")
         if merged or not self.hparams.use_lora:
-            lm = copy.deepcopy(self.model)
+            lm = copy.deepcopy(model)
             if self.hparams.use_lora:
                 lm = lm.merge_and_unload()
             lm.save_pretrained(out / "merged")
@@ -398,18 +403,54 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         model; returns its path, or None where there is none (no monitor, or nothing validated)."""
         cb = self.trainer.checkpoint_callback if self._trainer is not None else None
         best = getattr(cb, "best_model_path", "") if cb is not None and getattr(cb, "monitor", None) else ""
-        if not best or not Path(best).is_file():
+        if not best or not Path(best).exists():
             return None
-        state = torch.load(best, map_location=self.device, weights_only=False)["state_dict"]
-        self.load_state_dict(state, strict=not self.hparams.use_lora)
+        if self._sharded():  # every rank loads its own part of the checkpoint's weights (a collective)
+            self.trainer.strategy.load_checkpoint(best)
+        else:
+            state = torch.load(best, map_location=self.device, weights_only=False)["state_dict"]
+            self.load_state_dict(state, strict=not self.hparams.use_lora)
         score = getattr(cb, "best_model_score", None)
         log.info("teacher: best validated weights restored (%s %s) from %s", cb.monitor, score, best)
         return best
 
+    def _sharded(self) -> bool:
+        """Whether the weights are split over the ranks (Lightning's FSDP strategy, or one derived from it)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def gathered_model(self) -> torch.nn.Module | None:
+        """Under FSDP: every rank sends its shards (call it on all of them), and rank 0 gets a plain copy of
+        ``self.model`` (base weights read again from ``model``, LoRA layers rebuilt from the adapter's config)
+        holding every weight; None on the other ranks. Rank 0 needs host memory for the model twice."""
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = self.trainer.strategy.model
+        on_cpu = self.device.type == "cpu"  # (offloading from the CPU would hand back views of freed buffers)
+        gather = FullStateDictConfig(offload_to_cpu=not on_cpu, rank0_only=True)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, gather):
+            state = wrapped.state_dict()
+            if on_cpu:
+                state = {k: v.clone() for k, v in state.items()}
+        if self.trainer.global_rank != 0:
+            return None
+        hp = self.hparams
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[hp.weights_dtype]
+        twin = load_causal_lm(self.model_path, trust_remote_code=hp.trust_remote_code, torch_dtype=dtype)
+        if hp.use_lora:
+            from peft import get_peft_model
+
+            twin = get_peft_model(twin, copy.deepcopy(self.model.peft_config["default"]))
+        twin.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        return twin
+
     def on_fit_end(self) -> None:
         self.restore_best()
+        out = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "teacher")
+        twin = self.gathered_model() if self._sharded() else None  # (a collective: before rank 0 goes on alone)
         if self.trainer.global_rank != 0:
             return
-        out = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "teacher")
-        self.export(out, merged=self.hparams.save_merged)
+        self.export(out, merged=self.hparams.save_merged, model=twin)
         log.info("teacher written to %s (adapter/, merged/, teacher.json)", out)

@@ -354,6 +354,8 @@ def fsdp_worker(tiny_llama: str, data: str, ann: str, out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     from ellm_mkd.commands.lightning_cli import cli_main
+    from ellm_mkd.models import load_causal_lm
+    from ellm_mkd.teacher_cache import weights_fingerprint
 
     report: dict = {}
     started = time.monotonic()
@@ -364,6 +366,8 @@ def fsdp_worker(tiny_llama: str, data: str, ann: str, out: str) -> None:
             f"{__name__}.CPUFSDPStrategy",
             "--model.init_args.use_lora",
             "true" if variant == "lora" else "false",
+            "--model.init_args.export_dir",
+            str(Path(root) / "teacher"),
         ]
 
         cli = cli_main(args, run=False)
@@ -374,6 +378,7 @@ def fsdp_worker(tiny_llama: str, data: str, ann: str, out: str) -> None:
                     p.normal_(0, 0.5)
         trainer, model = cli.trainer, cli.model
         total = sum(p.numel() for p in model.parameters())  # before FSDP splits them
+        before = weights_fingerprint(model.model)
         first = trainer.validate(model, datamodule=cli.datamodule, verbose=False)[0]
         wrapped = trainer.strategy.model
         inner = [m.module for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)]
@@ -385,6 +390,25 @@ def fsdp_worker(tiny_llama: str, data: str, ann: str, out: str) -> None:
         ckpt = Path(root) / "sharded.ckpt"
         trainer.save_checkpoint(ckpt)
         saved = sorted(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+        # the end of fit: the best (here: the saved) checkpoint's weights come back into weights that moved, and
+        # every rank's shards are gathered to rank 0 for the export (adapter/, merged/, teacher.json)
+        trainer.checkpoint_callback.best_model_path = str(ckpt)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        model.on_fit_end()
+        exported = {}
+        if trainer.global_rank == 0:
+            teacher = Path(root) / "teacher"
+            exported["hash"] = json.loads((teacher / "teacher.json").read_text())["weights_hash"] == before
+            if variant == "lora":
+                from peft import PeftModel
+
+                reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_llama), teacher / "adapter")
+            else:
+                reloaded = load_causal_lm(str(teacher / "merged"))
+            exported["reloaded"] = weights_fingerprint(reloaded) == before
+            exported["files"] = sorted(p.name for p in teacher.iterdir())
         again = None
         if variant == "full":
             fresh = cli_main(args, run=False)  # a new process's model: different weights until the checkpoint loads
@@ -407,6 +431,7 @@ def fsdp_worker(tiny_llama: str, data: str, ann: str, out: str) -> None:
             "seconds": round(time.monotonic() - started, 1),
             "first": first,
             "again": again,
+            "exported": exported,
             "val_batches": trainer.num_val_batches,
         }
     rank = int(os.environ["RANK"])
@@ -472,16 +497,28 @@ def test_fsdp_sharded_checkpoint_round_trip_full_fine_tuning(fsdp_run):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    strict=True,
-    reason="TeacherLM.on_save_checkpoint keeps the LoRA weights by the names of self.named_parameters(), which under "
-    "FSDP carry _fsdp_wrapped_module. and _checkpoint_wrapped_module. the state dict's keys do not: the sharded "
-    "checkpoint holds no adapter weight, and loading it fails (Missing key in checkpoint state_dict: "
-    "model.model.base_model.model.model.embed_tokens.weight)",
-)
 def test_fsdp_sharded_checkpoint_of_a_lora_teacher_holds_the_adapter(fsdp_run):
+    """The adapter is in the sharded checkpoint (by the state dict's names, not FSDP's wrapped ones) beside the
+    base weights the sharded loader expects."""
     keys = fsdp_run[0]["lora"]["ckpt_keys"]
     assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys), keys
+    assert any(k.endswith("embed_tokens.weight") for k in keys), keys
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_fsdp_fit_end_restores_the_best_and_exports_gathered_weights(fsdp_run, variant):
+    """What fit does at its end under FSDP, on both ranks: the best (sharded) checkpoint's weights replace weights
+    that had moved on every rank, and rank 0 writes the export from every rank's shards: teacher.json's weights
+    hash is that of the unwrapped model before FSDP wrapped it (so both ranks' shards came back to the saved
+    values), and the written adapter (on its base) or merged model, loaded by peft/transformers alone, has those
+    weights."""
+    r0, r1 = (run[variant] for run in fsdp_run)
+    assert r0["exported"]["hash"] is True and r0["exported"]["reloaded"] is True
+    assert {"teacher.json", "merged"} <= set(r0["exported"]["files"])
+    assert ("adapter" in r0["exported"]["files"]) is (variant == "lora")
+    assert r1["exported"] == {}  # the other rank sent its shards and wrote nothing
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-worker"]:
