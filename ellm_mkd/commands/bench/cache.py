@@ -25,12 +25,12 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from callbacks.timer import ThroughputTimer
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import machine_description, options, options_parser, publish
+from .common import options, options_parser, publish, result_head, section_head
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class CacheBenchOptions:
         student_config: student LightningCLI config timed with and without the cache
         repeats: epochs timed with and without the cache, alternating
         precision: trainer precision of the teacher and the student (32-true on CPUs without native bf16)
+        accelerator: trainer accelerator of the teacher and the student: cpu or gpu (one CUDA device)
         seed: seed of the catalog and of training
         name: benchmark name (the JSON file and the markdown section)
         out_json: default docs/results/<name>.json
@@ -66,6 +67,7 @@ class CacheBenchOptions:
     student_config: str = "configs/students/cross_encoder.yaml"
     repeats: int = 2
     precision: str = "bf16-mixed"
+    accelerator: Literal["cpu", "gpu"] = "cpu"
     seed: int = 0
     name: str = "cache"
     out_json: str | None = None
@@ -99,7 +101,7 @@ def write_cache(mode: str, opts, data_dir: Path, out: Path, adapter: str | None)
         "--trainer.callbacks.init_args.overwrite",
         "true",
         "--trainer.accelerator",
-        "cpu",
+        opts.accelerator,
         "--trainer.enable_progress_bar",
         "false",
         "--data.eval_batch_size",
@@ -164,6 +166,8 @@ def student_epoch_seconds(opts, data_dir: Path, cache: Path | None, work: Path) 
         str(opts.seed),
         "--trainer.precision",
         opts.precision,
+        "--trainer.accelerator",
+        opts.accelerator,
     ]
     if cache is not None:
         args += [
@@ -201,15 +205,13 @@ def bench_cache(opts, command: str) -> dict[str, Any]:
     med = {k: statistics.median(r["epoch_seconds"] for r in v) for k, v in runs.items()}
     overhead = med["with"] / med["without"] - 1.0
     return {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        **result_head(opts.name, command),
         "setup": {
             "model": opts.model,
             "adapter": adapter,
             "catalog_queries": opts.num_queries,
             "precision": opts.precision,
+            "accelerator": opts.accelerator,
             "student_config": opts.student_config,
             "repeats": opts.repeats,
         },
@@ -229,12 +231,7 @@ def markdown_section(result: dict[str, Any]) -> str:
     name, s = result["benchmark"], result["setup"]
     teacher = f"`{s['model']}`" + (f" + LoRA adapter `{s['adapter']}`" if s["adapter"] else " zero-shot")
     lines = [
-        f"<!-- bench:{name} -->",
-        f"## {name}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; date {result['date']}.",
-        "",
+        *section_head(result),
         f"Teacher {teacher}; embedded catalog ({s['catalog_queries']} queries). Write throughput is the predict "
         "loop of `ellm-mkd predict` with `callbacks.TeacherCacheWriter` (readout + Parquet shard writes), "
         f"precision {s['precision']}.",
@@ -273,7 +270,7 @@ def bench_cache_main(argv: list[str]) -> int:
     from ellm_mkd.commands.lightning_cli import resolve_precision
 
     opts = options(CacheBenchOptions, _parser().parse_args(argv))
-    opts.precision = resolve_precision(opts.precision, "cpu")  # record what runs, not what was asked
+    opts.precision = resolve_precision(opts.precision, opts.accelerator)  # record what runs, not what was asked
     command = "ellm-mkd bench cache " + shlex.join(argv)
     result = bench_cache(opts, command)
     publish(result, opts, markdown_section(result))

@@ -272,6 +272,24 @@ MD_HEADER = (
 )
 
 
+def result_head(name: str, command: str) -> dict[str, Any]:
+    """The fields every benchmark result starts with: its name, the exact command, the machine and the date."""
+    return {"benchmark": name, "command": command, "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+
+
+def section_head(result: dict[str, Any]) -> list[str]:
+    """The first lines of a benchmark's markdown section: its marker, title, command, machine and date."""
+    name = result["benchmark"]
+    return [
+        f"<!-- bench:{name} -->",
+        f"## {name}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; date {result['date']}.",
+        "",
+    ]
+
+
 def publish(result: dict[str, Any], opts: Any, section: str) -> None:
     """Write a benchmark's JSON (``opts.out_json`` or ``docs/results/<name>.json``) and its markdown section."""
     out_json = opts.out_json or f"docs/results/{opts.name}.json"

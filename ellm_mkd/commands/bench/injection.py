@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import machine_description, options, options_parser, publish
+from .common import options, options_parser, publish, result_head, section_head
 
 TARGET_FLIP_RATE = 0.02
 STYLES: dict[str, str] = {
@@ -166,10 +166,7 @@ def bench_injection(opts, command: str) -> dict[str, Any]:
         teachers["base"] = measure(*_load(opts.teacher_model, None), pairs, levels, opts)
     judged = teachers.get("fine_tuned") or teachers["base"]
     return {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        **result_head(opts.name, command),
         "setup": {
             "data": opts.data,
             "split": opts.split,
@@ -194,12 +191,7 @@ def bench_injection(opts, command: str) -> dict[str, Any]:
 def markdown_section(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = [
-        f"<!-- bench:{result['benchmark']} -->",
-        f"## {result['benchmark']}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; date {result['date']}.",
-        "",
+        *section_head(result),
         f"Direct readout of `{s['teacher_model']}`"
         + (
             f" fine-tuned (`{s['teacher_dir']}`{'; ' + s['teacher_how'] if s.get('teacher_how') else ''})"

@@ -45,7 +45,7 @@ import yaml
 
 from ellm_mkd.commands.pipeline import REPO
 
-from .common import atomic_write_text, machine_description, options, options_parser, publish
+from .common import atomic_write_text, machine_description, options, options_parser, publish, result_head
 from .mkd_report import markdown_section, pool_plot, seed_std, targets
 
 log = logging.getLogger(__name__)
@@ -402,10 +402,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                 }
             )
     return {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        **result_head(opts.name, command),
         "setup": {
             "data": _describe(data, opts),
             "split_pairs": sizes,

@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .common import section_head
+
 #: metrics whose mean must not get worse under MKD (True: higher is better)
 LEVEL_METRICS = {"macro_f1": True, "rmse": False, "ece": False}
 
@@ -169,12 +171,7 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         else ""
     )
     lines = [
-        f"<!-- bench:{name} -->",
-        f"## {name}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; date {result['date']}.",
-        "",
+        *section_head(result),
         f"{what}; teacher {teacher}, cache of {s['cache_rows']} training pairs "
         f"({t.get('readout_for_cache', 'forced')} readout){pool_text}; students {s['student_epochs']} epoch(s); "
         f"mean ± std over seeds {result['rows'][0]['seeds'] if result['rows'] else []}. "

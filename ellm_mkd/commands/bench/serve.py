@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .common import fmt, machine_description, options, options_parser, publish
+from .common import fmt, options, options_parser, publish, result_head
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,7 @@ def bench_serve(opts: ServeBenchOptions, command: str) -> dict[str, Any]:
     tt = bench_two_tower(opts, rows, work, ce["scorer"]) if opts.two_tower else None
     svc = load_test(opts, work / "cross_encoder", rows) if opts.load_clients > 0 else None
     return {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        **result_head(opts.name, command),
         "setup": {**asdict(opts), "data": source.path, "item_fields": fields, "pairs_scored": len(rows)},
         "cross_encoder": ce["rows"],
         "parity": ce["card"].parity,

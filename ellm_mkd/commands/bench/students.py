@@ -82,6 +82,7 @@ from .common import (
     now,
     optimizer_description,
     options,
+    result_head,
     result_row,
     update_markdown,
 )
@@ -321,15 +322,7 @@ def bench_students(opts, command: str) -> dict[str, Any]:
             row = run_st_baseline(ce_dm, ce_cfg, seed, work_dir, opts.baseline_text)
             per_model.setdefault(row["name"], []).append(row)
     rows = [aggregate(rs) for rs in per_model.values()] + references
-    result = {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
-        "split": split_info,
-        "rows": rows,
-        "targets": compute_targets(rows),
-    }
+    result = {**result_head(opts.name, command), "split": split_info, "rows": rows, "targets": compute_targets(rows)}
     return result
 
 

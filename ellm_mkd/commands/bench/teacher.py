@@ -30,7 +30,17 @@ from typing import Any, Literal
 
 import torch
 
-from .common import fmt, machine_description, options, options_parser, publish
+from .common import (
+    fmt,
+    machine_description,
+    optimizer_description,
+    options,
+    options_parser,
+    publish,
+    result_head,
+    section_head,
+    sync,
+)
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("accuracy", "auc", "macro_f1", "rmse", "parse_failure_rate")
@@ -53,6 +63,7 @@ class TeacherBenchOptions:
         naive_pairs: pairs timed in the naive per-pair loops (evenly spaced over the length-sorted sample)
         max_new_tokens: generation budget of one chain
         precision: bf16-mixed, or 32-true on CPUs without native bf16 (AVX2-only: bf16 autocast is emulated, slower)
+        accelerator: cpu, or gpu: training, quality and readout speed on one CUDA device (autocast on it)
         seed: seed of the catalog and of training
         stage: all: catalog, zero-shot and LoRA quality, throughput; throughput: only the readout speed of the
                     adapter a full run trained, written into that run's result
@@ -74,6 +85,7 @@ class TeacherBenchOptions:
     naive_pairs: int = 16
     max_new_tokens: int = 128
     precision: str = "bf16-mixed"
+    accelerator: Literal["cpu", "gpu"] = "cpu"
     seed: int = 0
     stage: Literal["all", "throughput"] = "all"
     adapter: str | None = None
@@ -86,12 +98,12 @@ def _parser():
     return options_parser(TeacherBenchOptions, "ellm-mkd bench teacher", __doc__.split("\n\n")[0])
 
 
-def _evaluate(model, dm, mode: str, precision: str) -> dict[str, float]:
+def _evaluate(model, dm, mode: str, precision: str, accelerator: str = "cpu") -> dict[str, float]:
     import lightning as L
 
     model.use_readout(mode)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         precision=precision,
         logger=False,
@@ -115,6 +127,7 @@ def _naive_loop(model, ro, q: list[str], d: list[str], **generate_kwargs) -> tup
     t = time.perf_counter()
     for qi, di in zip(q, d):
         enc = tok(ro.prompts([qi], [di], "cot")[0], return_tensors="pt", add_special_tokens=False)
+        enc = enc.to(next(model.model.parameters()).device)
         out = model.model.generate(
             **enc,
             max_new_tokens=ro.max_new_tokens,
@@ -134,15 +147,20 @@ def _naive_loop(model, ro, q: list[str], d: list[str], **generate_kwargs) -> tup
     return len(q) / (time.perf_counter() - t), failures
 
 
-def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int, bf16: bool) -> dict[str, float]:
+def _throughput(
+    model, rows: list[dict[str, Any]], batch: int, naive_pairs: int, bf16: bool, accelerator: str = "cpu"
+) -> dict[str, float]:
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    model.to(device)  # Lightning hands the model back on the CPU after fit and test
     ro = model.readout
     q = [r["query"] for r in rows]
     d = [r["item_text"] for r in rows]
     out: dict[str, float] = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         t = time.perf_counter()
         for s in range(0, len(rows), batch):
             ro.direct(q[s : s + batch], d[s : s + batch])
+        sync(device)
         out["direct_pairs_per_s"] = len(rows) / (time.perf_counter() - t)
         # cot batched twice: every chain written to its end, then (the readout's default) chains that
         # break the schema stopped at their first broken line; the distributions must not change
@@ -156,12 +174,13 @@ def _throughput(model, rows: list[dict[str, Any]], batch: int, naive_pairs: int,
                 tokens += sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r.rationales)
                 failures += r.parse_failures
                 probs.append(r.level_probs)
+            sync(device)
             dt = time.perf_counter() - t
             out[f"{key}_pairs_per_s"] = len(rows) / dt
             out[f"{key}_generated_tokens_per_s"] = tokens / dt
             out[f"{key}_generated_tokens"] = tokens
             out[f"{key}_parse_failures"] = failures
-            levels[stop] = torch.cat(probs)
+            levels[stop] = torch.cat(probs).float().cpu()
         out["cot_stop_max_level_prob_difference"] = float((levels[True] - levels[False]).abs().max())
         # the naive loops time an evenly spaced subset: the rows are sorted by length, so the first few
         # would be the shortest prompts and chains
@@ -225,7 +244,8 @@ def bench_throughput(opts, command: str) -> dict[str, Any]:
         max_new_tokens=setup["max_new_tokens"],
         log_figures=False,
     ).eval()
-    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, opts.precision.startswith("bf16"))
+    bf16 = opts.precision.startswith("bf16")
+    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, bf16, opts.accelerator)
     result["throughput"] = speed
     result["targets"] = _target(speed)
     result["throughput_run"] = {
@@ -234,6 +254,7 @@ def bench_throughput(opts, command: str) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "adapter": str(adapter),
         "precision": opts.precision,
+        "accelerator": opts.accelerator,
         "naive_pairs": opts.naive_pairs,
         "eval_batch_size": opts.eval_batch_size,
     }
@@ -285,10 +306,10 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
     )
     quality: dict[str, dict[str, float]] = {}
     for mode in ("direct", "cot"):  # zero-shot: the LoRA update starts at zero, so this is the base model
-        quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode, opts.precision)
+        quality[f"zero_shot_{mode}"] = _evaluate(model, dm, mode, opts.precision, opts.accelerator)
         log.info("zero-shot %s: %s", mode, {k: round(v, 4) for k, v in quality[f"zero_shot_{mode}"].items()})
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=opts.accelerator,
         devices=1,
         precision=opts.precision,
         max_steps=opts.steps,
@@ -302,15 +323,13 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - t
     for mode in ("direct", "cot"):
-        quality[f"lora_{mode}"] = _evaluate(model, dm, mode, opts.precision)
+        quality[f"lora_{mode}"] = _evaluate(model, dm, mode, opts.precision, opts.accelerator)
         log.info("LoRA %s: %s", mode, {k: round(v, 4) for k, v in quality[f"lora_{mode}"].items()})
     model.eval()
-    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, opts.precision.startswith("bf16"))
+    bf16 = opts.precision.startswith("bf16")
+    speed = _throughput(model, rows, opts.eval_batch_size, opts.naive_pairs, bf16, opts.accelerator)
     return {
-        "benchmark": opts.name,
-        "command": command,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        **result_head(opts.name, command),
         "setup": {
             "model": opts.model,
             "catalog_queries": opts.num_queries,
@@ -320,6 +339,8 @@ def bench_teacher(opts, command: str) -> dict[str, Any]:
             "examples_seen": opts.steps * opts.batch_size,
             "lr": opts.lr,
             "precision": opts.precision,
+            "accelerator": opts.accelerator,
+            "optimizer": optimizer_description(trainer.optimizers[0]) if trainer.optimizers else None,
             "eval_pairs": len(rows),
             "eval_batch_size": opts.eval_batch_size,
             "max_new_tokens": opts.max_new_tokens,
@@ -349,12 +370,7 @@ def markdown_section(result: dict[str, Any]) -> str:
     name = result["benchmark"]
     s = result["setup"]
     lines = [
-        f"<!-- bench:{name} -->",
-        f"## {name}",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; date {result['date']}.",
-        "",
+        *section_head(result),
         f"Teacher `{s['model']}` + LoRA (r {s['lora']['r']}, alpha {s['lora']['alpha']}, {len(s['lora']['targets'])} "
         f"projections) on the embedded catalog ({s['catalog_queries']} queries), rule annotations of the training "
         f"split; {s['steps']} steps x {s['batch_size']} examples ({s['examples_seen']} examples, each a cot and a "
@@ -441,7 +457,7 @@ def bench_teacher_main(argv: list[str]) -> int:
     from ellm_mkd.commands.lightning_cli import resolve_precision
 
     opts = options(TeacherBenchOptions, _parser().parse_args(argv))
-    opts.precision = resolve_precision(opts.precision, "cpu")
+    opts.precision = resolve_precision(opts.precision, opts.accelerator)
     command = "ellm-mkd bench teacher " + shlex.join(argv)
     result = (bench_throughput if opts.stage == "throughput" else bench_teacher)(opts, command)
     publish(result, opts, markdown_section(result))
