@@ -61,7 +61,7 @@ from ellm_mkd.schema import BUCKETS, DIMENSIONS, VERDICTS, normalize_text
 
 from .augment import Augmentation, file_pairs, sample_pairs
 from .inputs import InputLayout, TextInputs
-from .sampling import LengthGroupedSampler
+from .sampling import LengthGroupedSampler, ResumableLoader
 from .splits import limit_by_query, select_split
 from .teacher_batch import add_teacher_fields
 from .teacher_signal import TeacherSource
@@ -246,6 +246,22 @@ class RelevanceDataModule(L.LightningDataModule):
         self.table: pa.Table | None = None
         self.report: LoadReport | None = None
         self.datasets: dict[str, RelevanceDataset] = {}
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches trained) of a restored checkpoint
+
+    # Resuming mid-epoch: saved with every checkpoint (see sampling.ResumableLoader) --------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": trainer.current_epoch, "train_batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_at = (state["train_epoch"], state["train_batches_done"]) if state else None
+
+    def _batches_to_skip(self) -> int:
+        at, self._resume_at = self._resume_at, None
+        return at[1] if at is not None and self.trainer is not None and self.trainer.current_epoch == at[0] else 0
 
     # Late binding -----------------------------------------------------------------------------
     def connect(self, layout: InputLayout | None = None, batch_size: int | None = None) -> None:
@@ -436,7 +452,7 @@ class RelevanceDataModule(L.LightningDataModule):
         if train and self.group_by_length:
             lengths = [len(r["query"]) + len(r["item_text"]) + len(r.get("rationale") or "") for r in ds.rows]
             sampler = LengthGroupedSampler(lengths, bs, seed=torch.initial_seed() % 2**31)
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=bs,
             shuffle=train and sampler is None,
@@ -445,6 +461,7 @@ class RelevanceDataModule(L.LightningDataModule):
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            **({"skip": self._batches_to_skip} if train else {}),
         )
 
     def train_dataloader(self) -> DataLoader:

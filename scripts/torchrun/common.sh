@@ -4,8 +4,10 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash scripts/torchrun/teacher_fit.sh     # on the second
 # torchrun starts NPROC_PER_NODE processes here and sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
 # Lightning's TorchElasticEnvironment reads them and checks that num_nodes x devices equals WORLD_SIZE. When a
-# process fails, torchrun restarts every process of the job (up to MAX_RESTARTS times): the fits resume from
-# last.ckpt (--ckpt_path last), the cache skips the pairs already written.
+# process fails on one machine, torchrun restarts every process there (up to MAX_RESTARTS times): the fits resume
+# from last.ckpt (--ckpt_path last), the cache skips the pairs already written. On several machines the default is
+# no restart: with this static rendezvous a restarted node waits for a peer whose launcher has gone (found in
+# tests/test_multinode.py: still waiting after 180 s); start every node again (or let the scheduler requeue).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 
@@ -29,7 +31,7 @@ NODE_RANK=${NODE_RANK:-0}
 NPROC_PER_NODE=${NPROC_PER_NODE:-8}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-MAX_RESTARTS=${MAX_RESTARTS:-3}
+if [ "$NNODES" -gt 1 ]; then MAX_RESTARTS=${MAX_RESTARTS:-0}; else MAX_RESTARTS=${MAX_RESTARTS:-3}; fi
 # torchrun ARGS...: the ellm-mkd command ARGS in NPROC_PER_NODE processes on this machine
 launch() {
     torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
