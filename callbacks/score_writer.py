@@ -3,9 +3,16 @@
 :class:`StudentScoreWriter` streams every predicted batch to ``<log dir>/scores.parquet`` (or ``out``;
 ``.csv``/``.jsonl`` by the name): ``example_id``, ``query``, ``item_id``, ``label``/``grade`` (when the data
 has labels), ``expected_grade``, ``level``, ``p_<level>`` and each dimension's verdict and its probability.
-The students add one to an ``ellm-mkd predict`` run by themselves (``configure_callbacks``; the command sets
-:data:`AUTO_ENV`, so a ``trainer.predict`` called from Python, e.g. by a benchmark timing the predict loop,
-writes nothing) unless the trainer already has one; under DDP each rank writes its own file
+``ellm-mkd predict`` adds one to a student's run (:func:`add_score_writer`, called by the CLI before it
+predicts) unless the config lists one already, e.g. to choose the file::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.StudentScoreWriter
+          init_args: {out: runs/scores/test.csv}
+
+A ``trainer.predict`` called from Python (a benchmark timing the predict loop) writes nothing unless its
+trainer has one. Under DDP each rank writes the pairs it predicted to its own file
 (``scores.rank<N>.parquet``).
 """
 
@@ -21,9 +28,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 from ellm_mkd.serving.scorer import PairScores, score_columns
 from ellm_mkd.serving.writer import ScoreWriter
-
-#: set to 1 by ``ellm-mkd predict``: students then add a :class:`StudentScoreWriter` to the run
-AUTO_ENV = "ELLM_MKD_PREDICT_SCORES"
 
 
 class StudentScoreWriter(BasePredictionWriter):
@@ -84,11 +88,15 @@ class StudentScoreWriter(BasePredictionWriter):
             self._writer = None
 
 
-def predict_callbacks(module: L.LightningModule) -> list[L.Callback]:
-    """A :class:`StudentScoreWriter` for a student's ``ellm-mkd predict`` run, unless the trainer has one."""
-    trainer = module._trainer
-    if trainer is None or trainer.state.fn != "predict" or os.environ.get(AUTO_ENV) != "1":
-        return []
+def add_score_writer(trainer: L.Trainer, module: L.LightningModule) -> StudentScoreWriter | None:
+    """Give a student's predict run a :class:`StudentScoreWriter` unless ``trainer`` has one; returns the writer
+    added (None: not a student, or the config's own writer is used)."""
+    from lightning_modules.base import RelevanceStudent
+
+    if not isinstance(module, RelevanceStudent):
+        return None
     if any(isinstance(cb, StudentScoreWriter) for cb in trainer.callbacks):
-        return []
-    return [StudentScoreWriter()]
+        return None
+    writer = StudentScoreWriter()
+    trainer.callbacks.append(writer)
+    return writer

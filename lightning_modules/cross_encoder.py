@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from callbacks.losses.rationale_attention import cls_attention
-from callbacks.score_writer import predict_callbacks
 from datamodules.teacher_batch import evidence_token_mask, side_spans
 from ellm_mkd.models import load_encoder, load_tokenizer
 
@@ -91,10 +90,6 @@ class CrossEncoderStudent(RelevanceStudent):
         self._attention_layers: list[int] = []
         self._projections: dict[tuple[int, str], Tensor] = {}
         self._capturing = False
-
-    def configure_callbacks(self) -> list:
-        """``ellm-mkd predict`` writes a scores file (:mod:`callbacks.score_writer`)."""
-        return predict_callbacks(self)
 
     def input_layout(self) -> PairInputs:
         return PairInputs(self.tokenizer, self.hparams.max_seq_length)

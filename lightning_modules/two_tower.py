@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.score_writer import predict_callbacks
 from datamodules.teacher_batch import evidence_token_mask, side_spans
 from ellm_mkd.models import load_encoder, load_tokenizer
 
@@ -103,10 +102,6 @@ class TwoTowerStudent(RelevanceStudent):
             nn.Linear(4 * h, scorer_hidden), nn.GELU(), nn.Linear(scorer_hidden, scorer_hidden), nn.GELU()
         )
         self._build_heads(scorer_hidden)
-
-    def configure_callbacks(self) -> list:
-        """``ellm-mkd predict`` writes a scores file (:mod:`callbacks.score_writer`)."""
-        return predict_callbacks(self)
 
     def head_parameters(self) -> list[nn.Parameter]:
         extra = [*self.scorer.parameters()]

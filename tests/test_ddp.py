@@ -151,6 +151,33 @@ def test_shipped_student_config_fits_and_tests_on_two_processes(student, tmp_pat
     out = run_bounded(["test", *common, "--ckpt_path", str(best), "--trainer.limit_test_batches", "4"]).stdout
     assert "test/auc" in out and "test/ndcg10" in out
     assert "test/confusion_matrix" in tensorboard_tags(root / "baseline")
+    if student != "cross_encoder":
+        return
+    # predict: each rank writes the pairs it scored to its own scores file; together they cover the batches once
+    scores = tmp_path / "scores"
+    out = run_bounded(
+        [
+            "predict",
+            *common,
+            "--ckpt_path",
+            str(best),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(scores),
+            "--trainer.limit_predict_batches",
+            "3",
+        ]
+    ).stdout
+    import pyarrow.parquet as pq
+
+    ranks = [pq.read_table(scores / f"scores.rank{r}.parquet").to_pylist() for r in (0, 1)]
+    assert f"scores: {scores / 'scores.rank0.parquet'}" in out
+    assert not (scores / "scores.parquet").exists()
+    ids = [[row["example_id"] for row in rows] for rows in ranks]
+    assert len(ids[0]) == len(ids[1]) == 3 * 16  # 3 batches of 16 (eval batch: 2 x batch_size 8) on each rank
+    assert len(set(ids[0]) | set(ids[1])) == 2 * 3 * 16  # no pair scored by both ranks
+    assert all(0.0 <= row["expected_grade"] <= 3.0 for rows in ranks for row in rows)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 from shipping import export_both
 
-from callbacks.score_writer import AUTO_ENV
 from ellm_mkd.commands.main import main
 
 LEVELS = ["irrelevant", "complement", "substitute", "exact"]
@@ -131,7 +129,6 @@ def test_predict_on_a_student_writes_a_scores_file(runs, tiny_encoder, synth_dir
     assert main(args) == 0
     path = root / "scores.parquet"
     assert f"scores: {path}" in capsys.readouterr().out
-    assert AUTO_ENV not in os.environ  # only ellm-mkd predict writes scores; a trainer.predict from Python does not
     predicted = {r["example_id"]: r for r in read_scores(path)}
     assert (
         main(
@@ -154,3 +151,24 @@ def test_predict_on_a_student_writes_a_scores_file(runs, tiny_encoder, synth_dir
         p = predicted[r["example_id"]]
         assert p["item_id"] == r["item_id"] and p["query"] == r["query"] and p["label"] == r["label"]
         assert abs(p["expected_grade"] - r["expected_grade"]) < 1e-4 and p["category"] == r["category"]
+    # a writer listed in the config is used as configured (its own file), not doubled by the default one
+    cfg = tmp_path / "writer.yaml"
+    cfg.write_text(
+        "trainer:\n  callbacks:\n    - class_path: callbacks.StudentScoreWriter\n"
+        f"      init_args: {{out: {tmp_path / 'chosen.csv'}}}\n"
+    )
+    root2 = tmp_path / "predict2"
+    again = [a if a != str(root) else str(root2) for a in args]
+    assert main([*again, "--config", str(cfg)]) == 0
+    assert not (root2 / "scores.parquet").exists()
+    chosen = read_scores(tmp_path / "chosen.csv")
+    assert {r["example_id"] for r in chosen} == set(predicted)
+    # a trainer.predict called from Python (not the command) writes no scores file
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    root3 = tmp_path / "predict3"
+    plain = [a if a != str(root) else str(root3) for a in args[1:] if a not in ("--ckpt_path", str(ckpt))]
+    cli = cli_main(plain, run=False)
+    out = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt))
+    assert len(out) > 0
+    assert not list(root3.rglob("scores*"))

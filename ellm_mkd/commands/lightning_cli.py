@@ -127,6 +127,11 @@ class EllmCLI(LightningCLI):
     def after_test(self) -> None:
         self._say_where([("logs", self.trainer.log_dir)])
 
+    def before_predict(self) -> None:
+        from callbacks.score_writer import add_score_writer
+
+        add_score_writer(self.trainer, self.model)  # a student's predict writes a scores file
+
     def after_predict(self) -> None:
         from callbacks.teacher_cache_writer import TeacherCacheWriter
 

@@ -69,21 +69,12 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING_COMMANDS:
-        from callbacks.score_writer import AUTO_ENV
-
         from .lightning_cli import cli_main
 
-        before = os.environ.get(AUTO_ENV)
-        if cmd == "predict":  # a student's predict writes a scores file (callbacks.score_writer)
-            os.environ[AUTO_ENV] = "1"
         try:
             cli_main([cmd, *rest])
         finally:
             close_process_group()
-            if before is None:
-                os.environ.pop(AUTO_ENV, None)
-            else:
-                os.environ[AUTO_ENV] = before
         return 0
     if cmd in ENTRY_POINTS:
         module, func = ENTRY_POINTS[cmd]
