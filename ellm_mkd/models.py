@@ -337,6 +337,12 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, torch_
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 
 
+def is_lora_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a LoRA adapter directory (peft's ``adapter_config.json``), to be put on a base model;
+    otherwise a fine-tuned teacher directory is a whole model (e.g. the ``merged/`` a full fine-tune writes)."""
+    return (Path(path) / "adapter_config.json").exists()
+
+
 def _sha256_file(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -144,8 +144,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         self.model_path = resolve_model(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
         ensure_pad_token(self.tokenizer)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[weights_dtype]
-        lm = load_causal_lm(self.model_path, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        lm = self._load_lm()
         if gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
@@ -414,6 +413,12 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         log.info("teacher: best validated weights restored (%s %s) from %s", cb.monitor, score, best)
         return best
 
+    def _load_lm(self) -> torch.nn.Module:
+        """The base causal LM read from ``model`` in ``weights_dtype`` (no LoRA layers)."""
+        hp = self.hparams
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[hp.weights_dtype]
+        return load_causal_lm(self.model_path, trust_remote_code=hp.trust_remote_code, torch_dtype=dtype)
+
     def _sharded(self) -> bool:
         """Whether the weights are split over the ranks (Lightning's FSDP strategy, or one derived from it)."""
         from lightning.pytorch.strategies import FSDPStrategy
@@ -436,10 +441,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
                 state = {k: v.clone() for k, v in state.items()}
         if self.trainer.global_rank != 0:
             return None
-        hp = self.hparams
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[hp.weights_dtype]
-        twin = load_causal_lm(self.model_path, trust_remote_code=hp.trust_remote_code, torch_dtype=dtype)
-        if hp.use_lora:
+        twin = self._load_lm()
+        if self.hparams.use_lora:
             from peft import get_peft_model
 
             twin = get_peft_model(twin, copy.deepcopy(self.model.peft_config["default"]))

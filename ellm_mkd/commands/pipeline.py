@@ -83,7 +83,9 @@ def teacher_model_args(model: str, teacher_dir: str | None = None) -> list[str]:
     fine-tune writes)."""
     if teacher_dir is None:
         return ["--model.init_args.model", model]
-    if (Path(teacher_dir) / "adapter_config.json").exists():
+    from ellm_mkd.models import is_lora_adapter
+
+    if is_lora_adapter(teacher_dir):
         return ["--model.init_args.model", model, "--model.init_args.adapter", str(teacher_dir)]
     return ["--model.init_args.model", str(teacher_dir), "--model.init_args.use_lora", "false"]
 

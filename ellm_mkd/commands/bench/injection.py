@@ -95,20 +95,15 @@ def _pairs(opts) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _load(model: str, teacher_dir: str | None):
     """Model and tokenizer for a readout: a base model, a LoRA adapter on it, or a whole model directory."""
-    from pathlib import Path
+    from ellm_mkd.models import is_lora_adapter, load_causal_lm, load_tokenizer, resolve_model
 
-    from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
+    adapter = teacher_dir is not None and is_lora_adapter(teacher_dir)
+    path = teacher_dir if teacher_dir is not None and not adapter else resolve_model(model)
+    lm = load_causal_lm(path)
+    if adapter:
+        from peft import PeftModel
 
-    if teacher_dir is not None and not (Path(teacher_dir) / "adapter_config.json").exists():
-        path = teacher_dir
-        lm = load_causal_lm(path)
-    else:
-        path = resolve_model(model)
-        lm = load_causal_lm(path)
-        if teacher_dir is not None:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, teacher_dir).merge_and_unload()
+        lm = PeftModel.from_pretrained(lm, teacher_dir).merge_and_unload()
     return lm.eval(), load_tokenizer(path)
 
 
