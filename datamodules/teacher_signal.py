@@ -74,6 +74,10 @@ class CachedTeacher(TeacherSource):
         teacher_dir: the teacher's export directory (with ``teacher.json``); pins the cache to that
             teacher's weights hash and prompt template.
         expect: further manifest keys and values the cache must have (e.g. ``{teacher: {readout: cot}}``).
+        temperature: rescales every cached level distribution, ``p ∝ p^(1/T)`` (:mod:`ellm_mkd.calibration`):
+            a number, or ``fit``: the T that minimises the NLL of the validation split's labels under the
+            cached readouts of those pairs (the cache must cover the validation split: ``predict_split: all``
+            or ``val``); the fit and the validation ECE before/after it are logged. 1.0 leaves them as cached.
     """
 
     lookup = True
@@ -84,9 +88,14 @@ class CachedTeacher(TeacherSource):
         missing: Missing = "error",
         teacher_dir: str | None = None,
         expect: dict[str, Any] | None = None,
+        temperature: float | Literal["fit"] = 1.0,
     ):
         if missing not in ("error", "hard_label"):
             raise ValueError(f"missing must be 'error' or 'hard_label', got {missing!r}")
+        if temperature != "fit" and not (isinstance(temperature, int | float) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0 or 'fit', got {temperature!r}")
+        self.temperature = temperature
+        self.calibration: Any = None  # the TemperatureFit of temperature: fit, after bind
         self.cache_dir, self.missing, self.teacher_dir = cache_dir, missing, teacher_dir
         self.expect = dict(expect or {})
         self._signals: dict[str, TeacherSignal] = {}
@@ -151,8 +160,39 @@ class CachedTeacher(TeacherSource):
                 len(missing_train),
                 n_train,
             )
-        self._signals = kept
+        self._signals = self._calibrated(kept, dm)
         log.info("teacher cache %s: %d examples joined", self.cache_dir, len(kept))
+
+    def _calibrated(self, kept: dict[str, TeacherSignal], dm: Any) -> dict[str, TeacherSignal]:
+        """``kept`` with every level distribution at ``temperature`` (fitted on the validation split for ``fit``)."""
+        import dataclasses
+
+        import torch
+
+        from ellm_mkd.calibration import apply_temperature, fit_temperature
+
+        t = self.temperature
+        if t == "fit":
+            val = getattr(dm, "datasets", {}).get("val")
+            rows = [
+                r for r in (val.rows if val is not None else []) if r["label"] is not None and r["example_id"] in kept
+            ]
+            if len(rows) < 20:
+                raise ValueError(
+                    f"{self.cache_dir}: temperature: fit needs the teacher's readout of labelled validation pairs in "
+                    f"the cache, found {len(rows)} (write the cache with data.predict_split: all, or val)"
+                )
+            probs = torch.tensor([kept[r["example_id"]].level_probs for r in rows])
+            self.calibration = fit_temperature(probs, torch.tensor([r["label"] for r in rows]))
+            t = self.calibration.temperature
+            log.info(
+                "teacher cache %s: level distributions calibrated, %s", self.cache_dir, self.calibration.describe()
+            )
+        if t == 1.0:
+            return kept
+        ids = list(kept)
+        scaled = apply_temperature(torch.tensor([kept[i].level_probs for i in ids], dtype=torch.float64), float(t))
+        return {i: dataclasses.replace(kept[i], level_probs=p) for i, p in zip(ids, scaled.tolist())}
 
     def covers(self, example_id: str) -> bool:
         return example_id in self._signals

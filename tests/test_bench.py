@@ -507,6 +507,8 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         "16",
         "--pools",
         "[0,2]",
+        "--teacher_calibration",
+        "true",
         "--rows",
         "[baseline,soft]",
         "--compare_row",
@@ -532,8 +534,15 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
     pool = pq.read_table(tmp_path / "work" / "data" / "pool_2x.parquet")
     train_queries = set(pq.read_table(tmp_path / "work" / "data" / "train.parquet").column("query").to_pylist())
     assert pool.num_rows == 2 * train and set(pool.column("query").to_pylist()) == train_queries
-    # the cache holds the teacher's direct judgement of every labelled pair and every pool pair
-    assert res["setup"]["cache_rows"] == 3 * train and res["setup"]["teacher"]["readout_for_cache"] == "direct"
+    # the cache holds the teacher's direct judgement of every labelled pair and every pool pair, and (to fit the
+    # temperature the MKD runs distil at) of the validation and test pairs
+    sizes = res["setup"]["split_pairs"]
+    assert res["setup"]["cache_rows"] == 3 * train + sizes["val"] + sizes["test"]
+    assert res["setup"]["teacher"]["readout_for_cache"] == "direct"
+    calibration = res["setup"]["teacher"]["calibration"]
+    assert calibration["pairs"] == sizes["val"] and calibration["nll_after"] <= calibration["nll_before"]
+    fitted = f"temperature T = {calibration['temperature']:.2f}, fitted on {sizes['val']} validation"
+    assert fitted in out_md.read_text()
     from ellm_mkd.teacher_cache import TeacherCache
 
     manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest

@@ -82,6 +82,9 @@ class MkdBenchOptions:
         teacher_readout: what the cache holds: direct (the teacher's level distribution, one pass per pair), cot
                     (a chain the teacher writes, then its distributions) or forced (after the annotator's chain,
                     which hands the annotations back)
+        teacher_calibration: fit a temperature for the teacher's level distributions on the validation split
+                    (``CachedTeacher(temperature: fit)``; the cache then covers every split) and distil the
+                    calibrated distributions; the fit is reported
         pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs (catalog only):
                     every MKD row but full_augment runs once per pool size, the baseline once
         compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
@@ -120,6 +123,7 @@ class MkdBenchOptions:
     teacher_dir: str | None = None
     teacher_how: str | None = None
     teacher_readout: str = "direct"
+    teacher_calibration: bool = False
     pools: list[int] = field(default_factory=lambda: [0])
     compare_row: str = "full"
     encoder: str = "minilm-l6"
@@ -200,7 +204,23 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
         TEACHER_KEYS if teacher else ()
     )
     extra = {"max_pool": max(opts.pools)} if teacher and max(opts.pools) > 0 else {}
+    if teacher and opts.teacher_calibration:
+        extra["teacher_calibration"] = True
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
+
+
+def _calibration(data: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    """The temperature every MKD run fits on the validation split (``CachedTeacher(temperature: fit)``), fitted
+    once here for the report: T and the validation NLL and ECE of the teacher before and after it."""
+    from dataclasses import asdict
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.teacher_signal import CachedTeacher
+
+    teacher = CachedTeacher(cache_dir, missing="hard_label", temperature="fit")
+    RelevanceDataModule(**data, teacher=teacher).setup("fit")
+    log.info("teacher calibration: %s", teacher.calibration.describe())
+    return asdict(teacher.calibration)
 
 
 def _load_state(path: Path, *fingerprints: str) -> dict[str, Any] | None:
@@ -316,7 +336,9 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         elif "full_augment" in opts.rows:  # the cache covers the sampled pairs too (a superset serves every row)
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
-        cache = write_cache(out, plan, model_args, opts.teacher_readout, augment)
+        every_split = ["--data.predict_split", "all"] if opts.teacher_calibration else []
+        cache = write_cache(out, plan, model_args, opts.teacher_readout, [*augment, *every_split])
+        calibration = _calibration(data, cache["path"]) if opts.teacher_calibration else None
         setup = {
             "fingerprint": fingerprint,
             "sizes": sizes,
@@ -324,6 +346,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "machine": machine_description(),
             "teacher": {"test": teacher["test"], "adapter": teacher["adapter"], "fit_seconds": teacher["fit_seconds"]},
             "with_augment": bool(augment),
+            "calibration": calibration,
             "seconds": round(time.time() - t0, 1),
         }
         _save_state(state / "setup.json", setup)
@@ -351,6 +374,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
+                            if opts.teacher_calibration:
+                                extra += ["--data.teacher.init_args.temperature", "fit"]
                         if pool:
                             extra += _augment_args(pool_files[pool])
                         r = train_student(
@@ -415,6 +440,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                 "batch": opts.teacher_batch,
                 "fit_seconds": teacher["fit_seconds"],
                 "readout_for_cache": cache.get("readout", "forced"),
+                "calibration": setup.get("calibration"),
             },
             "cache_rows": cache["rows"],
             "cache_seconds": cache["seconds"],

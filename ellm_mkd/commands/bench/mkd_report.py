@@ -137,6 +137,16 @@ def pool_plot(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _calibration_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return ""
+    return (
+        f" The students distil its level distributions at temperature T = {c['temperature']:.2f}, fitted on "
+        f"{c['pairs']} validation pairs (validation NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}, "
+        f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})."
+    )
+
+
 def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
     from ellm_mkd.schema import BUCKETS
 
@@ -179,7 +189,9 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         f"AUC {result['teacher'].get('auc', float('nan')):.3f}, "
         f"nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
         f"accuracy {result['teacher'].get('accuracy', float('nan')):.3f}, "
-        f"macro-F1 {result['teacher'].get('macro_f1', float('nan')):.3f}.",
+        f"macro-F1 {result['teacher'].get('macro_f1', float('nan')):.3f}, "
+        f"ECE {result['teacher'].get('ece', float('nan')):.3f}."
+        + _calibration_text(t.get("calibration")),
         "",
         "| student | row | bucket | AUC | nDCG@10 | macro-F1 | RMSE | ECE | val AUC | epoch overhead vs baseline | "
         "chain embedding, once per run |",

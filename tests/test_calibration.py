@@ -1,0 +1,79 @@
+"""Temperature scaling of the teacher's level distributions: the fit, and ``CachedTeacher(temperature=...)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rule_signals, write_cache
+
+from ellm_mkd.calibration import apply_temperature, fit_temperature
+
+ITEM_FIELDS = ["title", "brand", "color", "attributes"]
+
+
+def test_fit_recovers_the_temperature_of_an_overconfident_model():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.distributions.Dirichlet(torch.ones(4)).sample((20000,))  # calibrated distributions
+    labels = torch.multinomial(truth, 1, generator=g)[:, 0]
+    for true_t in (0.5, 2.0):  # overconfident (sharpened by 1/0.5) and underconfident
+        seen = apply_temperature(truth, 1 / true_t)
+        fit = fit_temperature(seen, labels)
+        assert fit.temperature == pytest.approx(true_t, rel=0.05)
+        assert fit.nll_after < fit.nll_before and fit.ece_after < fit.ece_before
+        assert fit.ece_after < 0.02 and fit.pairs == 20000
+        assert torch.equal(apply_temperature(seen, fit.temperature).argmax(-1), seen.argmax(-1))  # same levels
+    already = fit_temperature(truth, labels)  # a calibrated model keeps T close to 1
+    assert already.temperature == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        apply_temperature(torch.tensor([[0.5, 0.5]]), 0.0)
+    with pytest.raises(ValueError, match="no labelled pairs"):
+        fit_temperature(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="level indexes"):
+        fit_temperature(torch.full((2, 4), 0.25), torch.tensor([0, 4]))
+
+
+def _dm(synth_dir, **kw):
+    from datamodules.datamodule import RelevanceDataModule
+
+    return RelevanceDataModule({"path": str(synth_dir)}, item_fields=ITEM_FIELDS, **kw)
+
+
+def test_cached_teacher_fits_on_validation_and_rescales_every_row(synth_dir, tmp_path):
+    from datamodules.teacher_signal import CachedTeacher
+
+    dm = _dm(synth_dir)
+    dm.setup("fit")
+    sigs = rule_signals(dm, splits=("train", "val"))
+    labels = {r["example_id"]: r["label"] for r in dm.datasets["val"].rows}
+    # validation readouts about 99% sure of a level that is right for 2 pairs in 3: the fit must soften them (T > 1)
+    for i, s in enumerate(sigs):
+        if s.example_id in labels:
+            said = labels[s.example_id] if i % 3 else (labels[s.example_id] + 1) % 4
+            s.level_probs = (torch.eye(4)[said] * 0.96 + 0.01).tolist()
+    write_cache(tmp_path / "c", dm, sigs)
+    cached = {s.example_id: s.level_probs for s in sigs}
+
+    teacher = CachedTeacher(str(tmp_path / "c"), temperature="fit")
+    _dm(synth_dir, teacher=teacher).setup("fit")
+    fit = teacher.calibration
+    assert fit.pairs == sum(v is not None for v in labels.values()) and fit.temperature > 1.0
+    assert fit.nll_after < fit.nll_before
+    train_ids = [r["example_id"] for r in dm.datasets["train"].rows]
+    got = torch.tensor([teacher.signals([{"example_id": i}])[0].level_probs for i in train_ids])
+    want = apply_temperature(torch.tensor([cached[i] for i in train_ids], dtype=torch.float64), fit.temperature)
+    assert torch.allclose(got, want.float(), atol=1e-6)
+
+    fixed = CachedTeacher(str(tmp_path / "c"), temperature=2.0)
+    _dm(synth_dir, teacher=fixed).setup("fit")
+    first = train_ids[0]
+    expect = apply_temperature(torch.tensor([cached[first]], dtype=torch.float64), 2.0)[0]
+    assert torch.allclose(torch.tensor(fixed.signals([{"example_id": first}])[0].level_probs), expect.float())
+
+    write_cache(tmp_path / "train_only", dm, [s for s in sigs if s.example_id not in labels])
+    with pytest.raises(ValueError, match=r"temperature: fit needs .* validation pairs in the cache, found 0"):
+        _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "train_only"), temperature="fit")).setup("fit")
+    with pytest.raises(ValueError, match="temperature must be a number > 0 or 'fit'"):
+        CachedTeacher(str(tmp_path / "c"), temperature=-1.0)
