@@ -105,12 +105,14 @@ class LogProgress(ProgressBar):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start()
+        # fixed for the epoch: under max_steps Lightning's total is the steps still to go, which shrinks as they go
+        self._train_total = self.total_train_batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._batch(f"fit {self._epoch()}", self.total_train_batches)
+        self._batch(f"fit {self._epoch()}", self._train_total)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._line(f"fit {self._epoch()} done", self._done, self.total_train_batches, force=True)
+        self._line(f"fit {self._epoch()} done", self._done, self._train_total, force=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._outer = (self._t0, self._last, self._done)  # validation runs inside a training epoch

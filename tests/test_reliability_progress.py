@@ -79,6 +79,25 @@ def test_fit_validate_test_predict_log_plain_lines(tmp_path, caplog):
     assert lines[-1].startswith("predict done: batch 2/2 (100%)")
 
 
+def test_a_run_bounded_by_max_steps_counts_to_a_fixed_total(tmp_path, caplog):
+    trainer = Trainer(
+        max_epochs=-1,
+        max_steps=6,
+        callbacks=[LogProgress(every_s=0)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    with caplog.at_level(logging.INFO, logger="callbacks.progress"):
+        trainer.fit(Tiny(), loader(40))
+    lines = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "callbacks.progress"]
+    expected = [f"fit epoch 1: batch {i}/6 ({100 * i / 6:.0f}%)" for i in range(1, 7)]
+    assert lines == [*expected, "fit epoch 1 done: batch 6/6 (100%)"]
+
+
 def test_lines_are_spaced_by_time_or_batches(tmp_path, caplog):
     trainer = Trainer(
         max_epochs=1,
