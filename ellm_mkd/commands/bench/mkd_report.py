@@ -190,8 +190,7 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         f"nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
         f"accuracy {result['teacher'].get('accuracy', float('nan')):.3f}, "
         f"macro-F1 {result['teacher'].get('macro_f1', float('nan')):.3f}, "
-        f"ECE {result['teacher'].get('ece', float('nan')):.3f}."
-        + _calibration_text(t.get("calibration")),
+        f"ECE {result['teacher'].get('ece', float('nan')):.3f}." + _calibration_text(t.get("calibration")),
         "",
         "| student | row | bucket | AUC | nDCG@10 | macro-F1 | RMSE | ECE | val AUC | epoch overhead vs baseline | "
         "chain embedding, once per run |",
