@@ -597,6 +597,10 @@ def test_bench_mkd_on_home_depot_subsample(tmp_path, tiny_llama, tiny_encoder):
         "8",
         "--rows",
         "[baseline,full]",
+        "--pools",
+        "[0,1]",
+        "--pool_after",
+        "96",
         "--seeds",
         "[0]",
         "--students",
@@ -615,7 +619,24 @@ def test_bench_mkd_on_home_depot_subsample(tmp_path, tiny_llama, tiny_encoder):
     sizes = res["setup"]["split_pairs"]
     assert 0 < sizes["train"] <= 48 and 0 < sizes["val"] <= 16 and 0 < sizes["test"] <= 24
     assert res["setup"]["data"]["preset"] == "homedepot" and res["setup"]["catalog"] is None
-    assert res["setup"]["cache_rows"] == sizes["train"]  # the teacher scored exactly the subsampled training pairs
+    # the pool: training pairs of further queries, after the first 96 in the subsample's query order (a teacher
+    # trained on those 96 never saw them), unlabelled; the teacher scored the labelled pairs and the pool
+    import pyarrow.parquet as pq
+
+    from datamodules.datamodule import RelevanceDataModule
+    from ellm_mkd.schema import make_example_id, normalize_text
+
+    pool = pq.read_table(tmp_path / "work" / "data" / "pool_1x.parquet").to_pylist()
+    assert 0.9 * sizes["train"] <= len(pool) and "relevance" not in pool[0] and "label" not in pool[0]
+    data = {"source": {"path": str(path), "preset": "homedepot"}, "item_fields": ["title"], "relevant_level": 2}
+    wider = RelevanceDataModule(**data, limit_pairs={"train": 96, "val": 16, "test": 24})
+    wider.setup("fit")
+    first = {r["example_id"] for r in wider.datasets["train"].rows}
+    held = {normalize_text(r["query"]) for split in ("val", "test") for r in wider.datasets[split].rows}
+    assert not {make_example_id(r["query"], r["item_id"]) for r in pool} & first
+    assert not {normalize_text(r["query"]) for r in pool} & held
+    assert res["setup"]["cache_rows"] == sizes["train"] + len(pool) and res["setup"]["pool_after"] == 96
+    assert [(r["row"], r["pool"]) for r in res["rows"]] == [("baseline", 0), ("full", 0), ("full", 1)]
     assert (
         sum(res["teacher"][f"{b}/count"] for b in ("head", "torso", "tail", "unseen") if f"{b}/count" in res["teacher"])
         == sizes["test"]

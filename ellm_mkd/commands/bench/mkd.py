@@ -85,8 +85,12 @@ class MkdBenchOptions:
         teacher_calibration: fit a temperature for the teacher's level distributions on the validation split
                     (``CachedTeacher(temperature: fit)``; the cache then covers every split) and distil the
                     calibrated distributions; the fit is reported
-        pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs (catalog only):
-                    every MKD row but full_augment runs once per pool size, the baseline once
+        pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs: every MKD row
+                    but full_augment runs once per pool size, the baseline once. Catalog: more catalog items per
+                    training query; --source: more training queries (needs limit_pairs.train), their labels dropped
+        pool_after: --source pools start after this many training pairs in the seeded query order limit_pairs
+                    takes them in (default: right after the labelled ones); give the number of training pairs a
+                    teacher_dir was fine-tuned on to keep the pools out of the teacher's training data
         compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
                     validation AUC
         encoder: student encoder
@@ -125,6 +129,7 @@ class MkdBenchOptions:
     teacher_readout: str = "direct"
     teacher_calibration: bool = False
     pools: list[int] = field(default_factory=lambda: [0])
+    pool_after: int | None = None
     compare_row: str = "full"
     encoder: str = "minilm-l6"
     teacher_steps: int = 96
@@ -206,6 +211,8 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
     extra = {"max_pool": max(opts.pools)} if teacher and max(opts.pools) > 0 else {}
     if teacher and opts.teacher_calibration:
         extra["teacher_calibration"] = True
+    if teacher and opts.pool_after is not None and max(opts.pools) > 0:
+        extra["pool_after"] = opts.pool_after
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
@@ -266,6 +273,48 @@ def _pool_files(out: Path, pools: list[int], items_per_query: int) -> dict[int, 
     return files
 
 
+def _source_pool_files(
+    out: Path, data: dict[str, Any], pools: list[int], labelled: set[str], pool_after: int | None
+) -> dict[int, str]:
+    """``pool_<p>x.parquet`` for ``--source``: training pairs of further queries, about ``p`` times the labelled
+    ones, in the seeded query order ``limit_pairs`` takes them in (each pool holds every smaller one), after the
+    first ``pool_after`` training pairs (default: the labelled ones). Labels are dropped (the augment reads the
+    pairs unlabelled anyway)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.splits import limit_by_query
+
+    limits = {k: v for k, v in (data.get("limit_pairs") or {}).items() if k != "train"}
+    full = RelevanceDataModule(**{**data, "limit_pairs": limits})
+    full.setup("fit")
+    rows = full.datasets["train"].rows
+    n, seed = len(labelled), full.source.split.seed
+    if len(rows) <= n:
+        raise ValueError("pools with --source are further training queries: set limit_pairs.train below the split")
+    start = n if pool_after is None else pool_after
+    before = labelled | {r["example_id"] for r in limit_by_query(rows, start, seed)} if start > 0 else set(labelled)
+    columns = [c for c in ("query", "item_id", *data["item_fields"]) if c in full.table.column_names]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for p in pools:
+        if p <= 0:
+            continue
+        ids = {r["example_id"] for r in limit_by_query(rows, start + p * n, seed)} - before
+        if len(ids) < 0.9 * p * n:
+            raise ValueError(
+                f"pool {p}x: only {len(ids)} training pairs after the first {start} (wanted about {p * n}); "
+                "choose smaller pools or a smaller pool_after"
+            )
+        table = full.table.filter(pc.is_in(full.table.column("example_id"), pa.array(sorted(ids))))
+        path = out / "data" / f"pool_{p}x.parquet"
+        pq.write_table(table.select(columns), path)
+        files[p] = str(path)
+    return files
+
+
 def _augment_args(pool_file: str) -> list[str]:
     """The data options that add a pool file's pairs, unlabelled, to the training split."""
     return [f"--data.augment={json.dumps({'source': {'path': pool_file, 'require_label': False}})}"]
@@ -292,8 +341,6 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     pools = sorted(set(opts.pools))
     if pools[0] < 0:
         raise ValueError(f"pools are multiples of the labelled training pairs (>= 0), got {opts.pools}")
-    if pools[-1] > 0 and opts.source is not None:
-        raise ValueError("pools are drawn from the embedded catalog; with --source give pools: [0]")
     out = Path(opts.work_dir or f"runs/benchmarks/{opts.name}")
     plan = {
         "synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
@@ -332,7 +379,12 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             teacher = {"test": test_teacher(out, plan, model_args), "adapter": None, "fit_seconds": None}
         augment = []
         if pools[-1] > 0:  # the cache covers the largest pool (a superset serves every pool size)
-            augment = _augment_args(_pool_files(out, pools, opts.items_per_query)[pools[-1]])
+            if opts.source is None:
+                files = _pool_files(out, pools, opts.items_per_query)
+            else:
+                labelled = {r["example_id"] for r in dm.datasets["train"].rows}
+                files = _source_pool_files(out, data, pools, labelled, opts.pool_after)
+            augment = _augment_args(files[pools[-1]])
         elif "full_augment" in opts.rows:  # the cache covers the sampled pairs too (a superset serves every row)
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
@@ -445,6 +497,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "cache_rows": cache["rows"],
             "cache_seconds": cache["seconds"],
             "pools": pools,
+            "pool_after": opts.pool_after if opts.source is not None and pools[-1] > 0 else None,
             "compare_row": opts.compare_row,
             "student_epochs": opts.epochs,
             "train_batches": opts.train_batches,

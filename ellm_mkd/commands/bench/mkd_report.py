@@ -177,6 +177,11 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
     pools = sorted({r.get("pool", 0) for r in result["rows"]})
     pool_text = (
         f"; unlabelled pools of {', '.join(f'{p}x' for p in pools)} the labelled training pairs, judged by the teacher"
+        + (
+            f" (further training queries, after the first {s['pool_after']} training pairs)"
+            if s.get("pool_after")
+            else ""
+        )
         if len(pools) > 1
         else ""
     )
