@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from jsonargparse import ArgumentParser
 
-from .pipeline import CONFIG_DIR, MKD_OVERLAY, fit_teacher, train_student, write_cache
+from .pipeline import CONFIG_DIR, MKD_OVERLAY, fit_teacher, load_teacher, release_memory, train_student, write_cache
 
 SCALES: dict[str, dict[str, Any]] = {
     # synth: catalog size; teacher_steps x teacher_batch: LoRA examples; teacher_eval: pairs per teacher readout
@@ -87,6 +87,12 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     plan = SCALES[scale]
     total = 7
     timings: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the process's peak resident memory so far, after each stage (GiB)
+
+    def peak(stage: str) -> None:
+        import resource
+
+        peak_rss[stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
     _stage(1, total, f"synthetic catalog -> {data_dir}  (scale {scale}, seed {seed})")
     summary = write(data_dir, SynthConfig(seed=seed, **plan["synth"]), overwrite=True)
@@ -101,6 +107,7 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     dm = RelevanceDataModule({"path": str(data_dir)}, item_fields=["title", "brand", "color", "attributes"])
     run_annotation(dm, out_dir / "annotations", "rules", splits=["train", "val", "test"])
     timings["annotate"] = time.time() - t
+    peak("annotate")
 
     _stage(
         3,
@@ -109,12 +116,17 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     )
     t = time.time()
     teacher = fit_teacher(out_dir, plan)
+    teacher["model"] = None  # the report loads it again after the students: one LLM in memory at a time
+    release_memory()
     timings["teacher"] = time.time() - t
+    peak("teacher")
 
     _stage(4, total, "teacher cache: verdict and level distributions after each training chain (forced readout)")
     t = time.time()
     cache = write_cache(out_dir, plan, ["--model.init_args.adapter", teacher["adapter"]])
+    release_memory()
     timings["cache"] = time.time() - t
+    peak("cache")
 
     results: dict[str, dict[str, Any]] = {}
     for i, kind in enumerate(STUDENTS):
@@ -133,19 +145,24 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
             [MKD_OVERLAY],
             ["--data.teacher.init_args.cache_dir", cache["path"], "--data.teacher.init_args.missing", "hard_label"],
         )
+        release_memory()
         timings[kind] = time.time() - t
+        peak(kind)
 
     _stage(7, total, f"report -> {out_dir / 'report.md'}")
     t = time.time()
+    teacher["model"] = load_teacher(out_dir, plan, teacher["adapter"])  # writes the report's example chains
     report = write_report(out_dir, teacher, results, cache, plan, scale, n_examples=plan["examples"])
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
+    peak("report")
 
     metrics = {
         "teacher": {k: v for k, v in teacher.items() if k not in ("model", "predictions")},
         **{k: {kk: vv for kk, vv in v.items() if kk != "predictions"} for k, v in results.items()},
         "cache": cache,
         "timings_seconds": timings,
+        "peak_rss_gib_after_stage": peak_rss,
         "scale": scale,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

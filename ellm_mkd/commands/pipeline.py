@@ -16,10 +16,17 @@ MKD_OVERLAY = REPO / "configs" / "mkd" / "full.yaml"
 ITEM_FIELDS = "[title,brand,color,attributes]"
 
 
+#: the CLIs this process built: LightningCLI registers instantiators that hold the CLI on its parser, and the
+#: parser outlives the stage, so each CLI (its model, data and trainer) stays alive until release_memory()
+_CLIS: list[Any] = []
+
+
 def _cli(args: list[str]):
     from ellm_mkd.commands.lightning_cli import cli_main
 
-    return cli_main(args, run=False)
+    cli = cli_main(args, run=False)
+    _CLIS.append(cli)
+    return cli
 
 
 def data_args(out: Path, plan: dict[str, Any]) -> list[str]:
@@ -75,6 +82,48 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
         "adapter": str(out / "teacher" / "export" / "adapter"),
         "model": model,
     }
+
+
+def load_teacher(out: Path, plan: dict[str, Any], adapter: str) -> Any:
+    """The fine-tuned teacher of :func:`fit_teacher` again (its LoRA adapter on the base model, level names from
+    the data), for the report's example chains: loaded after the students, so one LLM is in memory at a time."""
+    cli = _cli(
+        [
+            "--config",
+            str(CONFIG_DIR / "teacher.yaml"),
+            *data_args(out, plan),
+            "--data.annotations",
+            str(out / "annotations"),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(out / "teacher"),
+            "--model.init_args.adapter",
+            adapter,
+            "--model.init_args.gradient_checkpointing",
+            "false",  # (generation wants its KV cache)
+        ]
+    )
+    cli.datamodule.setup("test")
+    cli.model.connect_levels(cli.datamodule, "test")
+    return cli.model
+
+
+def release_memory() -> None:
+    """Free what the last stage left (Lightning's trainer and module refer to each other: a collection frees
+    them) and hand the freed heap back to the system, so the next stage's peak does not stack on this one's."""
+    import ctypes
+    import gc
+
+    while _CLIS:
+        cli = _CLIS.pop()
+        for name in ("model", "datamodule", "trainer", "config_init"):
+            setattr(cli, name, None)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its own policy
+        pass
 
 
 def teacher_model_args(model: str, teacher_dir: str | None = None) -> list[str]:

@@ -327,6 +327,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     from ellm_mkd.commands.pipeline import (
         CONFIG_DIR,
         fit_teacher,
+        release_memory,
         teacher_model_args,
         test_teacher,
         train_student,
@@ -444,6 +445,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                             "fingerprint": own,
                             "machine": machine_description(),
                         }
+                        release_memory()  # this run's CLI, model and trainer: not kept into the next run
                         if not opts.keep_checkpoints:
                             _drop_checkpoints(r)
                         _save_state(state / "runs" / f"{name}.json", r)
