@@ -46,6 +46,8 @@ import yaml
 from ellm_mkd.commands.pipeline import REPO
 
 from .common import atomic_write_text, machine_description, options, options_parser, publish, result_head
+from .mkd_pools import augment_args, catalog_pool_files, source_pool_files
+from .mkd_pools import calibration as fit_calibration
 from .mkd_report import markdown_section, pool_plot, seed_std, targets
 
 log = logging.getLogger(__name__)
@@ -216,20 +218,6 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
-def _calibration(data: dict[str, Any], cache_dir: str) -> dict[str, Any]:
-    """The temperature every MKD run fits on the validation split (``CachedTeacher(temperature: fit)``), fitted
-    once here for the report: T and the validation NLL and ECE of the teacher before and after it."""
-    from dataclasses import asdict
-
-    from datamodules.datamodule import RelevanceDataModule
-    from datamodules.teacher_signal import CachedTeacher
-
-    teacher = CachedTeacher(cache_dir, missing="hard_label", temperature="fit")
-    RelevanceDataModule(**data, teacher=teacher).setup("fit")
-    log.info("teacher calibration: %s", teacher.calibration.describe())
-    return asdict(teacher.calibration)
-
-
 def _load_state(path: Path, *fingerprints: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -247,77 +235,6 @@ def _drop_checkpoints(run: dict[str, Any]) -> None:
     best = Path(run.pop("checkpoint") or "")
     if best.parent.name == "checkpoints":
         shutil.rmtree(best.parent, ignore_errors=True)
-
-
-def _pool_files(out: Path, pools: list[int], items_per_query: int) -> dict[int, str]:
-    """``pool_<p>x.parquet`` beside the catalog: for each training query, the first ``p * items_per_query`` pairs
-    of its pool (a larger pool holds every smaller one)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from datamodules.synth import POOL_FILE
-
-    table = pq.read_table(out / "data" / POOL_FILE)
-    seen: dict[str, int] = {}
-    rank = []
-    for q in table.column("query").to_pylist():
-        rank.append(seen.get(q, 0))
-        seen[q] = rank[-1] + 1
-    files = {}
-    for p in pools:
-        if p > 0:
-            path = out / "data" / f"pool_{p}x.parquet"
-            keep = pa.array([r < p * items_per_query for r in rank])
-            pq.write_table(table.filter(keep), path)
-            files[p] = str(path)
-    return files
-
-
-def _source_pool_files(
-    out: Path, data: dict[str, Any], pools: list[int], labelled: set[str], pool_after: int | None
-) -> dict[int, str]:
-    """``pool_<p>x.parquet`` for ``--source``: training pairs of further queries, about ``p`` times the labelled
-    ones, in the seeded query order ``limit_pairs`` takes them in (each pool holds every smaller one), after the
-    first ``pool_after`` training pairs (default: the labelled ones). Labels are dropped (the augment reads the
-    pairs unlabelled anyway)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from datamodules.datamodule import RelevanceDataModule
-    from datamodules.splits import limit_by_query
-
-    limits = {k: v for k, v in (data.get("limit_pairs") or {}).items() if k != "train"}
-    full = RelevanceDataModule(**{**data, "limit_pairs": limits})
-    full.setup("fit")
-    rows = full.datasets["train"].rows
-    n, seed = len(labelled), full.source.split.seed
-    if len(rows) <= n:
-        raise ValueError("pools with --source are further training queries: set limit_pairs.train below the split")
-    start = n if pool_after is None else pool_after
-    before = labelled | {r["example_id"] for r in limit_by_query(rows, start, seed)} if start > 0 else set(labelled)
-    columns = [c for c in ("query", "item_id", *data["item_fields"]) if c in full.table.column_names]
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for p in pools:
-        if p <= 0:
-            continue
-        ids = {r["example_id"] for r in limit_by_query(rows, start + p * n, seed)} - before
-        if len(ids) < 0.9 * p * n:
-            raise ValueError(
-                f"pool {p}x: only {len(ids)} training pairs after the first {start} (wanted about {p * n}); "
-                "choose smaller pools or a smaller pool_after"
-            )
-        table = full.table.filter(pc.is_in(full.table.column("example_id"), pa.array(sorted(ids))))
-        path = out / "data" / f"pool_{p}x.parquet"
-        pq.write_table(table.select(columns), path)
-        files[p] = str(path)
-    return files
-
-
-def _augment_args(pool_file: str) -> list[str]:
-    """The data options that add a pool file's pairs, unlabelled, to the training split."""
-    return [f"--data.augment={json.dumps({'source': {'path': pool_file, 'require_label': False}})}"]
 
 
 def bench_mkd(opts, command: str) -> dict[str, Any]:
@@ -381,17 +298,17 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         augment = []
         if pools[-1] > 0:  # the cache covers the largest pool (a superset serves every pool size)
             if opts.source is None:
-                files = _pool_files(out, pools, opts.items_per_query)
+                files = catalog_pool_files(out, pools, opts.items_per_query)
             else:
                 labelled = {r["example_id"] for r in dm.datasets["train"].rows}
-                files = _source_pool_files(out, data, pools, labelled, opts.pool_after)
-            augment = _augment_args(files[pools[-1]])
+                files = source_pool_files(out, data, pools, labelled, opts.pool_after)
+            augment = augment_args(files[pools[-1]])
         elif "full_augment" in opts.rows:  # the cache covers the sampled pairs too (a superset serves every row)
             aug = yaml.safe_load((REPO / "configs" / "mkd" / "full_augment.yaml").read_text())["data"]["augment"]
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
         every_split = ["--data.predict_split", "all"] if opts.teacher_calibration else []
         cache = write_cache(out, plan, model_args, opts.teacher_readout, [*augment, *every_split])
-        calibration = _calibration(data, cache["path"]) if opts.teacher_calibration else None
+        calibration = fit_calibration(data, cache["path"]) if opts.teacher_calibration else None
         setup = {
             "fingerprint": fingerprint,
             "sizes": sizes,
@@ -430,7 +347,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                             if opts.teacher_calibration:
                                 extra += ["--data.teacher.init_args.temperature", "fit"]
                         if pool:
-                            extra += _augment_args(pool_files[pool])
+                            extra += augment_args(pool_files[pool])
                         r = train_student(
                             out,
                             CONFIG_DIR / f"{kind}.yaml",

@@ -1,0 +1,95 @@
+"""Unlabelled pools and teacher calibration for ``ellm-mkd bench mkd``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def calibration(data: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    """The temperature every MKD run fits on the validation split (``CachedTeacher(temperature: fit)``), fitted
+    once here for the report: T and the validation NLL and ECE of the teacher before and after it."""
+    from dataclasses import asdict
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.teacher_signal import CachedTeacher
+
+    teacher = CachedTeacher(cache_dir, missing="hard_label", temperature="fit")
+    RelevanceDataModule(**data, teacher=teacher).setup("fit")
+    log.info("teacher calibration: %s", teacher.calibration.describe())
+    return asdict(teacher.calibration)
+
+
+def catalog_pool_files(out: Path, pools: list[int], items_per_query: int) -> dict[int, str]:
+    """``pool_<p>x.parquet`` beside the catalog: for each training query, the first ``p * items_per_query`` pairs
+    of its pool (a larger pool holds every smaller one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.synth import POOL_FILE
+
+    table = pq.read_table(out / "data" / POOL_FILE)
+    seen: dict[str, int] = {}
+    rank = []
+    for q in table.column("query").to_pylist():
+        rank.append(seen.get(q, 0))
+        seen[q] = rank[-1] + 1
+    files = {}
+    for p in pools:
+        if p > 0:
+            path = out / "data" / f"pool_{p}x.parquet"
+            keep = pa.array([r < p * items_per_query for r in rank])
+            pq.write_table(table.filter(keep), path)
+            files[p] = str(path)
+    return files
+
+
+def source_pool_files(
+    out: Path, data: dict[str, Any], pools: list[int], labelled: set[str], pool_after: int | None
+) -> dict[int, str]:
+    """``pool_<p>x.parquet`` for ``--source``: training pairs of further queries, about ``p`` times the labelled
+    ones, in the seeded query order ``limit_pairs`` takes them in (each pool holds every smaller one), after the
+    first ``pool_after`` training pairs (default: the labelled ones). Labels are dropped (the augment reads the
+    pairs unlabelled anyway)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.splits import limit_by_query
+
+    limits = {k: v for k, v in (data.get("limit_pairs") or {}).items() if k != "train"}
+    full = RelevanceDataModule(**{**data, "limit_pairs": limits})
+    full.setup("fit")
+    rows = full.datasets["train"].rows
+    n, seed = len(labelled), full.source.split.seed
+    if len(rows) <= n:
+        raise ValueError("pools with --source are further training queries: set limit_pairs.train below the split")
+    start = n if pool_after is None else pool_after
+    before = labelled | {r["example_id"] for r in limit_by_query(rows, start, seed)} if start > 0 else set(labelled)
+    columns = [c for c in ("query", "item_id", *data["item_fields"]) if c in full.table.column_names]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for p in pools:
+        if p <= 0:
+            continue
+        ids = {r["example_id"] for r in limit_by_query(rows, start + p * n, seed)} - before
+        if len(ids) < 0.9 * p * n:
+            raise ValueError(
+                f"pool {p}x: only {len(ids)} training pairs after the first {start} (wanted about {p * n}); "
+                "choose smaller pools or a smaller pool_after"
+            )
+        table = full.table.filter(pc.is_in(full.table.column("example_id"), pa.array(sorted(ids))))
+        path = out / "data" / f"pool_{p}x.parquet"
+        pq.write_table(table.select(columns), path)
+        files[p] = str(path)
+    return files
+
+
+def augment_args(pool_file: str) -> list[str]:
+    """The data options that add a pool file's pairs, unlabelled, to the training split."""
+    return [f"--data.augment={json.dumps({'source': {'path': pool_file, 'require_label': False}})}"]
