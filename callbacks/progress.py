@@ -56,8 +56,10 @@ class LogProgress(ProgressBar):
         self.every_s, self.every_n_batches = float(every_s), every_n_batches
         self._enabled = True
         self._t0 = self._last = 0.0
-        self._done = 0  # batches of the running loop
-        self._outer: tuple[float, float, int] = (0.0, 0.0, 0)  # the training loop's clock during validation
+        self._done = 0  # batches of the running loop run by this process
+        self._offset = 0  # batches of it run before (a run resumed mid-epoch)
+        self._train_total: int | float | None = None
+        self._outer: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # the training loop's clock during validation
 
     def disable(self) -> None:
         self._enabled = False
@@ -69,7 +71,7 @@ class LogProgress(ProgressBar):
 
     def _start(self) -> None:
         self._t0 = self._last = time.monotonic()
-        self._done = 0
+        self._done = self._offset = 0
 
     def _batch(self, what: str, total: int | float, metrics: bool = True) -> None:
         self._done += 1
@@ -84,13 +86,14 @@ class LogProgress(ProgressBar):
             return
         self._last = now
         elapsed = now - self._t0
-        rate = done / elapsed if elapsed > 0 else float("nan")
+        rate = done / elapsed if elapsed > 0 else float("nan")  # of the batches this process ran
         known = isinstance(total, int) or (isinstance(total, float) and math.isfinite(total))
-        text = f"{what}: batch {done}/{int(total)} ({100 * done / max(total, 1):.0f}%)" if known else f"{what}: {done}"
+        at = self._offset + done
+        text = f"{what}: batch {at}/{int(total)} ({100 * at / max(total, 1):.0f}%)" if known else f"{what}: {at}"
         speed = f"{1 / rate:.3g} s/batch" if 0 < rate < 1 else f"{rate:.3g} batches/s" if rate < 1000 else "fast"
         text += f", {speed}, {_duration(elapsed)} elapsed"
-        if known and done < total and rate > 0:
-            text += f", about {_duration((total - done) / rate)} left"
+        if known and at < total and rate > 0:
+            text += f", about {_duration((total - at) / rate)} left"
         if metrics:
             shown = {k: v for k, v in self.get_metrics(self.trainer, self.trainer.lightning_module).items()}
             if shown:
@@ -103,19 +106,26 @@ class LogProgress(ProgressBar):
 
     # -- hooks -----------------------------------------------------------------------------------
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start()
+        self._train_total = None
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start()
         # fixed for the epoch: under max_steps Lightning's total is the steps still to go, which shrinks as they go
         self._train_total = self.total_train_batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._train_total is None:  # resumed mid-epoch: Lightning does not start the epoch again
+            self._train_total = self.total_train_batches
+            self._offset = batch_idx
         self._batch(f"fit {self._epoch()}", self._train_total)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._line(f"fit {self._epoch()} done", self._done, self._train_total, force=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._outer = (self._t0, self._last, self._done)  # validation runs inside a training epoch
+        self._outer = (self._t0, self._last, self._done, self._offset)  # validation runs inside a training epoch
         self._start()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -125,7 +135,7 @@ class LogProgress(ProgressBar):
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._line(f"validate {self._epoch()} done", self._done, self.total_val_batches, force=True)
-        self._t0, self._last, self._done = self._outer
+        self._t0, self._last, self._done, self._offset = self._outer
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._start()

@@ -48,17 +48,20 @@ def loader(n: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 4)), batch_size=4)
 
 
-def test_fit_validate_test_predict_log_plain_lines(tmp_path, caplog):
-    trainer = Trainer(
-        max_epochs=2,
-        callbacks=[LogProgress(every_s=0)],
+def _trainer(tmp_path, progress: LogProgress | None = None, **kw) -> Trainer:
+    return Trainer(
+        callbacks=[progress or LogProgress(every_s=0)],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
         accelerator="cpu",
-        num_sanity_val_steps=0,
+        **kw,
     )
+
+
+def test_fit_validate_test_predict_log_plain_lines(tmp_path, caplog):
+    trainer = _trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0)
     model = Tiny()
     with caplog.at_level(logging.INFO, logger="callbacks.progress"):
         trainer.fit(model, loader(16), loader(8))
@@ -80,17 +83,7 @@ def test_fit_validate_test_predict_log_plain_lines(tmp_path, caplog):
 
 
 def test_a_run_bounded_by_max_steps_counts_to_a_fixed_total(tmp_path, caplog):
-    trainer = Trainer(
-        max_epochs=-1,
-        max_steps=6,
-        callbacks=[LogProgress(every_s=0)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        limit_val_batches=0,
-    )
+    trainer = _trainer(tmp_path, max_epochs=-1, max_steps=6, limit_val_batches=0)
     with caplog.at_level(logging.INFO, logger="callbacks.progress"):
         trainer.fit(Tiny(), loader(40))
     lines = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "callbacks.progress"]
@@ -98,16 +91,30 @@ def test_a_run_bounded_by_max_steps_counts_to_a_fixed_total(tmp_path, caplog):
     assert lines == [*expected, "fit epoch 1 done: batch 6/6 (100%)"]
 
 
-def test_lines_are_spaced_by_time_or_batches(tmp_path, caplog):
-    trainer = Trainer(
+def test_a_run_resumed_mid_epoch_goes_on_counting_from_where_it_stopped(tmp_path, caplog):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every4 = ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=4, save_top_k=-1)
+    first = Trainer(
+        callbacks=[LogProgress(every_s=0), every4],
         max_epochs=1,
-        callbacks=[LogProgress(every_s=3600, every_n_batches=5)],
+        max_steps=5,  # killed after batch 5: the checkpoint holds 4 of the epoch's 10 batches
         logger=False,
-        enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
         accelerator="cpu",
+        limit_val_batches=0,
     )
+    first.fit(Tiny(), loader(40))
+    with caplog.at_level(logging.INFO, logger="callbacks.progress"):
+        _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(Tiny(), loader(40), ckpt_path=tmp_path / "mid.ckpt")
+    lines = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "callbacks.progress"]
+    expected = [f"fit epoch 1/1: batch {i}/10 ({10 * i}%)" for i in range(5, 11)]
+    assert lines == [*expected, "fit epoch 1/1 done: batch 10/10 (100%)"]
+
+
+def test_lines_are_spaced_by_time_or_batches(tmp_path, caplog):
+    trainer = _trainer(tmp_path, LogProgress(every_s=3600, every_n_batches=5), max_epochs=1)
     with caplog.at_level(logging.INFO, logger="callbacks.progress"):
         trainer.predict(Tiny(), loader(48))
     lines = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "callbacks.progress"]
