@@ -44,8 +44,9 @@ from torch import Tensor
 
 from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
+from ellm_mkd.injection import InjectionAugment
 from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
-from ellm_mkd.prompts import PromptTemplate
+from ellm_mkd.prompts import COMMON_CONTROL_MARKERS, PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token
 
 from .evaluation import STAGES, RelevanceEvaluation
@@ -78,6 +79,11 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             (:mod:`lightning_modules.teacher_objective`): level cross-entropy at each readout point, squared
             error of the expected grade, verdict cross-entropy at each chain line, next-token loss of the
             rest of the response.
+        injection_rate: share of training examples whose product text gets a random planted injection (an order in
+            plain words, chat-control markers, a fake chain or ``level:`` line, a quote escape; any target level),
+            the label unchanged, so the teacher learns that text posing as instructions says nothing about
+            relevance (:mod:`ellm_mkd.injection`; the strings ``ellm-mkd bench injection`` measures are held out).
+        injection_seed: seed of those draws (with the example id and the epoch).
         val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``):
             ``direct`` (answer-first, one pass), ``cot`` (write the chain, then read), or ``forced``
             (read the verdicts and level after the *annotated* chain, ``data.annotations``, instead of
@@ -119,6 +125,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         w_grade: float = 0.0,
         w_verdicts: float = 1.0,
         w_tokens: float = 0.1,
+        injection_rate: float = 0.0,
+        injection_seed: int = 0,
         val_mode: ReadMode = "direct",
         test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
@@ -140,6 +148,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             template = PromptTemplate(**template)
         self.save_hyperparameters(ignore=["template"])
         self.template = template or PromptTemplate()
+        self.injections = InjectionAugment(injection_rate, injection_seed)
 
         self.model_path = resolve_model(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -227,8 +236,16 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         return loss, means, truncated
 
     # -- steps ---------------------------------------------------------------------------------
+    def with_injections(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with injections planted in the product text of about ``injection_rate`` of its examples."""
+        if not self.injections.rate:
+            return batch
+        markers = (*COMMON_CONTROL_MARKERS, *(self.tokenizer.all_special_tokens or ()))
+        texts = self.injections(batch["item_text"], batch["example_id"], self.current_epoch, self.level_names, markers)
+        return {**batch, "item_text": texts}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, means, truncated = self.objective(batch)
+        loss, means, truncated = self.objective(self.with_injections(batch))
         bs = len(batch["example_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for term, value in means.items():
