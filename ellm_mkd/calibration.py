@@ -9,6 +9,7 @@ One temperature ``T`` fitted on labelled held-out pairs (the validation split) r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,20 +67,20 @@ def fit_temperature(
         raise ValueError("no labelled pairs to fit a temperature on")
     if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
         raise ValueError(f"labels must be level indexes in [0, {probs.shape[1]}), got {labels.unique().tolist()}")
-    lo, hi = (float(torch.tensor(b, dtype=torch.float64).log()) for b in bounds)
+    lo, hi = (math.log(b) for b in bounds)
     ratio = (5**0.5 - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = _nll(probs, labels, float(torch.tensor(a).exp())), _nll(probs, labels, float(torch.tensor(b).exp()))
+    fa, fb = _nll(probs, labels, math.exp(a)), _nll(probs, labels, math.exp(b))
     while hi - lo > 1e-4:
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = _nll(probs, labels, float(torch.tensor(a).exp()))
+            fa = _nll(probs, labels, math.exp(a))
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = _nll(probs, labels, float(torch.tensor(b).exp()))
-    t = float(torch.tensor((lo + hi) / 2).exp())
+            fb = _nll(probs, labels, math.exp(b))
+    t = math.exp((lo + hi) / 2)
     after = apply_temperature(probs, t)
     return TemperatureFit(
         temperature=t,

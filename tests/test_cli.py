@@ -125,3 +125,21 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, synth_dir):
     assert r.returncode != 0 and "Traceback" in r.stderr
     r = run("cache", "inspect", str(tmp_path / "nothing-here"), cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "nothing-here" in r.stderr
+
+
+def test_a_cli_built_in_process_is_freed_with_its_model_and_trainer(tiny_encoder, synth_dir):
+    """The demo and the benchmarks build one CLI per stage in one process: nothing may keep the last one alive."""
+    import gc
+    import weakref
+
+    from ellm_mkd.commands.lightning_cli import cli_main
+
+    cli = cli_main(
+        ["--config", str(REPO / "configs" / "students" / "cross_encoder.yaml"), "--model.init_args.encoder",
+         tiny_encoder, "--data.source.path", str(synth_dir), "--trainer.logger", "false"],
+        run=False,
+    )  # fmt: skip
+    refs = [weakref.ref(x) for x in (cli, cli.model, cli.datamodule, cli.trainer)]
+    del cli
+    gc.collect()
+    assert [r() for r in refs] == [None] * 4

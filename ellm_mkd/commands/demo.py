@@ -116,8 +116,7 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     )
     t = time.time()
     teacher = fit_teacher(out_dir, plan)
-    teacher["model"] = None  # the report loads it again after the students: one LLM in memory at a time
-    release_memory()
+    release_memory()  # the report loads the teacher again after the students: one LLM in memory at a time
     timings["teacher"] = time.time() - t
     peak("teacher")
 

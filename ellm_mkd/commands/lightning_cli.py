@@ -138,6 +138,13 @@ class EllmCLI(LightningCLI):
         caches = [str(cb.cache_dir) for cb in self.trainer.callbacks if isinstance(cb, TeacherCacheWriter)]
         self._say_where([("teacher cache", ", ".join(caches) or None)])
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # LightningCLI's instantiators hold this CLI, and jsonargparse keeps the parser reachable after parsing
+        # (a context variable refers to it): left in place, they would keep every CLI of a process that runs
+        # several stages (demo, bench) alive with its model, data and trainer. They are only needed above.
+        self.parser._instantiators = None
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.get("trainer")

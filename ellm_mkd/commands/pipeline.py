@@ -18,15 +18,10 @@ ITEM_FIELDS = "[title,brand,color,attributes]"
 
 #: the CLIs this process built: LightningCLI registers instantiators that hold the CLI on its parser, and the
 #: parser outlives the stage, so each CLI (its model, data and trainer) stays alive until release_memory()
-_CLIS: list[Any] = []
-
-
 def _cli(args: list[str]):
     from ellm_mkd.commands.lightning_cli import cli_main
 
-    cli = cli_main(args, run=False)
-    _CLIS.append(cli)
-    return cli
+    return cli_main(args, run=False)
 
 
 def data_args(out: Path, plan: dict[str, Any]) -> list[str]:
@@ -80,7 +75,6 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
         "fit_seconds": fit_s,
         "predictions": preds,
         "adapter": str(out / "teacher" / "export" / "adapter"),
-        "model": model,
     }
 
 
@@ -115,10 +109,6 @@ def release_memory() -> None:
     import ctypes
     import gc
 
-    while _CLIS:
-        cli = _CLIS.pop()
-        for name in ("model", "datamodule", "trainer", "config_init"):
-            setattr(cli, name, None)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
