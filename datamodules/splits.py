@@ -5,6 +5,8 @@ Splits
     train/val/test, decided by a seeded hash of the query text. The assignment of a query never
     depends on the other rows, so it is deterministic by seed, stable when rows are added, and the
     same for a query wherever it appears. Fractions are met in expectation (a hash, not a sort).
+    So a row's split can be told as it is read (:class:`QuerySplits`, what streaming uses); only a file
+    that ships some splits of its own needs one remembered split per query.
 
 Buckets
     ``frequency`` is how often the query occurs: the data's own traffic count where it has one
@@ -70,6 +72,36 @@ def frequency_buckets(
     return out
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"need 0 <= val, test and val + test < 1; got val={val_fraction}, test={test_fraction}")
+
+
+class QuerySplits:
+    """The split of each row, given in file order: with ``keep_existing`` the row's own split when it has one,
+    else the split of the first row of its query, else :func:`split_of`. Per row, from what came before: it
+    remembers one split per query (``by_query``), needed only with ``keep_existing`` (else a query's split is
+    always its hash's) or when the caller reads ``by_query``."""
+
+    def __init__(
+        self, seed: int, val_fraction: float, test_fraction: float, keep_existing: bool = False, remember: bool = True
+    ):
+        check_fractions(val_fraction, test_fraction)
+        self.seed, self.val, self.test, self.keep_existing = seed, val_fraction, test_fraction, keep_existing
+        self.remember = remember or keep_existing
+        self.by_query: dict[str, str] = {}
+
+    def __call__(self, norm_query: str, existing: str | None = None) -> str:
+        """The split of a row with normalised query ``norm_query`` and its own split ``existing``."""
+        if self.keep_existing and existing:
+            s = existing
+        else:
+            s = self.by_query.get(norm_query) or split_of(norm_query, self.seed, self.val, self.test)
+        if self.remember:
+            self.by_query.setdefault(norm_query, s)
+        return s
+
+
 def assign_splits(
     table: pa.Table,
     seed: int = 0,
@@ -86,8 +118,7 @@ def assign_splits(
     missing ones become the number of rows of the query. With ``keep_existing_split`` rows that
     already carry a split keep it (a file that ships its own split).
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"need 0 <= val, test and val + test < 1; got val={val_fraction}, test={test_fraction}")
+    check_fractions(val_fraction, test_fraction)
     queries = table.column("query").to_pylist()
     norm = [normalize_text(q) for q in queries]
 
@@ -100,16 +131,11 @@ def assign_splits(
             explicit[q] = max(explicit.get(q, 0), int(f))
     freq_by_query = {q: explicit.get(q, c) for q, c in counts.items()}
 
-    existing = table.column("split").to_pylist() if keep_existing_split and "split" in table.column_names else None
-    split_by_query: dict[str, str] = {}
-    splits = []
-    for i, q in enumerate(norm):
-        if existing is not None and existing[i]:
-            s = existing[i]
-        else:
-            s = split_by_query.get(q) or split_of(q, seed, val_fraction, test_fraction)
-        split_by_query.setdefault(q, s)
-        splits.append(s)
+    keep = keep_existing_split and "split" in table.column_names
+    existing = table.column("split").to_pylist() if keep else [None] * len(norm)
+    assign = QuerySplits(seed, val_fraction, test_fraction, keep)
+    splits = [assign(q, e) for q, e in zip(norm, existing)]
+    split_by_query = assign.by_query
 
     buckets_by_query = frequency_buckets(freq_by_query, head_share, torso_share)
     train_terms: set[str] = set()

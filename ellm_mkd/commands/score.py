@@ -1,12 +1,13 @@
 """``ellm-mkd score DATA --model DIR|CKPT --out FILE``: batch scoring of any file the readers accept.
 
-DATA is read exactly as ``data check`` and training read it (same presets, ``--mapping.*``, label scheme and
-``--on_error`` policy; a label column is optional). Pairs are scored in chunks of ``--chunk_rows`` and each
-chunk is appended to the output (Parquet, CSV or JSON lines, from the name or ``--out_format``), so the output
-side holds one chunk at a time. Columns: ``example_id``, ``query``, ``item_id`` (and ``label``/``grade`` when
-the file has labels), ``expected_grade``, ``level`` (most likely), ``p_<level>`` per level and, per
-chain-of-thought dimension, the most likely verdict and its probability (``category``, ``category_p``, ...):
-the explanation of the score.
+DATA is checked exactly as ``data check`` and training check it (same presets, ``--mapping.*``, label scheme,
+problems and ``--on_error`` policy; a label column is optional), but streamed: checked in a first pass, then
+read again and scored in chunks of ``--chunk_rows``, each appended to the output (Parquet, CSV or JSON lines,
+from the name or ``--out_format``). Memory follows the chunk, not the file (:mod:`datamodules.streaming`: what
+is kept per row while the file is checked, what stays in memory, and why). Columns: ``example_id``, ``query``,
+``item_id`` (and ``label``/``grade`` when the file has labels), ``expected_grade``, ``level`` (most likely),
+``p_<level>`` per level and, per chain-of-thought dimension, the most likely verdict and its probability
+(``category``, ``category_p``, ...): the explanation of the score.
 
 ``--model`` is a directory written by ``ellm-mkd export`` (onnxruntime; ``--precision int8`` for the
 quantised graphs) or a student checkpoint (PyTorch; the run's ``config.yaml`` gives the item fields).
@@ -19,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from datamodules.validation import DataSource, load_examples
+from datamodules.stream_reader import StreamStats
+from datamodules.streaming import stream_examples
+from datamodules.validation import DataSource
 from ellm_mkd.serving import CARD_FILE, ModelCard, Scorer
 from ellm_mkd.serving.item_index import ItemIndex
 from ellm_mkd.serving.writer import ScoreWriter, output_format
@@ -113,58 +117,109 @@ def score_file(
     chunk_rows: int = 4096,
     item_index: ItemIndex | None = None,
     progress: bool = True,
+    stats: StreamStats | None = None,
 ) -> tuple[int, Any]:
-    """Score every pair of ``source`` into ``out``; returns (rows written, the load report)."""
-    from tqdm import tqdm
+    """Score every pair of ``source`` into ``out``; returns (rows written, the load report).
 
-    from datamodules.text import render_item
+    The data is streamed (:func:`datamodules.streaming.stream_examples`): it is checked first, as
+    ``load_examples`` checks it (same problems, ``--on_error`` policy and quarantine file; under ``error`` a
+    bad file is refused before anything is written), then read again ``chunk_rows`` rows at a time, so
+    memory follows the chunk, not the file (plus, while the file is checked, its ids and pair hashes). The
+    output is what scoring ``load_examples``'s table would give: the same rows, order, columns and values
+    (two-tower with ``item_index``: item vectors embedded chunk by chunk, equal to float rounding).
+    Passes over the data: two; three when ``split`` is not ``all`` or with ``item_index`` (a pass that finds
+    whether the scored rows carry labels, how many they are, and embeds their new items chunk by chunk).
+    ``stats`` (optional) counts what the reader held."""
+    from tqdm import tqdm
 
     if split not in ("all", "train", "val", "test"):
         raise ValueError(f"--only_split must be all, train, val or test, got {split!r}")
     if chunk_rows < 1:
         raise ValueError(f"--chunk_rows must be >= 1, got {chunk_rows}")
-    table, report = load_examples(source)
-    for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    if split != "all":
-        import pyarrow.compute as pc
-
-        table = table.filter(pc.equal(table.column("split"), split))
-    labelled = table.column("label").null_count < table.num_rows
-    card = scorer.card
-    fields = card.item_fields
-    if item_index is not None:  # every item of the file, once, before the pairs
-        cols = table.select(["item_id", *fields]).to_pylist()
-        items = {r["item_id"]: render_item(r, fields)[0] for r in cols}
-        item_index.lookup(list(items), list(items.values()), lambda texts: scorer.embed("item", texts))
-        item_index.save()
-    bar = tqdm(total=table.num_rows, unit="pair", disable=not progress, file=sys.stderr, desc="score")
-    with ScoreWriter(out, fmt) as writer:
-        for start in range(0, table.num_rows, chunk_rows):
-            rows = table.slice(start, chunk_rows).to_pylist()
-            queries = [r["query"] for r in rows]
-            texts = [render_item(r, fields)[0] for r in rows]
-            if item_index is not None:
-                ids = [r["item_id"] for r in rows]
-                uq = sorted(set(queries))
-                qv = scorer.embed("query", uq)
-                qrow = {q: i for i, q in enumerate(uq)}
-                scores = scorer.score_vectors(qv[[qrow[q] for q in queries]], item_index.get(ids))
-            else:
-                scores = scorer.score_pairs(queries, texts)
-            columns: dict[str, list[Any]] = {
-                "example_id": [r["example_id"] for r in rows],
-                "query": queries,
-                "item_id": [r["item_id"] for r in rows],
-            }
-            if labelled:
-                columns["label"] = [None if r["label"] is None else card.level_names[r["label"]] for r in rows]
-                columns["grade"] = [r["grade"] for r in rows]
-            columns.update(scorer.columns(scores))
-            writer.write(columns)
-            bar.update(len(rows))
-    bar.close()
+    with stream_examples(source, chunk_rows, stats) as stream:
+        report = stream.report
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if split == "all" and item_index is None:
+            total, labelled = stream.rows, stream.any_label()
+        else:  # a pass before the pairs: what the rows of the split hold, and (two-tower) their items' vectors
+            total, labelled = survey_rows(scorer, stream.chunks(split), item_index)
+        bar = tqdm(total=total, unit="pair", disable=not progress, file=sys.stderr, desc="score")
+        with ScoreWriter(out, fmt) as writer:
+            for chunk in stream.chunks(split):
+                writer.write(score_rows(scorer, chunk.to_pylist(), labelled, item_index))
+                bar.update(chunk.num_rows)
+        bar.close()
     return writer.rows, report
+
+
+def survey_rows(scorer: Scorer, chunks: Iterable[Any], item_index: ItemIndex | None) -> tuple[int, bool]:
+    """Rows in ``chunks`` and whether one carries a label; with ``item_index``, every item of the rows gets
+    its vector (embedded chunk by chunk, only where new or changed; an item id seen again with another text
+    is embedded again, so the last text wins, as one lookup of the whole file gives) and the index is saved.
+    ``added``/``reused`` count items once per run, as one lookup of the whole file would. The vectors are the
+    same model outputs as one lookup's, embedded in other batches: equal to float rounding (~1e-7).
+    Memory: one chunk, and per item its id and text hash (the index itself holds every item)."""
+    from datamodules.text import render_item
+    from ellm_mkd.serving.item_index import text_hash
+
+    fields = scorer.card.item_fields
+    rows, labelled = 0, False
+    seen: dict[str, tuple[str | None, str]] = {}  # item id -> (hash in the index before this run, latest hash)
+    for chunk in chunks:
+        rows += chunk.num_rows
+        labelled = labelled or chunk.column("label").null_count < chunk.num_rows
+        if item_index is None:
+            continue
+        cols = chunk.select(["item_id", *fields]).to_pylist()
+        items = {r["item_id"]: render_item(r, fields)[0] for r in cols}
+        todo = {}
+        for i, text in items.items():
+            h = text_hash(text)
+            if i not in seen:
+                k = item_index.row.get(i)
+                seen[i] = (None if k is None else item_index.hashes[k], h)
+            elif seen[i][1] == h:
+                continue
+            seen[i] = (seen[i][0], h)
+            todo[i] = text
+        if todo:
+            added, reused = item_index.added, item_index.reused
+            item_index.lookup(list(todo), list(todo.values()), lambda texts: scorer.embed("item", texts))
+            item_index.added, item_index.reused = added, reused  # counted once for the run, below
+    if item_index is not None:
+        embedded = sum(before != last for before, last in seen.values())
+        item_index.added += embedded
+        item_index.reused += len(seen) - embedded
+        item_index.save()
+    return rows, labelled
+
+
+def score_rows(scorer: Scorer, rows: list[dict], labelled: bool, item_index: ItemIndex | None) -> dict[str, list]:
+    """The output columns of one chunk of example rows (``labelled``: with ``label`` and ``grade``; with
+    ``item_index``, two-tower item vectors from it)."""
+    from datamodules.text import render_item
+
+    card = scorer.card
+    queries = [r["query"] for r in rows]
+    if item_index is not None:
+        ids = [r["item_id"] for r in rows]
+        uq = sorted(set(queries))
+        qv = scorer.embed("query", uq)
+        qrow = {q: i for i, q in enumerate(uq)}
+        scores = scorer.score_vectors(qv[[qrow[q] for q in queries]], item_index.get(ids))
+    else:
+        scores = scorer.score_pairs(queries, [render_item(r, card.item_fields)[0] for r in rows])
+    columns: dict[str, list[Any]] = {
+        "example_id": [r["example_id"] for r in rows],
+        "query": queries,
+        "item_id": [r["item_id"] for r in rows],
+    }
+    if labelled:
+        columns["label"] = [None if r["label"] is None else card.level_names[r["label"]] for r in rows]
+        columns["grade"] = [r["grade"] for r in rows]
+    columns.update(scorer.columns(scores))
+    return columns
 
 
 def score_main(argv: list[str]) -> int:

@@ -43,6 +43,7 @@ class ItemIndex:
             self.row = {i: k for k, i in enumerate(self.ids)}
         elif self.dir.exists() and any(self.dir.iterdir()):
             raise ValueError(f"{self.dir}: exists, is not empty and holds no index.json (not an item index)")
+        self._storage = self.vectors  # ``vectors`` is its first rows
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -70,10 +71,21 @@ class ItemIndex:
                     self.vectors[k] = v
                     self.hashes[k] = text_hash(t)
             if new_rows:
-                self.vectors = np.concatenate([self.vectors, np.stack(new_rows).astype(np.float32)])
+                self._append(np.stack(new_rows).astype(np.float32))
             self.added += len(todo)
         self.reused += len(set(ids)) - len(todo)
         return self.vectors[[self.row[i] for i in ids]]
+
+    def _append(self, rows: np.ndarray) -> None:
+        """Add vectors at the end. The storage grows geometrically, so a catalog looked up a chunk at a time
+        is copied a few times in all, not once per chunk."""
+        n, k = len(self.vectors), len(rows)
+        if len(self._storage) < n + k or self._storage.shape[1:] != rows.shape[1:]:
+            grown = np.zeros((max(2 * n, n + k), rows.shape[1]), np.float32)
+            grown[:n] = self.vectors
+            self._storage = grown
+        self._storage[n : n + k] = rows
+        self.vectors = self._storage[: n + k]
 
     def get(self, ids: Sequence[str]) -> np.ndarray:
         """Vectors of items already in the index."""
