@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .readers import FORMATS, TEXT_FORMATS, DataError, Source, _file_error, detect_format
 
-_CHUNK = 1 << 20  # bytes read (or decompressed) at a time when a file is read whole
+_CHUNK = 1 << 20  # bytes read (or decompressed) at a time: a file read whole, or streaming's first pass
 
 
 def _too_large(name: str, max_bytes: int) -> DataError:
@@ -156,13 +156,11 @@ def open_binary(
         yield _Meter(inner, res, _Cap(res.name, max_bytes, max_line_bytes), gz, stats)
 
 
-def read_all(f: Any, feed: Any = None) -> bytes:
-    """Every byte of ``f``, read :data:`_CHUNK` at a time (each chunk also given to ``feed``)."""
+def read_all(f: Any) -> bytes:
+    """Every byte of ``f``, read :data:`_CHUNK` at a time."""
     chunks = []
     while chunk := f.read(_CHUNK):
         chunks.append(chunk)
-        if feed is not None:
-            feed(chunk)
     return b"".join(chunks)
 
 

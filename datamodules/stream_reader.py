@@ -5,8 +5,8 @@ whole, from the same record iterators, but never holds the file:
 
 * text (CSV, TSV, JSON Lines; plain, ``.gz`` or a ``.zip`` member): a first pass reads the bytes once,
   :data:`~datamodules.file_bytes._CHUNK` at a time, through the same size caps (``too_large``,
-  ``too_long``) and only decides the encoding (:func:`~datamodules.readers.choose_encoding` over the whole
-  text, so a valid UTF-8 file never becomes cp1252 mojibake). Each :meth:`StreamSource.records` then
+  ``too_long``) and, for ``encoding: auto``, decides the encoding (:func:`~datamodules.readers.choose_encoding`
+  over the whole text, so a valid UTF-8 file never becomes cp1252 mojibake). Each :meth:`StreamSource.records` then
   decodes the bytes again through a :class:`io.TextIOWrapper` reading :data:`STREAM_READ` bytes at a time,
   and csv (or ``json.loads``) reads it line by line.
 * Parquet: ``pyarrow.parquet.ParquetFile.iter_batches``, ``batch_rows`` rows at a time (pyarrow holds
@@ -14,7 +14,11 @@ whole, from the same record iterators, but never holds the file:
   much). A ``.gz`` or zipped Parquet file is first copied, decompressed, to a temporary file (Parquet needs
   to seek), deleted on :meth:`StreamSource.close`.
 * ESCI's two-Parquet layout: the products file is the catalog, held in memory whole as a table
-  (:class:`~datamodules.products.ProductJoin`); the examples are joined to it batch by batch.
+  (:class:`~datamodules.products.ProductJoin`); the examples are joined to it in batches of at least
+  :data:`_JOIN_BATCH_ROWS` rows (each join hashes the whole catalog).
+
+A record whose quote is never closed runs to the end of the file (csv's reading, and its quarantine record
+keeps its raw text whole), so such a file costs its size in memory once, as when read whole.
 
 :class:`StreamStats` counts what was read and the most bytes one read took, so a test can check that
 reading never takes the whole file.
@@ -22,6 +26,7 @@ reading never takes the whole file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -51,7 +56,8 @@ from .readers import (
 
 #: bytes one read takes from a text file while its records are read (the buffer under the text decoder)
 STREAM_READ = 1 << 16
-_UTF8 = ("auto", "utf-8", "utf8", "utf-8-sig")
+#: example rows per Parquet batch when a products file is joined (each join builds a hash of the catalog)
+_JOIN_BATCH_ROWS = 1 << 16
 
 
 @dataclass
@@ -64,13 +70,20 @@ class StreamStats(ReadStats):
     peak_rows: int = 0
 
 
-class StreamSource:
-    """One data file of ``source`` (``path``: one file of an example directory), opened for streaming."""
+def _stamp(path: Any) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
-    def __init__(self, source: DataSource, path: str | None = None, stats: StreamStats | None = None):
+
+class StreamSource:
+    """One data file of ``source``, opened for streaming. Each pass checks that the file has not changed since
+    it was opened (size and modification time): the passes must read the same rows."""
+
+    def __init__(self, source: DataSource, stats: StreamStats | None = None):
         self.source = source
         self.stats = stats if stats is not None else StreamStats()
-        self.res = resolve_source(path or source.path, source.format, source.member)
+        self.res = resolve_source(source.path, source.format, source.member)
+        self._stamp = _stamp(self.res.path)
         self.name, self.format = self.res.name, self.res.format
         self.unit = "row" if self.format == "parquet" else "line"
         self.warnings: list[str] = []
@@ -89,7 +102,7 @@ class StreamSource:
     def _scan(self) -> None:
         """The first pass over a text: caps checked, encoding decided."""
         src = self.source
-        scan = EncodingScan() if src.encoding in _UTF8 else None
+        scan = EncodingScan() if src.encoding == "auto" else None  # other encodings are taken as given
         total = 0
         with open_binary(self.res, src.max_input_bytes, src.max_line_bytes, self.stats) as f:
             while chunk := f.read(_CHUNK):
@@ -137,6 +150,8 @@ class StreamSource:
             self.columns = self._join.columns(self.columns)
 
     def _batches(self, batch_rows: int) -> Iterator[Any]:
+        if self._join is not None:  # each join hashes the whole catalog: join few large batches, not many small
+            batch_rows = max(batch_rows, _JOIN_BATCH_ROWS)
         try:
             for batch in self._pf.iter_batches(batch_size=batch_rows):
                 yield batch if self._join is None else self._join.apply(pa.Table.from_batches([batch]))
@@ -148,6 +163,8 @@ class StreamSource:
     def records(self, batch_rows: int = 4096) -> Iterator[tuple[list[str], Iterator[Record]]]:
         """``(columns, records)`` read from the start of the file, as :func:`~datamodules.readers.iter_records`
         gives them; Parquet ``batch_rows`` rows at a time."""
+        if _stamp(self.res.path) != self._stamp:
+            raise DataError(f"{self.res.name}: the file changed while it was being read; run again on a stable copy")
         if self.format == "parquet":
             yield iter_parquet(self.name, self.columns, self._pf.metadata.num_rows, self._batches(batch_rows))
             return
@@ -161,8 +178,12 @@ class StreamSource:
                 yield iter_delimited(self.name, text, src.delimiter or ("\t" if self.format == "tsv" else ","))
 
     def close(self) -> None:
+        if getattr(self, "_pf", None) is not None:
+            self._pf.close()
+            self._pf = None
         if self._tmp is not None:
-            os.unlink(self._tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
             self._tmp = None
 
     def __enter__(self) -> StreamSource:

@@ -138,6 +138,8 @@ class ExampleStream:
         may hold fewer); each call reads the files again."""
         rows: list[dict] = []
         for f in self._files:
+            if split != "all" and f.split is not None and f.split != split:
+                continue  # a file of an example directory holds one split
             keep_existing = bool(f.source.resolved_mapping().split)
             s = f.source.split
             assign = QuerySplits(s.seed, s.val_fraction, s.test_fraction, keep_existing, remember=False)
@@ -177,7 +179,8 @@ class ExampleStream:
 
 def stream_examples(source: DataSource, chunk_rows: int = 4096, stats: StreamStats | None = None) -> ExampleStream:
     """Check ``source`` (raising, or quarantining, as ``load_examples`` does) and return its
-    :class:`ExampleStream`. Memory: one chunk of rows, one read buffer (:data:`~datamodules.stream_reader.
-    STREAM_READ` bytes of text, or one Parquet batch), plus per row only the ids and hashes the file-wide
-    checks need while the first pass runs, and the problems found (the rejected records)."""
+    :class:`ExampleStream`. Memory: one chunk of rows, one read buffer (1 MiB while a text's bytes are first
+    scanned, then :data:`~datamodules.stream_reader.STREAM_READ` bytes of text, or one Parquet batch), plus
+    per row only the ids and hashes the file-wide checks need while the first pass runs, and the problems
+    found (the rejected records)."""
     return ExampleStream(source, chunk_rows, stats)

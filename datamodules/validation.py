@@ -136,6 +136,7 @@ def merge_reports(source: DataSource, reports: list[LoadReport]) -> LoadReport:
         report.rows_read += r.rows_read
         report.rows_loaded += r.rows_loaded
         report.duplicates_merged += r.duplicates_merged
+        report.conflicts_averaged += r.conflicts_averaged
         report.rows_rejected += r.rows_rejected
         report.warnings += r.warnings
         for what in (report.converted, report.control_chars):

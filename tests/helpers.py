@@ -126,3 +126,21 @@ class SigtermAt(__import__("lightning").pytorch.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def catalog_with_empty_queries(d: Path, seed: int, row: int, drop_val_split: bool = False) -> Path:
+    """The synthetic catalog in ``ellm-mkd data prepare``'s layout with one bad row (an empty query, row ``row``) in
+    train and in val; ``drop_val_split``: val.parquet without its split column (the file names the split)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.synth import SynthConfig, write
+
+    write(d, SynthConfig(seed=seed, num_queries=30 if drop_val_split else 20, items_per_query=4))
+    for split in ("train", "val"):
+        t = pq.read_table(d / f"{split}.parquet")
+        queries = t.column("query").to_pylist()
+        queries[row] = ""
+        t = t.set_column(t.column_names.index("query"), "query", pa.array(queries))
+        pq.write_table(t.drop_columns(["split"]) if drop_val_split and split == "val" else t, d / f"{split}.parquet")
+    return d

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import catalog_with_empty_queries
 
 from datamodules.readers import DataError
 from datamodules.validation import ColumnMapping, DataSource, load_examples
@@ -411,15 +412,7 @@ def test_two_valid_accents_keep_a_file_utf8_beside_a_stray_bom(tmp_path):
 
 def test_an_example_directory_quarantines_every_split_in_one_file(tmp_path):
     """Bad rows in train and in val of one example directory: both reach the one quarantine file."""
-    from datamodules.synth import SynthConfig, write
-
-    d = tmp_path / "catalog"
-    write(d, SynthConfig(seed=0, num_queries=20, items_per_query=4))
-    for split in ("train", "val"):
-        t = pq.read_table(d / f"{split}.parquet")
-        queries = t.column("query").to_pylist()
-        queries[0] = ""  # one bad row per split
-        pq.write_table(t.set_column(t.column_names.index("query"), "query", pa.array(queries)), d / f"{split}.parquet")
+    d = catalog_with_empty_queries(tmp_path / "catalog", seed=0, row=0)
     q = tmp_path / "q.jsonl"
     table, rep = load_examples(DataSource(path=str(d), on_error="quarantine", quarantine_path=str(q)))
     records = [json.loads(x) for x in q.read_text().splitlines()]

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import catalog_with_empty_queries
 from shipping import export_both
 from test_reliability_data import esci_files
 
@@ -143,17 +144,7 @@ def test_streamed_scores_equal_whole_table_scores_in_every_format(fmt, scorers, 
 def test_an_examples_directory_streams_file_by_file(scorers, exports, tmp_path, capsys):
     """``ellm-mkd data prepare``'s layout: the split of each file (val has no split column here), one
     quarantine file for the directory, and ``--only_split``."""
-    from datamodules.synth import SynthConfig
-    from datamodules.synth import write as write_catalog
-
-    d = tmp_path / "catalog"
-    write_catalog(d, SynthConfig(seed=1, num_queries=30, items_per_query=4))
-    for split in ("train", "val"):
-        t = pq.read_table(d / f"{split}.parquet")
-        queries = t.column("query").to_pylist()
-        queries[1] = ""  # one bad row per split
-        t = t.set_column(t.column_names.index("query"), "query", pa.array(queries))
-        pq.write_table(t.drop_columns(["split"]) if split == "val" else t, d / f"{split}.parquet")
+    d = catalog_with_empty_queries(tmp_path / "catalog", seed=1, row=1, drop_val_split=True)
     src = DataSource(path=str(d), on_error="quarantine", quarantine_path=str(tmp_path / "q.jsonl"))
     for split in ("all", "val"):
         whole, streamed, report = both(scorers["cross_encoder"], src, tmp_path, split=split, chunk_rows=7)
@@ -385,3 +376,43 @@ def test_record_iterators_pull_lines_as_records_are_read():
     keys, records = iter_jsonl("gen.jsonl", endless('{"query": "q", "title": "t"}\n', '{"query": "q{i}"}\n'))
     assert keys == ["query", "title"] and len(list(itertools.islice(records, 3000))) == 3000
     assert next(pulled) <= 3001
+
+
+def test_a_file_changed_between_passes_is_refused(synth_dir, tmp_path):
+    """The passes must read the same rows: a file rewritten after the check is refused, not scored."""
+    p = tmp_path / "pairs.csv"
+    pq.read_table(synth_dir / "train.parquet").slice(0, 20).to_pandas().to_csv(p, index=False)
+    with stream_examples(DataSource(path=str(p)), chunk_rows=5) as stream:
+        with open(p, "a", encoding="utf-8") as f:
+            f.write("x,y\n")
+        with pytest.raises(DataError, match=r"pairs\.csv: the file changed while it was being read"):
+            next(stream.chunks())
+
+
+def test_compressed_parquet_leaves_no_temporary_file_or_handle(synth_dir, tmp_path):
+    """A ``.gz`` Parquet file is inflated to a temporary file: closed and deleted with the stream."""
+    import os
+
+    p = tmp_path / "train.parquet.gz"
+    p.write_bytes(gzip.compress((synth_dir / "train.parquet").read_bytes()))
+    with stream_examples(DataSource(path=str(p)), chunk_rows=50) as stream:
+        tmp = stream._files[0].input._tmp
+        assert tmp and Path(tmp).exists() and table_of(stream).num_rows > 0
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert not Path(tmp).exists() and not any(tmp in f for f in open_files)
+
+
+def test_directory_report_adds_up_averaged_conflicts_and_the_index_grows_by_a_quarter(tmp_path):
+    from datamodules.load_report import LoadReport
+    from datamodules.validation import merge_reports
+
+    merged = merge_reports(
+        DataSource(path=str(tmp_path)),
+        [LoadReport(file="train.parquet", conflicts_averaged=2), LoadReport(file="val.parquet", conflicts_averaged=3)],
+    )
+    assert merged.conflicts_averaged == 5
+    index = ItemIndex(tmp_path / "index", "fp", ["title"])
+    rng = np.random.default_rng(0)
+    index.lookup([f"i{k}" for k in range(1000)], ["t"] * 1000, lambda texts: rng.random((len(texts), 4)))
+    index.lookup(["new"], ["t"], lambda texts: rng.random((len(texts), 4)))
+    assert len(index) == 1001 and len(index._storage) == 1250  # not 2,000: a large index does not double

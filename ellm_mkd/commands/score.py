@@ -17,6 +17,7 @@ Two-tower: ``--item_index DIR`` keeps the item vectors of the catalog in DIR and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -127,8 +128,10 @@ def score_file(
     memory follows the chunk, not the file (plus, while the file is checked, its ids and pair hashes). The
     output is what scoring ``load_examples``'s table would give: the same rows, order, columns and values
     (two-tower with ``item_index``: item vectors embedded chunk by chunk, equal to float rounding).
-    Passes over the data: two; three when ``split`` is not ``all`` or with ``item_index`` (a pass that finds
-    whether the scored rows carry labels, how many they are, and embeds their new items chunk by chunk).
+    Passes over the data: one that checks it and one that scores it; one before those for a text file (size
+    caps and encoding); one more when ``split`` is not ``all`` or with ``item_index`` (what the scored rows
+    hold, and their new items embedded chunk by chunk); one more when a later duplicate pair makes an earlier
+    row bad (its text for the report). A compressed Parquet file is first inflated to a temporary file.
     ``stats`` (optional) counts what the reader held."""
     from tqdm import tqdm
 
@@ -143,10 +146,11 @@ def score_file(
         if split == "all" and item_index is None:
             total, labelled = stream.rows, stream.any_label()
         else:  # a pass before the pairs: what the rows of the split hold, and (two-tower) their items' vectors
-            total, labelled = survey_rows(scorer, stream.chunks(split), item_index)
+            with contextlib.closing(stream.chunks(split)) as chunks:
+                total, labelled = survey_rows(scorer, chunks, item_index)
         bar = tqdm(total=total, unit="pair", disable=not progress, file=sys.stderr, desc="score")
-        with ScoreWriter(out, fmt) as writer:
-            for chunk in stream.chunks(split):
+        with ScoreWriter(out, fmt) as writer, contextlib.closing(stream.chunks(split)) as chunks:
+            for chunk in chunks:
                 writer.write(score_rows(scorer, chunk.to_pylist(), labelled, item_index))
                 bar.update(chunk.num_rows)
         bar.close()
