@@ -348,46 +348,12 @@ def test_bench_teacher_end_to_end(tmp_path, tiny_llama):
 def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     """The ablation pipeline on tiny models: teacher, cache with augmented pairs, rows x seeds, aggregation."""
     out_json, out_md = tmp_path / "mkd.json", tmp_path / "benchmarks.md"
-    assert (
-        bench_main(
-            [
-                "mkd",
-                "--teacher_model",
-                tiny_llama,
-                "--encoder",
-                tiny_encoder,
-                "--work_dir",
-                str(tmp_path / "work"),
-                "--num_queries",
-                "24",
-                "--items_per_query",
-                "5",
-                "--teacher_steps",
-                "1",
-                "--teacher_batch",
-                "2",
-                "--teacher_eval",
-                "16",
-                "--teacher_readout",
-                "forced",
-                "--rows",
-                "[baseline,full,full_augment]",
-                "--seeds",
-                "[0,1]",
-                "--students",
-                "[cross_encoder]",
-                "--epochs",
-                "1",
-                "--train_batches",
-                "2",
-                "--out_json",
-                str(out_json),
-                "--out_md",
-                str(out_md),
-            ]
-        )
-        == 0
-    )
+    common = ["mkd", "--teacher_model", tiny_llama, "--encoder", tiny_encoder, "--work_dir", str(tmp_path / "work")]
+    common += ["--num_queries", "24", "--items_per_query", "5", "--teacher_steps", "1", "--teacher_batch", "2"]
+    common += ["--teacher_eval", "16", "--teacher_readout", "forced", "--seeds", "[0,1]"]
+    common += ["--students", "[cross_encoder]", "--epochs", "1", "--train_batches", "2"]
+    out = ["--out_json", str(out_json), "--out_md", str(out_md)]
+    assert bench_main([*common, "--rows", "[baseline,full,full_augment]", *out]) == 0
     res = json.loads(out_json.read_text())
     assert [(r["student"], r["row"]) for r in res["rows"]] == [
         ("cross_encoder", r) for r in ("baseline", "full", "full_augment")
@@ -412,41 +378,7 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     assert len(students) == 6 and all(list(d.rglob("events.out.tfevents.*")) for d in students)
     assert not [c for d in students for c in d.rglob("*.ckpt")]
     # a second invocation with the same settings reads the teacher, cache and finished runs back
-    args = [
-        "mkd",
-        "--teacher_model",
-        tiny_llama,
-        "--encoder",
-        tiny_encoder,
-        "--work_dir",
-        str(tmp_path / "work"),
-        "--num_queries",
-        "24",
-        "--items_per_query",
-        "5",
-        "--teacher_steps",
-        "1",
-        "--teacher_batch",
-        "2",
-        "--teacher_eval",
-        "16",
-        "--teacher_readout",
-        "forced",
-        "--rows",
-        "[baseline,full]",
-        "--seeds",
-        "[0,1]",
-        "--students",
-        "[cross_encoder]",
-        "--epochs",
-        "1",
-        "--train_batches",
-        "2",
-        "--out_json",
-        str(out_json),
-        "--out_md",
-        str(out_md),
-    ]
+    args = [*common, "--rows", "[baseline,full]", *out]
     assert bench_main(args) == 0
     again = json.loads(out_json.read_text())
     assert again["setup"]["resumed_runs"] == 4 and again["setup"]["setup_seconds"] == res["setup"]["setup_seconds"]
@@ -543,6 +475,10 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
     assert calibration["pairs"] == sizes["val"] and calibration["nll_after"] <= calibration["nll_before"]
     fitted = f"temperature T = {calibration['temperature']:.2f}, fitted on {sizes['val']} validation"
     assert fitted in out_md.read_text()
+    for run in ("cross_encoder_soft_s0", "cross_encoder_soft_pool2x_s0"):  # every MKD run distils at that T
+        (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
+        teacher_args = yaml.safe_load(config.read_text())["data"]["teacher"]["init_args"]
+        assert teacher_args["temperature"] == calibration["temperature"]
     from ellm_mkd.teacher_cache import TeacherCache
 
     manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest
@@ -684,8 +620,10 @@ def test_bench_injection_measures_flips_per_style(tmp_path, synth_dir, tiny_llam
     for m in t["styles"].values():
         assert 0 <= m["to_injected_level"] <= m["flip_rate"] <= 1 and -1 <= m["mean_delta_p_injected"] <= 1
     assert t["max_flip_rate"] == max(m["flip_rate"] for m in t["styles"].values())
+    assert 0 <= t["control"]["flip_rate"] <= 1 and res["setup"]["control"].startswith(" Free delivery")  # no target
     assert res["targets"]["flip_rate"]["met"] == (t["max_flip_rate"] <= 0.02)
     assert "<|im_start|>system" in res["setup"]["injections"]["chat_markers"]
     assert "| fine_tuned | 6 | chat_markers |" in out_md.read_text()
+    assert "| fine_tuned | 6 | control (neutral text) |" in out_md.read_text()
     with pytest.raises(ValueError, match="unknown injection styles"):
         bench_main([*args, "--styles", "[shouting]"])

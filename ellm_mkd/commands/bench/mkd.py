@@ -344,8 +344,9 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
-                            if opts.teacher_calibration:
-                                extra += ["--data.teacher.init_args.temperature", "fit"]
+                            if opts.teacher_calibration:  # the temperature fitted once, on the validation split
+                                t_fit = repr(setup["calibration"]["temperature"])
+                                extra += ["--data.teacher.init_args.temperature", t_fit]
                         if pool:
                             extra += augment_args(pool_files[pool])
                         r = train_student(

@@ -11,8 +11,9 @@ log = logging.getLogger(__name__)
 
 
 def calibration(data: dict[str, Any], cache_dir: str) -> dict[str, Any]:
-    """The temperature every MKD run fits on the validation split (``CachedTeacher(temperature: fit)``), fitted
-    once here for the report: T and the validation NLL and ECE of the teacher before and after it."""
+    """The temperature of the teacher's level distributions, fitted once on the validation split
+    (``CachedTeacher(temperature: fit)``) and given to every MKD run: T and the validation NLL and ECE of the
+    teacher before and after it."""
     from dataclasses import asdict
 
     from datamodules.datamodule import RelevanceDataModule
