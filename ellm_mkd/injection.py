@@ -20,6 +20,7 @@ teacher never saw in training.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,11 +108,17 @@ def random_injection(
     """One injection: a random family, wording and target level (any of ``level_names``); ``markers`` are the
     control markers chat-marker injections use (give the model's own special tokens beside the common ones).
     Never one of :data:`BENCH_INJECTIONS`."""
-    held_out = {s.format(level=lv) for s in BENCH_INJECTIONS.values() for lv in level_names}
+    held_out = _held_out(tuple(level_names))
     while True:
-        text = _draw(rng, rng.choice(FAMILIES), rng.choice(list(level_names)), markers)
-        if text not in held_out and text.strip() not in {h.strip() for h in held_out}:
+        text = _draw(rng, rng.choice(FAMILIES), rng.choice(level_names), markers)
+        if text.strip() not in held_out:
             return text
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out(level_names: tuple[str, ...]) -> frozenset[str]:
+    """:data:`BENCH_INJECTIONS` for every level, stripped (a draw differing only in surrounding space is the same)."""
+    return frozenset(s.format(level=lv).strip() for s in BENCH_INJECTIONS.values() for lv in level_names)
 
 
 def plant(rng: random.Random, item_text: str, injection: str) -> str:

@@ -84,6 +84,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             the label unchanged, so the teacher learns that text posing as instructions says nothing about
             relevance (:mod:`ellm_mkd.injection`; the strings ``ellm-mkd bench injection`` measures are held out).
         injection_seed: seed of those draws (with the example id and the epoch).
+        w_invariance: weight of KL(clean || planted) of the direct level distribution at each example that got an
+            injection (the clean one read without gradient in the same step): the judgement, not only the
+            label, must stay where it was (0: off; costs one more forward pass of the planted examples).
         val_mode, test_mode: readout used by ``validate`` and ``test`` (and ``predict``: ``test_mode``):
             ``direct`` (answer-first, one pass), ``cot`` (write the chain, then read), or ``forced``
             (read the verdicts and level after the *annotated* chain, ``data.annotations``, instead of
@@ -127,6 +130,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         w_tokens: float = 0.1,
         injection_rate: float = 0.0,
         injection_seed: int = 0,
+        w_invariance: float = 0.0,
         val_mode: ReadMode = "direct",
         test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
@@ -216,11 +220,15 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     @property
     def loss_weights(self) -> dict[str, float]:
         hp = self.hparams
-        return {"level": hp.w_level, "grade": hp.w_grade, "verdicts": hp.w_verdicts, "tokens": hp.w_tokens}
+        terms = ("level", "grade", "verdicts", "tokens", "invariance")
+        return {t: getattr(hp, f"w_{t}", 0.0) for t in terms}
 
-    def objective(self, batch: dict[str, Any], modes: list[Mode] | None = None) -> tuple[Tensor, dict[str, float], int]:
+    def objective(
+        self, batch: dict[str, Any], modes: list[Mode] | None = None, reference: dict[int, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, float], int]:
         """The weighted training loss of ``batch`` (:mod:`lightning_modules.teacher_objective`) over ``modes``
-        (default ``train_modes``), each term's mean, and the number of truncated responses. One forward
+        (default ``train_modes``), each term's mean, and the number of truncated responses (``reference``: the
+        clean level distributions of the ``invariance`` term, by batch position; direct responses). One forward
         pass per mode: a direct prompt is much shorter than a chain, so padding both kinds together would
         waste compute."""
         parts, truncated = [], 0
@@ -228,7 +236,10 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             responses = build_responses(self.readout, batch, mode, self.hparams.max_seq_length, self.level_names)
             truncated += responses.truncated
             if len(responses):
-                parts.append(objective_terms(self.model, responses, self.tokenizer.pad_token_id, self.level_grades))
+                ref = reference if mode == "direct" else None
+                parts.append(
+                    objective_terms(self.model, responses, self.tokenizer.pad_token_id, self.level_grades, ref)
+                )
         if not parts:
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return zero, {}, truncated
@@ -244,8 +255,17 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         texts = self.injections(batch["item_text"], batch["example_id"], self.current_epoch, self.level_names, markers)
         return {**batch, "item_text": texts}
 
+    def clean_reference(self, batch: dict[str, Any], planted: dict[str, Any]) -> dict[int, Tensor] | None:
+        """The direct level distributions (no gradient) of the examples whose text ``planted`` changed."""
+        changed = [i for i, (a, b) in enumerate(zip(batch["item_text"], planted["item_text"])) if a != b]
+        if not self.hparams.w_invariance or not changed:
+            return None
+        probs = self.readout.direct([batch["query"][i] for i in changed], [batch["item_text"][i] for i in changed])
+        return dict(zip(changed, probs.level_probs.detach()))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, means, truncated = self.objective(self.with_injections(batch))
+        planted = self.with_injections(batch)
+        loss, means, truncated = self.objective(planted, reference=self.clean_reference(batch, planted))
         bs = len(batch["example_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for term, value in means.items():

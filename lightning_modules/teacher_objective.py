@@ -12,9 +12,13 @@ are weighted apart:
 ``grade``     squared error of the expected grade of that distribution, on the 0..1 scale of the
               level grades (an ordinal signal: ``substitute`` for ``exact`` costs less than ``irrelevant``);
 ``verdicts``  cross-entropy of each dimension's annotated verdict at the chain's ``=>``;
-``tokens``    next-token loss over the rest of the response (format, evidence, end of turn).
+``tokens``    next-token loss over the rest of the response (format, evidence, end of turn);
+``invariance`` with planted text (injection training): KL(clean || planted) of the direct level
+              distribution, the clean one read by the same model without gradient, at each example
+              whose product text got an injection: the judgement must not move, not only the label.
 
-``loss = w_level * level + w_grade * grade + w_verdicts * verdicts + w_tokens * tokens``, each term a
+``loss = w_level * level + w_grade * grade + w_verdicts * verdicts + w_tokens * tokens
++ w_invariance * invariance``, each term a
 mean over its own points (or tokens), so one weight means the same whatever the chain's length.
 With ``w_tokens=1`` and the other weights 0 it is the plain language-model loss of the responses
 (the candidate tokens excepted).
@@ -34,7 +38,7 @@ from ellm_mkd.cot import CoTParseError, parse
 from ellm_mkd.prompts import neutralize_special_tokens
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
-TERMS = ("level", "grade", "verdicts", "tokens")
+TERMS = ("level", "grade", "verdicts", "tokens", "invariance")
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ResponseBatch:
     points: list[ReadoutPoint] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)  # the batch position of each point's example
     truncated: int = 0
 
     def __len__(self) -> int:
@@ -71,8 +76,8 @@ def build_responses(
 
     out = ResponseBatch()
     rationales = batch.get("rationale") or [None] * len(batch["query"])
-    for q, d, lab, rationale, eid in zip(
-        batch["query"], batch["item_text"], batch["labels"].tolist(), rationales, batch["example_id"]
+    for pos, (q, d, lab, rationale, eid) in enumerate(
+        zip(batch["query"], batch["item_text"], batch["labels"].tolist(), rationales, batch["example_id"])
     ):
         prompt = template.prompt(tok, q, d, level_names, mode)
         p_ids = ids(prompt)
@@ -111,12 +116,17 @@ def build_responses(
             out.points.append(ReadoutPoint(i, len(prefix), cset, prefix_ids=prefix))
             out.kinds.append(kind)
             out.targets.append(target)
+            out.examples.append(pos)
     return out
 
 
-def objective_terms(model: Any, responses: ResponseBatch, pad_id: int, level_grades: Tensor) -> dict[str, Tensor]:
+def objective_terms(
+    model: Any, responses: ResponseBatch, pad_id: int, level_grades: Tensor, reference: dict[int, Tensor] | None = None
+) -> dict[str, Tensor]:
     """Per-term sums and counts over ``responses`` (one forward pass): ``{term: sum}`` and ``{term_n: count}``;
-    :func:`combine` turns them, summed over several calls, into the weighted loss."""
+    :func:`combine` turns them, summed over several calls, into the weighted loss. ``reference``: for the
+    batch positions it holds, the clean level distribution (probabilities) the ``invariance`` term keeps
+    each level point of that example at."""
     seqs = responses.sequences
     token_positions = [range(max(n - 1, 0), len(s) - 1) for s, n in zip(seqs, responses.prompt_lengths)]
     point_logp, token_logp = teacher_forced_scores(model, seqs, responses.points, pad_id, token_positions)
@@ -137,8 +147,15 @@ def objective_terms(model: Any, responses: ResponseBatch, pad_id: int, level_gra
             span = (grades.max() - grades.min()).clamp_min(1e-6)
             expected = (logp.exp() @ grades - grades[target]) / span
             terms["grade"], terms["grade_n"] = (expected**2).sum(), torch.tensor(float(len(idx)))
-    if "grade" not in terms:
-        terms["grade"], terms["grade_n"] = zero, torch.tensor(0.0)
+            kept = [(r, j) for r, j in enumerate(idx) if reference and responses.examples[j] in reference]
+            if kept:
+                p = torch.stack([reference[responses.examples[j]] for _, j in kept]).to(device=device, dtype=logp.dtype)
+                q_logp = logp[[r for r, _ in kept]]
+                kl = (p * (p.clamp_min(1e-12).log() - q_logp)).sum()
+                terms["invariance"], terms["invariance_n"] = kl, torch.tensor(float(len(kept)))
+    for name in ("grade", "invariance"):
+        if name not in terms:
+            terms[name], terms[f"{name}_n"] = zero, torch.tensor(0.0)
     return terms
 
 

@@ -91,3 +91,31 @@ def test_teacher_trains_on_injected_text_with_the_same_targets_and_no_special_to
             assert sum(t in special for t in d) == sum(t in special for t in c)
     loss = m.training_step(batch, 0)
     assert torch.isfinite(loss)
+
+
+def test_invariance_term_is_the_kl_from_the_clean_to_the_planted_direct_distribution(tiny_llama):
+    """``w_invariance``: KL(clean || planted) of the direct level distribution, hand-computed from two direct
+    readouts; zero when the text is the clean one; it reaches the loss with its weight and has a gradient."""
+    from test_teacher import _batch, _teacher
+
+    from lightning_modules.teacher_objective import build_responses, combine, objective_terms
+
+    m = _teacher(tiny_llama, injection_rate=1.0, injection_seed=4, w_invariance=0.5, w_level=0.0, w_tokens=0.0)
+    batch = {**_batch(), "example_id": [f"x{i}" for i in range(2)]}
+    planted = m.with_injections(batch)
+    ref = m.clean_reference(batch, planted)
+    assert set(ref) == {0, 1} and m.clean_reference(batch, batch) is None and not ref[0].requires_grad
+    clean = m.readout.direct(batch["query"], batch["item_text"]).level_probs
+    dirty = m.readout.direct(planted["query"], planted["item_text"]).level_probs
+    want = float((clean * (clean.log() - dirty.log())).sum(-1).mean())
+    responses = build_responses(m.readout, planted, "direct", 4096, LEVELS)
+    terms = objective_terms(m.model, responses, m.tokenizer.pad_token_id, m.level_grades, ref)
+    assert float(terms["invariance"] / terms["invariance_n"]) == pytest.approx(want, rel=1e-4, abs=1e-6) and want > 0
+    same = build_responses(m.readout, batch, "direct", 4096, LEVELS)
+    zero = objective_terms(m.model, same, m.tokenizer.pad_token_id, m.level_grades, ref)
+    assert float(zero["invariance"]) == pytest.approx(0.0, abs=1e-5)
+    loss, means = combine([terms], m.loss_weights)
+    assert float(loss) == pytest.approx(0.5 * means["invariance"] + m.hparams.w_grade * means["grade"], rel=1e-5)
+    loss = m.training_step(batch, 0)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad)

@@ -50,7 +50,7 @@ class ServeBenchOptions:
         teacher_model: teacher for the direct-readout row (empty: skip it)
         teacher_adapter: its LoRA adapter (optional; speed barely depends on it)
         teacher_pairs: pairs the teacher scores (it is slow)
-        teacher_batch_size: pairs per teacher forward
+        teacher_batch_size: pairs per teacher forward (the students' batch_size by default: the same work per call)
         index_items: items scored for one query (two-tower index vs cross-encoder)
         load_clients: concurrent clients of the service load test (0: skip the service)
         load_requests: requests of the load test
@@ -72,7 +72,7 @@ class ServeBenchOptions:
     teacher_model: str = "smollm2-135m-instruct"
     teacher_adapter: str | None = None
     teacher_pairs: int = 64
-    teacher_batch_size: int = 8
+    teacher_batch_size: int = 32
     index_items: int = 1000
     load_clients: int = 8
     load_requests: int = 2000
@@ -263,28 +263,56 @@ def bench_two_tower(opts: ServeBenchOptions, rows: list[dict[str, Any]], work: P
         "one_query_two_tower_ms": tt_s * 1000,
         "one_query_cross_encoder_int8_ms": ce_s * 1000,
         "two_tower_speedup": ce_s / tt_s,
+        "one_query_pairs_per_s": k / tt_s,
     }
 
 
 def _targets(ce: dict[str, Any], tt: dict[str, Any] | None, svc: dict[str, Any] | None) -> dict[str, Any]:
+    """Each issue target: what it asks (``rule``), the measured ``value`` and ``met`` (``stated``: a figure to
+    report, no threshold)."""
     t: dict[str, Any] = {}
     st, i8, eager = ce.get("sentence_transformers"), ce["onnx_int8"], ce["pytorch_eager"]
     if st:
         ratio = i8["pairs_per_s"] / st["pairs_per_s"]
-        gap = abs((i8["auc"] or 0) - (eager["auc"] or 0))
         t["int8_2x_sentence_transformers"] = {
+            "rule": "ONNX int8 cross-encoder pairs/s >= 2x sentence-transformers CrossEncoder.predict (same weights)",
             "value": ratio,
-            "auc_gap_to_pytorch": gap,
-            "met": ratio >= 2 and gap <= 0.005,
+            "met": ratio >= 2,
         }
+    if i8["auc"] is not None and eager["auc"] is not None:
+        gap = abs(i8["auc"] - eager["auc"])
+        t["int8_auc_within_0.005"] = {"rule": "AUC gap, int8 vs PyTorch, <= 0.005", "value": gap, "met": gap <= 0.005}
     if "teacher_direct" in ce:
-        ratio = i8["pairs_per_s"] / ce["teacher_direct"]["pairs_per_s"]
-        t["student_300x_teacher_direct"] = {"value": ratio, "met": ratio >= 300}
+        teacher = ce["teacher_direct"]["pairs_per_s"]
+        t["cross_encoder_300x_teacher_direct"] = {
+            "rule": "int8 cross-encoder pairs/s >= 300x the teacher's direct readout (same batch, same CPU)",
+            "value": i8["pairs_per_s"] / teacher,
+            "met": i8["pairs_per_s"] / teacher >= 300,
+        }
+        if tt:
+            t["two_tower_300x_teacher_direct"] = {
+                "rule": "two-tower pairs/s, one query against precomputed item vectors, >= 300x the teacher's",
+                "value": tt["one_query_pairs_per_s"] / teacher,
+                "met": tt["one_query_pairs_per_s"] / teacher >= 300,
+            }
     if tt:
-        t["two_tower_one_query_speedup"] = {"value": tt["two_tower_speedup"], "stated": True}
+        t["two_tower_one_query_speedup"] = {
+            "rule": f"one query against {tt['one_query_items']} items: int8 cross-encoder time / two-tower time",
+            "value": tt["two_tower_speedup"],
+            "stated": True,
+        }
+        t["two_tower_query_p99_ms"] = {
+            "rule": "two-tower query latency p99 at batch 1 (query tower + scorer over its items)",
+            "value": tt.get("query_latency_p99_ms"),
+            "stated": True,
+        }
     if svc:
         ok = svc["errors"] == 0 and svc["lost"] == 0 and svc["bad_requests_4xx_json"] == svc["bad_requests"]
-        t["service_no_errors"] = {"value": svc["errors"] + svc["lost"], "met": ok}
+        t["service_no_errors"] = {
+            "rule": "load test: 0 errors, 0 lost requests; every bad request answered with a 4xx JSON error",
+            "value": svc["errors"] + svc["lost"],
+            "met": ok,
+        }
     return t
 
 
@@ -349,9 +377,11 @@ def markdown_section(r: dict[str, Any]) -> str:
             f"{svc['errors']} errors, {svc['lost']} lost; bad requests answered 4xx JSON: "
             f"{svc['bad_requests_4xx_json']}/{svc['bad_requests']}.",
         ]
-    lines += ["", "| target | value | met |", "|---|---|---|"]
+    lines += ["", "| target | rule | value | met |", "|---|---|---|---|"]
     for name, t in r["targets"].items():
-        lines.append(f"| {name} | {fmt(float(t['value']), 2)} | {t.get('met', '–')} |")
+        value = fmt(float(t["value"]), 4 if name.startswith("int8_auc") else 2) if t["value"] is not None else "–"
+        met = "–" if "met" not in t else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {name} | {t.get('rule', '')} | {value} | {met} |")
     lines.append(f"<!-- /bench:{r['benchmark']} -->")
     return "\n".join(lines)
 
