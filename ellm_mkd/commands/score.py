@@ -170,6 +170,7 @@ def survey_rows(scorer: Scorer, chunks: Iterable[Any], item_index: ItemIndex | N
     fields = scorer.card.item_fields
     rows, labelled = 0, False
     seen: dict[str, tuple[str | None, str]] = {}  # item id -> (hash in the index before this run, latest hash)
+    counts = (item_index.added, item_index.reused) if item_index is not None else (0, 0)
     for chunk in chunks:
         rows += chunk.num_rows
         labelled = labelled or chunk.column("label").null_count < chunk.num_rows
@@ -188,13 +189,11 @@ def survey_rows(scorer: Scorer, chunks: Iterable[Any], item_index: ItemIndex | N
             seen[i] = (seen[i][0], h)
             todo[i] = text
         if todo:
-            added, reused = item_index.added, item_index.reused
             item_index.lookup(list(todo), list(todo.values()), lambda texts: scorer.embed("item", texts))
-            item_index.added, item_index.reused = added, reused  # counted once for the run, below
-    if item_index is not None:
+    if item_index is not None:  # lookup counted per chunk; count each item once for the run instead
         embedded = sum(before != last for before, last in seen.values())
-        item_index.added += embedded
-        item_index.reused += len(seen) - embedded
+        item_index.added = counts[0] + embedded
+        item_index.reused = counts[1] + len(seen) - embedded
         item_index.save()
     return rows, labelled
 
