@@ -84,6 +84,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             the label unchanged, so the teacher learns that text posing as instructions says nothing about
             relevance (:mod:`ellm_mkd.injection`; the strings ``ellm-mkd bench injection`` measures are held out).
         injection_seed: seed of those draws (with the example id and the epoch).
+        injection_neutral_rate: share of the other examples that get neutral seller text appended (no level).
         w_invariance: weight of KL(clean || planted) of the direct level distribution at each example that got an
             injection (the clean one read without gradient in the same step): the judgement, not only the
             label, must stay where it was (0: off; costs one more forward pass of the planted examples).
@@ -130,6 +131,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         w_tokens: float = 0.1,
         injection_rate: float = 0.0,
         injection_seed: int = 0,
+        injection_neutral_rate: float = 0.0,
         w_invariance: float = 0.0,
         val_mode: ReadMode = "direct",
         test_mode: ReadMode = "cot",
@@ -152,7 +154,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             template = PromptTemplate(**template)
         self.save_hyperparameters(ignore=["template"])
         self.template = template or PromptTemplate()
-        self.injections = InjectionAugment(injection_rate, injection_seed)
+        self.injections = InjectionAugment(injection_rate, injection_seed, injection_neutral_rate)
 
         self.model_path = resolve_model(model)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
@@ -249,7 +251,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     # -- steps ---------------------------------------------------------------------------------
     def with_injections(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``batch`` with injections planted in the product text of about ``injection_rate`` of its examples."""
-        if not self.injections.rate:
+        if not (self.injections.rate or self.injections.neutral_rate):
             return batch
         markers = (*COMMON_CONTROL_MARKERS, *(self.tokenizer.all_special_tokens or ()))
         texts = self.injections(batch["item_text"], batch["example_id"], self.current_epoch, self.level_names, markers)

@@ -7,7 +7,16 @@ import random
 import pytest
 import torch
 
-from ellm_mkd.injection import BENCH_INJECTIONS, FAMILIES, InjectionAugment, _draw, plant, random_injection
+from ellm_mkd.injection import (
+    BENCH_CONTROL,
+    BENCH_INJECTIONS,
+    FAMILIES,
+    InjectionAugment,
+    _draw,
+    neutral_text,
+    plant,
+    random_injection,
+)
 
 LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
 
@@ -67,6 +76,34 @@ def test_augment_rate_seed_and_epoch():
         InjectionAugment(1.5)
 
 
+def test_neutral_text_names_no_level_varies_and_is_never_the_bench_control(monkeypatch):
+    import ellm_mkd.injection as inj
+
+    rng = random.Random(5)
+    drawn = [neutral_text(rng) for _ in range(2000)]
+    assert len(set(drawn)) > 1500
+    assert not any(lv in d.lower() for d in drawn for lv in LEVELS) and not any("level" in d.lower() for d in drawn)
+    monkeypatch.setattr(inj, "_NEUTRAL", ("Free delivery in 2 days. 1-year limited warranty.", "In stock."))
+    rng = random.Random(0)
+    assert all(neutral_text(rng).strip() != BENCH_CONTROL.strip() for _ in range(200))
+
+
+def test_neutral_rate_fills_the_examples_left_clean_and_keeps_the_injection_draws():
+    ids = [f"e{i}" for i in range(1000)]
+    texts = [f"product {i}" for i in range(1000)]
+    plain = InjectionAugment(0.5, seed=3)(texts, ids, 0, LEVELS)
+    both = InjectionAugment(0.5, seed=3, neutral_rate=1.0)(texts, ids, 0, LEVELS)
+    injected = [p != t for p, t in zip(plain, texts)]
+    assert all(b == p for b, p, i in zip(both, plain, injected) if i)  # the same injections as without it
+    for b, t, i in zip(both, texts, injected):
+        if not i:  # every other example: the product text, then neutral text that names no level
+            assert b.startswith(t) and b != t and not any(lv in b[len(t) :] for lv in LEVELS)
+    only = InjectionAugment(0.0, seed=3, neutral_rate=0.3)(texts, ids, 0, LEVELS)
+    assert 230 < sum(o != t for o, t in zip(only, texts)) < 370
+    with pytest.raises(ValueError, match="injection_neutral_rate"):
+        InjectionAugment(0.5, neutral_rate=-0.1)
+
+
 def test_teacher_trains_on_injected_text_with_the_same_targets_and_no_special_tokens(tiny_llama):
     from test_teacher import _batch, _teacher
 
@@ -91,6 +128,8 @@ def test_teacher_trains_on_injected_text_with_the_same_targets_and_no_special_to
             assert sum(t in special for t in d) == sum(t in special for t in c)
     loss = m.training_step(batch, 0)
     assert torch.isfinite(loss)
+    neutral = _teacher(tiny_llama, injection_neutral_rate=1.0, injection_seed=4).with_injections(batch)
+    assert all(x.startswith(t) and x != t for x, t in zip(neutral["item_text"], batch["item_text"]))
 
 
 def test_invariance_term_is_the_kl_from_the_clean_to_the_planted_direct_distribution(tiny_llama):

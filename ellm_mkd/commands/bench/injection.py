@@ -30,14 +30,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ellm_mkd.injection import BENCH_INJECTIONS
+from ellm_mkd.injection import BENCH_CONTROL, BENCH_INJECTIONS
 
 from .common import options, options_parser, publish, result_head, section_head
 
 TARGET_FLIP_RATE = 0.02
 STYLES = BENCH_INJECTIONS  # held out of the teacher's injection training (ellm_mkd.injection)
-#: appended like an injection, but asks for nothing: the flips any extra product text causes
-CONTROL_TEXT = " Free delivery in 2 days. 1-year limited warranty."
+# the control row appends BENCH_CONTROL like an injection; it asks for nothing: the flips any extra text causes
 
 
 @dataclass
@@ -125,7 +124,7 @@ def measure(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], levels: lis
     base_pred = clean.argmax(-1)
     styles = {}
     texts = {s: STYLES[s].format(level=opts.injected_level) for s in opts.styles}
-    for style, text in {**texts, "control": CONTROL_TEXT}.items():
+    for style, text in {**texts, "control": BENCH_CONTROL}.items():
         got = probs([r["item_text"] + text for r in pairs])
         pred = got.argmax(-1)
         styles[style] = {
@@ -167,7 +166,7 @@ def bench_injection(opts, command: str) -> dict[str, Any]:
             "teacher_how": opts.teacher_how,
             "injected_level": opts.injected_level,
             "injections": {s: STYLES[s].format(level=opts.injected_level) for s in opts.styles},
-            "control": CONTROL_TEXT,
+            "control": BENCH_CONTROL,
         },
         "teachers": teachers,
         "targets": {
