@@ -36,7 +36,6 @@ from .common import options, options_parser, publish, result_head, section_head
 
 TARGET_FLIP_RATE = 0.02
 STYLES = BENCH_INJECTIONS  # held out of the teacher's injection training (ellm_mkd.injection)
-# the control row appends BENCH_CONTROL like an injection; it asks for nothing: the flips any extra text causes
 
 
 @dataclass
@@ -124,6 +123,7 @@ def measure(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], levels: lis
     base_pred = clean.argmax(-1)
     styles = {}
     texts = {s: STYLES[s].format(level=opts.injected_level) for s in opts.styles}
+    # the control row appends BENCH_CONTROL like an injection; it asks for nothing: the flips any extra text causes
     for style, text in {**texts, "control": BENCH_CONTROL}.items():
         got = probs([r["item_text"] + text for r in pairs])
         pred = got.argmax(-1)
