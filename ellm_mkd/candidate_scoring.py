@@ -4,6 +4,11 @@
 one), the token tree that hangs candidate continuations off a text, and :func:`score_points`,
 which returns each point's log-probabilities renormalised over its candidates; plus the small
 model helpers the readout and generation share. The method is described in :mod:`ellm_mkd.readout`.
+
+A tree can also hold several texts (:func:`_pack`): texts that begin alike (the prompt's fixed instructions)
+share those tokens in one row, computed once, and each goes on from where it parts from the others, seeing its
+own path only, with the position ids it would have alone; the model's sliding-window layers keep their window
+along each path (:func:`_layer_masks`). Scores, losses and gradients are those of a row per text.
 """
 
 from __future__ import annotations
@@ -142,6 +147,30 @@ class _TokenTree:
             out.append(pos)
         return out, on_text
 
+    def added(self, tokens: Sequence[int]) -> int:
+        """How many tokens :meth:`add` would append for ``tokens`` (those after the part already here)."""
+        if self.readable is not None:
+            raise ValueError("texts are added to trees whose every position is computed (readable None)")
+        pos, on_text = -1, True
+        for j, tok in enumerate(tokens):
+            nxt = pos + 1
+            if on_text and nxt < self.n_text and self.tokens[nxt] == tok:
+                pos = nxt
+                continue
+            on_text = False
+            node = self._children.get((pos, tok))
+            if node is None:
+                return len(tokens) - j
+            pos = node
+        return 0
+
+    def add(self, tokens: Sequence[int]) -> list[int]:
+        """Hang another text off the tree where it parts from what is already here (the shared prefix is
+        computed once, for both); returns the position of each of its tokens."""
+        if self.readable is not None:
+            raise ValueError("texts are added to trees whose every position is computed (readable None)")
+        return self._extend(-1, True, tokens, need_last_only=False)[0]
+
     def reading_positions(self, prefix: Sequence[int], cand: Sequence[int]) -> list[int]:
         """Positions whose next-token distributions score ``cand`` written after ``prefix``."""
         if not prefix:
@@ -164,6 +193,27 @@ class _TokenTree:
                 mask[node] = mask[self.parent[node]]
             mask[node, node] = True
         return mask
+
+
+def _pack(sequences: Sequence[Sequence[int]], pack_tokens: int) -> tuple[list[_TokenTree], list[int], list[list[int]]]:
+    """``sequences`` as token trees: ``(trees, tree of each sequence, position of each of its tokens)``.
+
+    With ``pack_tokens`` > 0 a sequence joins the previous one's tree while the tree's text stays within that
+    many tokens (the candidate words a readout adds come on top): sequences that begin alike (the prompt's
+    fixed instructions, the same query) share those tokens, computed once, and the rest hang off where they
+    part, seeing their own prefix only, with the position ids they would have alone. 0: one tree per
+    sequence."""
+    trees: list[_TokenTree] = []
+    tree_of: list[int] = []
+    where: list[list[int]] = []
+    for seq in sequences:
+        if pack_tokens > 0 and trees and len(trees[-1]) + trees[-1].added(seq) <= pack_tokens:
+            where.append(trees[-1].add(seq))
+        else:
+            trees.append(_TokenTree(seq))
+            where.append(list(range(len(seq))))
+        tree_of.append(len(trees) - 1)
+    return trees, tree_of, where
 
 
 def _plan(
@@ -203,6 +253,23 @@ def _as_mask(visible: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def _layer_masks(backbone: Any, visible: Tensor, position_ids: Tensor, impl: str, dtype: torch.dtype) -> Any:
+    """The attention mask(s) of a batch of trees: ``visible`` ``[B, T, T]`` as one 4-D mask, or, for a model with
+    sliding-window layers (Gemma 2/3, Qwen with ``use_sliding_window``), ``{layer type: mask}`` where the sliding
+    layers also drop what lies ``sliding_window`` or more positions back along the path (what the model's own
+    masks do to a plain text; a 4-D mask given to the model is used as it is)."""
+    cfg = getattr(backbone, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(cfg, "sliding_window", None)
+    types = set(getattr(cfg, "layer_types", None) or ())
+    full = _as_mask(visible[:, None], impl, dtype)
+    if not window or "sliding_attention" not in types:
+        return full
+    near = (position_ids[:, :, None] - position_ids[:, None, :]) < window
+    sliding = _as_mask((visible & near)[:, None], impl, dtype)
+    return sliding if types == {"sliding_attention"} else {"full_attention": full, "sliding_attention": sliding}
+
+
 def _tree_inputs(trees: Sequence[_TokenTree], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """``input_ids``, ``position_ids`` and the ``[B, T, T]`` visibility of a batch of trees (right-padded)."""
     width = max(len(t) for t in trees)
@@ -224,28 +291,35 @@ def _tree_hidden(model: Any, trees: Sequence[_TokenTree], pad_id: int) -> Tensor
     device = next(model.parameters()).device
     dtype = next(backbone.parameters()).dtype
     ids, pos, visible = _tree_inputs(trees, pad_id)
+    pos, visible = pos.to(device), visible.to(device)
     return backbone(
         input_ids=ids.to(device),
-        position_ids=pos.to(device),
+        position_ids=pos,
         use_cache=False,
-        attention_mask=_as_mask(visible[:, None].to(device), impl, dtype),
+        attention_mask=_layer_masks(backbone, visible, pos, impl, dtype),
     ).last_hidden_state
 
 
 @torch.no_grad()
 def score_points(
-    model: Any, sequences: Sequence[Sequence[int]], points: Sequence[ReadoutPoint], pad_id: int, rows_per_pass: int = 16
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    points: Sequence[ReadoutPoint],
+    pad_id: int,
+    rows_per_pass: int = 16,
+    pack_tokens: int = 0,
 ) -> list[Tensor]:
     """Normalised log-probabilities over each point's candidates (one 1-D tensor per point).
 
     ``sequences`` are token ids (no padding); each point reads after ``seq[:cut]`` (or after its
-    own ``prefix_ids``). One forward pass per ``rows_per_pass`` texts scores every point and every
-    candidate (see the module docstring).
+    own ``prefix_ids``). One forward pass per ``rows_per_pass`` rows scores every point and every
+    candidate (see the module docstring); ``pack_tokens`` > 0 packs texts that share a prefix into
+    rows of up to that many tokens (:func:`_pack`), computing the shared part once.
     """
     _, head = lm_parts(model)
     used = sorted({p.seq for p in points})
-    trees = [_TokenTree(sequences[s]) for s in used]
-    tree_of = {s: i for i, s in enumerate(used)}
+    trees, packed_of, _ = _pack([sequences[s] for s in used], pack_tokens)
+    tree_of = {s: packed_of[i] for i, s in enumerate(used)}
     plan = _plan(trees, tree_of, sequences, points)
     wanted: dict[int, set[int]] = {}
     for cands in plan:
@@ -270,6 +344,7 @@ def teacher_forced_scores(
     pad_id: int,
     token_positions: Sequence[Sequence[int]] = (),
     skip_read: bool = True,
+    pack_tokens: int = 0,
 ) -> tuple[list[Tensor], Tensor]:
     """The training counterpart of :func:`score_points`, differentiable and in one forward pass.
 
@@ -278,23 +353,29 @@ def teacher_forced_scores(
     log-probability of the text's own next token at every position in ``token_positions[s]``
     (positions of sequence ``s``, each before its last token), in that order, leaving out
     (``skip_read``) the text positions some point reads: where the text writes a level or verdict
-    itself, the candidate terms own it. One pass computes both.
+    itself, the candidate terms own it. One pass computes both; ``pack_tokens`` as in :func:`score_points`
+    (the whole batch in one row shares its prompts' common prefix: fewer tokens through the model).
     """
     _, head = lm_parts(model)
-    trees = [_TokenTree(s) for s in sequences]
-    plan = _plan(trees, list(range(len(trees))), sequences, points)
+    trees, tree_of, at = _pack(sequences, pack_tokens)
+    plan = _plan(trees, tree_of, sequences, points)
     keys: dict[tuple[int, int], int] = {}
     for cands in plan:
         for t, positions, _ in cands:
             for p in positions:
                 keys.setdefault((t, p), len(keys))
-    read = set(keys) if skip_read else set()
-    token_positions = [[p for p in positions if (s, p) not in read] for s, positions in enumerate(token_positions)]
+    # (sequence, tree position) its own points read: a packed neighbour's points never hide its tokens
+    read = {(pt.seq, q) for pt, cands in zip(points, plan) for _, qs, _ in cands for q in qs} if skip_read else set()
     for s, positions in enumerate(token_positions):
         for p in positions:
             if not 0 <= p < len(sequences[s]) - 1:
                 raise ValueError(f"token position {p} of sequence {s} has no next token in the text")
-            keys.setdefault((s, p), len(keys))
+    token_positions = [
+        [p for p in positions if (s, at[s][p]) not in read] for s, positions in enumerate(token_positions)
+    ]
+    for s, positions in enumerate(token_positions):
+        for p in positions:
+            keys.setdefault((tree_of[s], at[s][p]), len(keys))
     hidden = _tree_hidden(model, trees, pad_id)
     device = hidden.device
     if not keys:
@@ -318,7 +399,7 @@ def teacher_forced_scores(
         0, torch.tensor(owner, dtype=torch.long, device=device), picked
     )
     point_logp = [v.log_softmax(-1) for v in seq_logp.split([len(c) for c in plan])]
-    t_rows = [keys[(s, p)] for s, positions in enumerate(token_positions) for p in positions]
+    t_rows = [keys[(tree_of[s], at[s][p])] for s, positions in enumerate(token_positions) for p in positions]
     t_cols = [sequences[s][p + 1] for s, positions in enumerate(token_positions) for p in positions]
     token_logp = logp[
         torch.tensor(t_rows, dtype=torch.long, device=device), torch.tensor(t_cols, dtype=torch.long, device=device)

@@ -82,6 +82,8 @@ class TeacherReadout:
             parse either way (its error names the same line), its distributions come from the direct
             question either way; only its text is shorter. A batch then runs as long as its longest
             viable chain instead of to the token budget.
+        pack_tokens: score texts that share a prefix in rows of up to this many tokens, the shared part
+            computed once (:func:`~ellm_mkd.candidate_scoring.score_points`; 0: a row per text).
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class TeacherReadout:
         template: PromptTemplate | None = None,
         max_new_tokens: int = 160,
         stop_unparseable: bool = True,
+        pack_tokens: int = 0,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.pack_tokens = pack_tokens
         self.stop_unparseable = stop_unparseable
         ensure_pad_token(tokenizer)
         self.level_names = tuple(level_names)
@@ -120,7 +124,7 @@ class TeacherReadout:
         """One forward pass per pair over ``prompt + "level:"``."""
         seqs = [self._ids(p + self.template.answer_prefix) for p in self.prompts(queries, items, "direct")]
         pts = [ReadoutPoint(i, len(s), self.levels) for i, s in enumerate(seqs)]
-        logp = score_points(self.model, seqs, pts, self.tokenizer.pad_token_id)
+        logp = score_points(self.model, seqs, pts, self.tokenizer.pad_token_id, pack_tokens=self.pack_tokens)
         n = len(seqs)
         uniform = torch.full((n, len(DIMENSIONS), len(VERDICTS)), 1.0 / len(VERDICTS))
         return Readout(torch.stack(logp).exp(), uniform, [""] * n, [None] * n, [None] * n, seqs)
@@ -188,7 +192,11 @@ class TeacherReadout:
                 if k < 0:
                     prefixes.append(cut_ids)
         pad = self.tokenizer.pad_token_id
-        logp = score_points(self.model, texts, pts, pad) if gen is None else gen.score(self.model, pts, pad)
+        logp = (
+            score_points(self.model, texts, pts, pad, pack_tokens=self.pack_tokens)
+            if gen is None
+            else gen.score(self.model, pts, pad)
+        )
         level = torch.zeros(n, len(self.level_names))
         verdict = torch.full((n, len(DIMENSIONS), len(VERDICTS)), 1.0 / len(VERDICTS))
         for (i, kind, k), lp in zip(owners, logp):

@@ -99,6 +99,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             come from the direct question either way, and its error names the same line; false writes
             every chain to its end.
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
+        pack_tokens: pairs whose token sequences begin alike (the prompt's fixed instructions) are packed into rows
+            of up to this many tokens, the shared part computed once, in training and readout (0: a row per pair).
         weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory on GPUs).
         template: the prompt template (system and user messages, answer prefix).
         export_dir: where ``fit`` writes ``adapter/`` and ``merged/`` (default: ``<log dir>/teacher``).
@@ -138,6 +140,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         max_new_tokens: int = 160,
         stop_unparseable: bool = True,
         gradient_checkpointing: bool = False,
+        pack_tokens: int = 1024,
         weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         template: PromptTemplate | None = None,
         export_dir: str | None = None,
@@ -209,14 +212,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     @property
     def readout(self) -> TeacherReadout:
         if self._readout is None:
-            self._readout = TeacherReadout(
-                self.model,
-                self.tokenizer,
-                self.level_names,
-                self.template,
-                self.hparams.max_new_tokens,
-                self.hparams.stop_unparseable,
-            )
+            hp = self.hparams
+            args = (hp.max_new_tokens, hp.stop_unparseable, hp.pack_tokens)
+            self._readout = TeacherReadout(self.model, self.tokenizer, self.level_names, self.template, *args)
         return self._readout
 
     @property
@@ -239,9 +237,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             truncated += responses.truncated
             if len(responses):
                 ref = reference if mode == "direct" else None
-                parts.append(
-                    objective_terms(self.model, responses, self.tokenizer.pad_token_id, self.level_grades, ref)
-                )
+                pad, pack = self.tokenizer.pad_token_id, self.hparams.pack_tokens
+                parts.append(objective_terms(self.model, responses, pad, self.level_grades, ref, pack))
         if not parts:
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return zero, {}, truncated

@@ -121,15 +121,23 @@ def build_responses(
 
 
 def objective_terms(
-    model: Any, responses: ResponseBatch, pad_id: int, level_grades: Tensor, reference: dict[int, Tensor] | None = None
+    model: Any,
+    responses: ResponseBatch,
+    pad_id: int,
+    level_grades: Tensor,
+    reference: dict[int, Tensor] | None = None,
+    pack_tokens: int = 0,
 ) -> dict[str, Tensor]:
     """Per-term sums and counts over ``responses`` (one forward pass): ``{term: sum}`` and ``{term_n: count}``;
     :func:`combine` turns them, summed over several calls, into the weighted loss. ``reference``: for the
     batch positions it holds, the clean level distribution (probabilities) the ``invariance`` term keeps
-    each level point of that example at."""
+    each level point of that example at. ``pack_tokens``: rows of sequences sharing a prefix
+    (:func:`~ellm_mkd.candidate_scoring.teacher_forced_scores`)."""
     seqs = responses.sequences
     token_positions = [range(max(n - 1, 0), len(s) - 1) for s, n in zip(seqs, responses.prompt_lengths)]
-    point_logp, token_logp = teacher_forced_scores(model, seqs, responses.points, pad_id, token_positions)
+    point_logp, token_logp = teacher_forced_scores(
+        model, seqs, responses.points, pad_id, token_positions, pack_tokens=pack_tokens
+    )
     device = token_logp.device
     zero = token_logp.sum() * 0.0
     terms: dict[str, Tensor] = {"tokens": -token_logp.sum(), "tokens_n": torch.tensor(float(token_logp.numel()))}

@@ -260,12 +260,15 @@ def test_responses_put_points_where_the_readout_reads(tiny_llama):
     assert len(build_responses(m.readout, unlabelled, "direct", 512, LEVELS)) == 1
 
 
-def test_objective_terms_equal_hand_computed_ones(tiny_llama):
+@pytest.mark.parametrize("pack_tokens", [0, 1024])
+def test_objective_terms_equal_hand_computed_ones(tiny_llama, pack_tokens):
     """Each term against one full forward per candidate (the level and verdict distributions as the
-    readout renormalises them) and a plain next-token loss over the rest of the response."""
+    readout renormalises them) and a plain next-token loss over the rest of the response; the same with
+    the two chains packed into one row that shares their prompts' common prefix."""
     from lightning_modules.teacher_objective import build_responses
 
-    m = _teacher(tiny_llama, w_level=1.0, w_grade=0.5, w_verdicts=0.25, w_tokens=0.1, train_modes=["cot"])
+    kw = {"w_level": 1.0, "w_grade": 0.5, "w_verdicts": 0.25, "w_tokens": 0.1, "pack_tokens": pack_tokens}
+    m = _teacher(tiny_llama, train_modes=["cot"], **kw)
     m.level_grades = torch.tensor([0.0, 1.0, 2.0, 3.0])
     m.eval()
     lm = m.model

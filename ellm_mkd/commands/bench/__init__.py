@@ -13,6 +13,7 @@ BENCHMARKS = {
     "mkd": ("mkd", "bench_mkd_main"),
     "serve": ("serve", "bench_serve_main"),
     "injection": ("injection", "bench_injection_main"),
+    "packing": ("packing", "bench_packing_main"),
 }
 
 

@@ -107,7 +107,7 @@ def measure(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], levels: lis
 
     from ellm_mkd.readout import TeacherReadout
 
-    readout = TeacherReadout(model, tokenizer, levels)
+    readout = TeacherReadout(model, tokenizer, levels, pack_tokens=1024)  # shared prompt prefix computed once
     target = levels.index(opts.injected_level)
 
     def probs(items: list[str]) -> torch.Tensor:
