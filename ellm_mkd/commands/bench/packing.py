@@ -169,8 +169,9 @@ def markdown_section(result: dict[str, Any]) -> str:
     lines = [
         *section_head(result),
         f"`{s['teacher_model']}` ({'LoRA' if s['use_lora'] else 'every weight trained'}, train modes "
-        f"{', '.join(s['train_modes'])}), the same {s['steps']} training batches of {s['batch_size']} pairs of "
-        f"`{s['data']}` from the same weights per setting (one warm-up step not timed), then the direct readout of "
+        f"{', '.join(s['train_modes'])}): per setting, from the same weights, one untimed warm-up step and "
+        f"{s['steps']} timed steps on the same batches of {s['batch_size']} pairs of `{s['data']}`, then the direct "
+        "readout of "
         f"{s['readout_pairs']} validation pairs at batch {s['eval_batch_size']}; `pack_tokens` 0 is a row per pair.",
         "",
         "| pack_tokens | rows / batch | tokens / batch (with padding) | loss, batch 1 | s / step | step speed-up "
