@@ -13,6 +13,19 @@ from ellm_mkd.annotation_store import AnnotationStore
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 from ellm_mkd.teacher_cache import KIND, SCHEMA_VERSION, VOLATILE_KEYS, TeacherSignal, cache_schema
 
+#: the tiny teachers' level names and an annotated chain for the query "red drill" (test_teacher, test_prefix_packing)
+TEACHER_LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
+TEACHER_CHAIN = "\n".join(
+    [
+        'category: query "drill" | item "Drill" => match',
+        "brand: query - | item - => absent",
+        "model: query - | item - => absent",
+        'attributes: query "red" | item "Red" => match',
+        'usage: query "drill" | item "Drill" => partial',
+        "level: partially relevant",
+    ]
+)
+
 
 def rule_signals(dm, splits=("train", "val", "test")) -> list[TeacherSignal]:
     """Signals with real evidence: the rules annotator's chains, parsed, with made-up distributions."""

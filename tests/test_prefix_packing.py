@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TEACHER_CHAIN, TEACHER_LEVELS
 
 from ellm_mkd.candidate_scoring import _pack, teacher_forced_scores
 from ellm_mkd.readout import ReadoutPoint, score_points
 
-LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
-CHAIN = "\n".join(
-    [
-        'category: query "drill" | item "Drill" => match',
-        "brand: query - | item - => absent",
-        "model: query - | item - => absent",
-        'attributes: query "red" | item "Red" => match',
-        'usage: query "drill" | item "Drill" => partial',
-        "level: partially relevant",
-    ]
-)
+LEVELS, CHAIN = TEACHER_LEVELS, TEACHER_CHAIN
 
 
 def _teacher(path, **kw):
@@ -46,10 +37,6 @@ def _batch(n: int = 4) -> dict:
         "rationale": [CHAIN] * n,
         "example_id": [str(i) for i in range(n)],
     }
-
-
-def pad_id(m) -> int:
-    return m.tokenizer.eos_token_id
 
 
 def _responses(m, mode):
@@ -88,7 +75,12 @@ def test_packed_rows_give_the_same_scores_losses_and_gradients(tiny_llama, impl,
     last = [p for p in r.points if p.seq == 1][-1]
     other = last.cset.token_ids[0] if r.sequences[1][last.cut : last.cut + 1] != last.cset.token_ids[0][:1] else []
     other = other or last.cset.token_ids[-1]
-    seqs = [*r.sequences, r.sequences[0], r.sequences[1][:-3], r.sequences[1][: last.cut] + other + [pad_id(m)]]
+    seqs = [
+        *r.sequences,
+        r.sequences[0],
+        r.sequences[1][:-3],
+        r.sequences[1][: last.cut] + other + [m.tokenizer.eos_token_id],
+    ]
     copies = [ReadoutPoint(len(r.sequences), p.cut, p.cset, p.prefix_ids) for p in r.points if p.seq == 0]
     pts = [*r.points, *copies]
     positions = [range(0, len(s) - 1) for s in seqs]

@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEACHER_CHAIN, TEACHER_LEVELS
 
 from ellm_mkd.readout import CandidateSet, ReadoutPoint, TeacherReadout, score_points
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
-LEVELS = ("irrelevant", "partially relevant", "relevant", "exact")
-CHAIN = "\n".join(
-    [
-        'category: query "drill" | item "Drill" => match',
-        "brand: query - | item - => absent",
-        "model: query - | item - => absent",
-        'attributes: query "red" | item "Red" => match',
-        'usage: query "drill" | item "Drill" => partial',
-        "level: partially relevant",
-    ]
-)
+LEVELS, CHAIN = TEACHER_LEVELS, TEACHER_CHAIN
 QUERY, ITEM = "red drill", "Title: Red Drill | Brand: Voltara"
 
 
