@@ -32,6 +32,7 @@ SCHEMA_VERSION = 1
 _LINE = re.compile(
     r'^(?P<dim>[a-z]+): query (?P<q>-|"(?:[^"\\]|\\.)*") \| item (?P<i>-|"(?:[^"\\]|\\.)*") => (?P<verdict>[a-z]+)$'
 )
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits at
 _LEVEL = re.compile(r"^level: (?P<level>[a-z0-9_ -]+)$")
 
 
@@ -83,12 +84,11 @@ def _quote(evidence: str | None) -> str:
 
 def render(chain: ChainOfThought) -> str:
     """Compact text of a chain (what the teacher learns to write)."""
-    lines = [
-        f"{j.dimension}: query {_quote(j.query_evidence)} | item {_quote(j.item_evidence)} => {j.verdict}"
-        for j in chain.judgements
-    ]
-    lines.append(f"level: {chain.level}")
-    return "\n".join(lines)
+    return "\n".join([*map(_render_line, chain.judgements), f"level: {chain.level}"])
+
+
+def _render_line(j: Judgement) -> str:
+    return f"{j.dimension}: query {_quote(j.query_evidence)} | item {_quote(j.item_evidence)} => {j.verdict}"
 
 
 def parse(
@@ -121,7 +121,7 @@ def parse(
 
 
 def unfinishable(
-    text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str]
+    text: str, query: str, item_text: str, level_names: tuple[str, ...] | list[str], laid_out: bool = False
 ) -> CoTParseError | None:
     """For the beginning of a chain still being written: a :class:`CoTParseError` when no continuation
     of ``text`` can parse, or None while some continuation still could.
@@ -130,29 +130,65 @@ def unfinishable(
     order. The last line is judged as a beginning: it must be able to grow into the line expected
     there (the dimension's name and layout, quoted evidence that still occurs in the query / item
     text, a verdict or level name it is the start of). The error names the line :func:`parse` fails
-    on; errors only the end of a chain reveals (a missing line) are never raised.
+    on; errors only the end of a chain reveals (a missing line) are never raised. A last line followed
+    by a line break is final too. ``laid_out``: the text must also keep to the layout :func:`render`
+    writes (nothing before the first line, one line break between lines, no blank space at a line's
+    ends), which a writer constrained to parseable text needs: blank space alone never ends.
     """
+    if laid_out:
+        if any(c in _LINE_BREAKS[1:] for c in text):  # a line break other than "\n" (the parser splits there too)
+            return CoTParseError("blank space outside the chain's layout", text.count("\n") + 1)
+        raw = text.split("\n")
+        for k, line in enumerate(raw):
+            if line != line.lstrip() or (k < len(raw) - 1 and (not line or line != line.rstrip())):
+                return CoTParseError("blank space outside the chain's layout", k + 1, line)
     lines = text.strip().splitlines()
     n_dims = len(DIMENSIONS)
+
+    def whole(k: int, line: str) -> None:  # a finished line: parse's checks (and, laid out, render's text)
+        if k < n_dims:
+            laid = _render_line(_dimension_line(k, line.strip(), query, item_text))
+        else:
+            laid = f"level: {_level_line(line.strip(), level_names, n_dims + 1)}"
+        if laid_out and line != laid:
+            raise CoTParseError("not laid out as the chain is written", k + 1, line)
+
     try:
         for k, line in enumerate(lines[:-1]):
-            if k < n_dims:
-                _dimension_line(k, line.strip(), query, item_text)
-            else:  # the level line is final: something follows it
-                _level_line(line.strip(), level_names, n_dims + 1)
+            whole(k, line)
+            if k >= n_dims:  # the level line is final: something follows it
                 raise CoTParseError("text after the level line", n_dims + 2, lines[k + 1].strip())
     except CoTParseError as e:
         return e
     if not lines:
         return None
-    k, last = len(lines) - 1, lines[-1].lstrip()
-    if k < n_dims:
-        return _dimension_line_start(k, last, query, item_text)
-    return _level_line_start(last, level_names, n_dims + 1)
+    k, last, tail = len(lines) - 1, lines[-1].lstrip(), text[len(text.rstrip()) :]
+
+    def final() -> CoTParseError | None:
+        try:
+            whole(k, last)
+        except CoTParseError as e:
+            return e
+        return None
+
+    if any(c in _LINE_BREAKS for c in tail):  # a line break after the last line: it is final
+        return final()
+    # blank space the line ends with so far is part of it (``category:\t`` cannot grow into the line), unless
+    # the line is already whole (the parser strips each line)
+    grown = last + tail
+    err = (
+        _dimension_line_start(k, grown, query, item_text, laid_out)
+        if k < n_dims
+        else _level_line_start(grown, level_names, n_dims + 1, laid_out)
+    )
+    return None if err is not None and tail and not laid_out and final() is None else err
 
 
-def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTParseError | None:
-    """Whether ``line`` can still grow into dimension ``k``'s line (see :func:`unfinishable`)."""
+def _dimension_line_start(
+    k: int, line: str, query: str, item_text: str, laid_out: bool = False
+) -> CoTParseError | None:
+    """Whether ``line`` can still grow into dimension ``k``'s line (see :func:`unfinishable`; ``laid_out``: with
+    evidence quoted as :func:`render` quotes it, so an escape can only begin one the source's quoting has)."""
     dim = DIMENSIONS[k]
     shape = _shape_error(k, line)
     rest = line
@@ -177,14 +213,28 @@ def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTP
             return shape
         end = _closing_quote(rest)
         if end < 0:  # the quote is still open: what it holds so far must occur in the source
-            value = _decoded_start(rest[1:])
+            body = rest[1:]
+            pending = len(body) - len(body.rstrip("\ufffd"))  # bytes of a character still being written
+            body = body[: len(body) - pending] if pending <= 3 else body
+            value = _decoded_start(body)
+            if value is False or (laid_out and body not in _quote(source)[1:-1]):
+                return CoTParseError(f"{side} evidence is not a valid quoted string", k + 1, line)
+            if (
+                pending
+                and pending <= 3
+                and value is not None
+                and not any(value + c in source for c in source if ord(c) > 127)
+            ):
+                return CoTParseError(f"{side} evidence {value!r} is followed by no character here", k + 1, line)
             if value is not None and value not in source:
                 return CoTParseError(f"{side} evidence {value!r} does not occur in the {side} text", k + 1, line)
             return None
         try:
-            _evidence(side, rest[: end + 1], source, k, line)
+            value = _evidence(side, rest[: end + 1], source, k, line)
         except CoTParseError as e:
             return e
+        if laid_out and rest[: end + 1] != _quote(value):
+            return CoTParseError(f"{side} evidence is not quoted as the chain quotes it", k + 1, line)
         rest = rest[end + 1 :]
     if any(v.startswith(rest) for v in VERDICTS):
         return None
@@ -193,15 +243,18 @@ def _dimension_line_start(k: int, line: str, query: str, item_text: str) -> CoTP
     return shape
 
 
-def _level_line_start(line: str, level_names: tuple[str, ...] | list[str], lineno: int) -> CoTParseError | None:
-    """Whether ``line`` can still grow into the level line (see :func:`unfinishable`)."""
+def _level_line_start(
+    line: str, level_names: tuple[str, ...] | list[str], lineno: int, exact: bool = False
+) -> CoTParseError | None:
+    """Whether ``line`` can still grow into the level line (see :func:`unfinishable`; ``exact``: with no blank
+    space beside the name)."""
     head = "level: "
     if not line.startswith(head):
         return None if head.startswith(line) else CoTParseError("expected 'level: <name>'", lineno, line)
     name = line[len(head) :]
     if not re.fullmatch(r"[a-z0-9_ -]*", name):
         return CoTParseError("expected 'level: <name>'", lineno, line)
-    name = name.strip()
+    name = name if exact else name.strip()
     if any(level.startswith(name) for level in level_names):
         return None
     return CoTParseError(f"level {name!r} is not one of {list(level_names)}", lineno, line)
@@ -223,9 +276,10 @@ def _closing_quote(text: str) -> int:
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _decoded_start(body: str) -> str | None:
+def _decoded_start(body: str) -> str | None | bool:
     """The value that the beginning ``body`` of an open JSON string decodes to, an unfinished escape at
-    the end left out; None when it cannot be told (an escape JSON does not know, a surrogate)."""
+    the end left out; None when it cannot be told (a surrogate), False when no JSON string begins so (an
+    escape JSON does not know)."""
     out, i = [], 0
     while i < len(body):
         c = body[i]
@@ -237,10 +291,10 @@ def _decoded_start(body: str) -> str | None:
             break
         e = body[i + 1]
         if e == "u":
+            if not re.fullmatch(r"[0-9a-fA-F]*", body[i + 2 : i + 6]):
+                return False
             if i + 6 > len(body):
                 break
-            if not re.fullmatch(r"[0-9a-fA-F]{4}", body[i + 2 : i + 6]):
-                return None
             code = int(body[i + 2 : i + 6], 16)
             if 0xD800 <= code <= 0xDFFF:
                 return None
@@ -250,7 +304,7 @@ def _decoded_start(body: str) -> str | None:
             out.append(_ESCAPES[e])
             i += 2
         else:
-            return None
+            return False
     return "".join(out)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .candidate_scoring import (
     ReadoutPoint,
@@ -179,6 +179,58 @@ class _StopDeadRows(StoppingCriteria):
         return done
 
 
+class _KeepViable(LogitsProcessor):
+    """A ``generate`` logits processor for constrained chains: a row may write only a token after which
+    ``viable(row, text)`` still holds, and a stop token only once ``complete(row, text)``.
+
+    Candidates are tried in score order, first among the ``top_k`` most likely tokens, then, when none
+    of those passes, among ``fallback(row)`` (the tokens the row could need at all): greedy decoding
+    keeps the first that passes (one check per step when the model's own choice is viable), sampling
+    keeps up to ``top_k`` that pass. A row none of them keeps is left as it is (the stopping criterion
+    then ends it)."""
+
+    def __init__(
+        self, tokenizer: Any, width: int, viable: Callable, complete: Callable, stop_ids, top_k, greedy, fallback
+    ):
+        self.tokenizer, self.width, self.viable, self.complete = tokenizer, width, viable, complete
+        self.stop_ids, self.top_k, self.greedy, self.fallback = set(stop_ids), top_k, greedy, fallback
+        self.dead: set[int] | dict[int, int] = set()  # rows the stopping criterion ended (generate pads them)
+
+    def _keep(self, i: int, row: list[int], order: Sequence[int]) -> list[int]:
+        kept: list[int] = []
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        for tok in order:
+            if tok in self.stop_ids:
+                ok = self.complete(i, text)
+            else:  # a token that writes nothing (a special token, dropped from the text) never gets a chain further
+                grown = self.tokenizer.decode(row + [tok], skip_special_tokens=True)
+                ok = grown != text and self.viable(i, grown)
+            if ok:
+                kept.append(tok)
+                if self.greedy or len(kept) >= self.top_k:
+                    break
+        return kept
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        top = scores.topk(min(self.top_k, scores.shape[-1]), -1).indices.tolist()
+        for i, row in enumerate(input_ids[:, self.width :].tolist()):
+            if i in self.dead or self.stop_ids.intersection(row):  # finished: generate pads it from here on
+                out[i] = scores[i]
+                continue
+            kept = self._keep(i, row, top[i])
+            if not kept and self.fallback is not None:
+                cands = (set(self.fallback(i)) | self.stop_ids) - set(top[i])
+                cands = torch.tensor(sorted(t for t in cands if t < scores.shape[-1]), dtype=torch.long)
+                order = cands[scores[i, cands.to(scores.device)].argsort(descending=True).cpu()].tolist()
+                kept = self._keep(i, row, order)
+            if kept:
+                out[i, kept] = scores[i, kept]
+            else:
+                out[i] = scores[i]
+        return out
+
+
 @torch.inference_mode()
 def generate_recorded(
     model: Any,
@@ -190,6 +242,9 @@ def generate_recorded(
     temperature: float = 0.0,
     node_room: int = 32,
     viable: Callable[[int, str], bool] | None = None,
+    complete: Callable[[int, str], bool] | None = None,
+    constrain_top_k: int = 64,
+    fallback: Callable[[int], Sequence[int]] | None = None,
 ) -> RecordedGeneration:
     """One ``generate`` call over ``prompts`` (left padding, a static key/value cache when the model
     supports one) that also records, at every step, the log-probabilities of ``record_ids`` (the
@@ -197,7 +252,10 @@ def generate_recorded(
     ``temperature == 0`` is greedy decoding; recorded distributions are the model's own, before any
     sampling warper. With ``viable``, a row stops as soon as ``viable(row, its text so far)`` is
     False (a chain that can no longer parse): the batch ends when every row has stopped or written a
-    stop token, and the stopped row's text ends where it was stopped."""
+    stop token, and the stopped row's text ends where it was stopped. With ``complete`` as well, decoding
+    is constrained (:class:`_KeepViable`): each step writes the best token among the ``constrain_top_k``
+    most likely that keep the row viable (a stop token only once ``complete(row, text)``), else among
+    ``fallback(row)``, so a row stops only when none of them does or the budget runs out."""
     ensure_pad_token(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -243,6 +301,12 @@ def generate_recorded(
     if viable is not None:
         dead = _StopDeadRows(tokenizer, width, viable, stop_ids)
         kw["stopping_criteria"] = StoppingCriteriaList([dead])
+        if complete is not None:
+            keep = _KeepViable(
+                tokenizer, width, viable, complete, stop_ids, constrain_top_k, temperature <= 0, fallback
+            )
+            keep.dead = dead.stopped
+            kw["logits_processor"] = LogitsProcessorList([keep])
     hook = head.register_forward_hook(record)
     try:
         out = model.generate(

@@ -36,6 +36,7 @@ dominate memory).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class TeacherReadout:
             viable chain instead of to the token budget.
         pack_tokens: score texts that share a prefix in rows of up to this many tokens, the shared part
             computed once (:func:`~ellm_mkd.candidate_scoring.score_points`; 0: a row per text).
+        constrain_chains: in ``cot``, write only what keeps the chain parseable: at each step the most
+            likely token (or a sampled one) among those after which the chain can still parse, the end
+            only once it does (:func:`~ellm_mkd.generation.generate_recorded`). The chain's words stay
+            the model's choice within the schema; a chain fails only when it outruns ``max_new_tokens``
+            or no likely token keeps it viable. Distributions are read from the model's own scores.
     """
 
     def __init__(
@@ -95,9 +101,12 @@ class TeacherReadout:
         max_new_tokens: int = 160,
         stop_unparseable: bool = True,
         pack_tokens: int = 0,
+        constrain_chains: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.pack_tokens = pack_tokens
+        self.pack_tokens, self.constrain_chains = pack_tokens, constrain_chains
+        self._pieces: dict[str, set[int]] | None = None  # token text -> ids, built on the first constrained chain
+        self._longest = 0
         self.stop_unparseable = stop_unparseable
         ensure_pad_token(tokenizer)
         self.level_names = tuple(level_names)
@@ -109,6 +118,36 @@ class TeacherReadout:
         self.levels = CandidateSet(tokenizer, self.level_names, anchor, self.stop_ids[:1])
         self.verdicts = CandidateSet(tokenizer, VERDICTS, "=>", newline)
         self.record_ids = sorted({t for cs in (self.levels, self.verdicts) for ids in cs.token_ids for t in ids})
+
+    def _writable(self, query: str, item: str) -> set[int]:
+        """Every token a chain of this pair could be written with: each token whose text (alone, or without
+        its leading space) is a piece of the chain's fixed words, a verdict or level name, or the query or
+        item text as written or quoted. The constrained readout's candidates when none of the model's
+        likeliest tokens keeps the chain parseable."""
+        if self._pieces is None:
+            special = set(self.tokenizer.all_special_ids)
+            pieces: dict[str, set[int]] = {}
+            texts = self.tokenizer.batch_decode([[t] for t in range(len(self.tokenizer))])
+            for t, text in enumerate(texts):
+                if t not in special and text and "\ufffd" not in text:
+                    for key in {text, text.lstrip(" ")} - {""}:
+                        pieces.setdefault(key, set()).add(t)
+                elif t not in special and text and not text.strip("\ufffd"):  # a byte of a longer character
+                    pieces.setdefault("\ufffd", set()).add(t)
+            self._pieces = pieces
+            self._longest = min(32, max(map(len, pieces)))  # pieces longer than that are never needed
+        longest = self._longest
+        fixed = " ".join(
+            [*(f'{d}: query "-" | item "-" =>' for d in DIMENSIONS), *VERDICTS, "level:", *self.level_names]
+        )
+        found: set[int] = set()
+        for text in (fixed + "\n", query, item, *(json.dumps(x, ensure_ascii=False) for x in (query, item))):
+            for a in range(len(text)):
+                for b in range(a + 1, min(len(text), a + longest) + 1):
+                    found |= self._pieces.get(text[a:b], set())
+        if any(ord(c) > 127 for c in query + item):  # characters a tokenizer may write byte by byte
+            found |= self._pieces.get("\ufffd", set())
+        return found
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -140,11 +179,27 @@ class TeacherReadout:
         prompts = self.prompts(queries, items, "cot")
         gen = None
         if responses is None:
-            viable = None
-            if self.stop_unparseable:
+            viable = complete = None
+            if self.stop_unparseable or self.constrain_chains:
 
                 def viable(i: int, text: str) -> bool:
-                    return unfinishable(text, queries[i], items[i], self.level_names) is None
+                    return unfinishable(text, queries[i], items[i], self.level_names, self.constrain_chains) is None
+
+            writable = None
+            if self.constrain_chains:
+                memo: dict[int, set[int]] = {}
+
+                def writable(i: int) -> set[int]:  # built for the pairs that need it, once
+                    if i not in memo:
+                        memo[i] = self._writable(queries[i], items[i])
+                    return memo[i]
+
+                def complete(i: int, text: str) -> bool:
+                    try:
+                        parse(text, queries[i], items[i], self.level_names)
+                    except CoTParseError:
+                        return False
+                    return True
 
             gen = generate_recorded(
                 self.model,
@@ -155,6 +210,8 @@ class TeacherReadout:
                 self.stop_ids,
                 temperature=temperature,
                 viable=viable,
+                complete=complete,
+                fallback=writable,
             )
             responses = gen.texts
         n = len(prompts)
@@ -175,7 +232,7 @@ class TeacherReadout:
                 chain = parse(resp, q, d, self.level_names)
             except CoTParseError as e:
                 if gen is not None and gen.stopped[i]:  # cut short: say why it could not go on
-                    e = unfinishable(resp, q, d, self.level_names) or e
+                    e = unfinishable(resp, q, d, self.level_names, self.constrain_chains) or e
                 chains.append(None)
                 errors.append(str(e))
                 prefix = self._ids(prompt + self.template.answer_prefix)

@@ -48,6 +48,7 @@ from ellm_mkd.injection import InjectionAugment
 from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
 from ellm_mkd.prompts import COMMON_CONTROL_MARKERS, PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token
+from ellm_mkd.teacher_cache import weights_fingerprint
 
 from .evaluation import STAGES, RelevanceEvaluation
 from .teacher_objective import build_responses, combine, objective_terms
@@ -66,6 +67,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         relevant_level: first relevant level for AUC (linked from the data module).
         level_grades: raw grade of each level for the expected grade (default: train means).
         use_lora: train a LoRA adapter (else every weight).
+        freeze_embeddings: in a full fine-tune, keep the token embeddings and the output head (often the same table)
+            as loaded: Gemma 3 270M's 262k-token table is 168M of its 268M weights, and AdamW holds two fp32 copies.
         adapter: a trained LoRA adapter directory (``<export_dir>/adapter``, written by ``fit``) to
             start from, e.g. to predict or write a cache without a Lightning checkpoint; its own LoRA
             settings replace ``lora_*``.
@@ -98,6 +101,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             line that breaks the schema, or evidence that does not occur in the inputs): its distributions
             come from the direct question either way, and its error names the same line; false writes
             every chain to its end.
+        constrain_chains: in ``cot`` readout, write only what keeps the chain parseable (the likeliest token among
+            those that do; :class:`~ellm_mkd.readout.TeacherReadout`): a chain then fails only at ``max_new_tokens``.
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
         pack_tokens: pairs whose token sequences begin alike (the prompt's fixed instructions) are packed into rows
             of up to this many tokens, the shared part computed once, in training and readout (0: a row per pair).
@@ -116,6 +121,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         relevant_level: int | None = None,
         level_grades: list[float] | None = None,
         use_lora: bool = True,
+        freeze_embeddings: bool = False,
         adapter: str | None = None,
         lora_r: int = 16,
         lora_alpha: int = 32,
@@ -139,6 +145,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         test_mode: ReadMode = "cot",
         max_new_tokens: int = 160,
         stop_unparseable: bool = True,
+        constrain_chains: bool = False,
         gradient_checkpointing: bool = False,
         pack_tokens: int = 1024,
         weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -183,6 +190,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
                 task_type="CAUSAL_LM",
             )
             lm = get_peft_model(lm, cfg)
+        elif freeze_embeddings:
+            for table in filter(None, (lm.get_input_embeddings(), lm.get_output_embeddings())):
+                table.requires_grad_(False)
         self.model = lm
         self.predict_hidden = False  # set by the cache writer when it stores hidden vectors
         # set to {"example_id": [], "probs": [], "dim_probs": []} to keep this process's test readouts (the demo's
@@ -213,15 +223,13 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def readout(self) -> TeacherReadout:
         if self._readout is None:
             hp = self.hparams
-            args = (hp.max_new_tokens, hp.stop_unparseable, hp.pack_tokens)
+            args = (hp.max_new_tokens, hp.stop_unparseable, hp.pack_tokens, hp.get("constrain_chains", False))
             self._readout = TeacherReadout(self.model, self.tokenizer, self.level_names, self.template, *args)
         return self._readout
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        hp = self.hparams
-        terms = ("level", "grade", "verdicts", "tokens", "invariance")
-        return {t: getattr(hp, f"w_{t}", 0.0) for t in terms}
+        return {t: getattr(self.hparams, f"w_{t}", 0.0) for t in ("level", "grade", "verdicts", "tokens", "invariance")}
 
     def objective(
         self, batch: dict[str, Any], modes: list[Mode] | None = None, reference: dict[int, Tensor] | None = None
@@ -360,14 +368,14 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def cache_identity(self) -> dict[str, Any]:
         """What pins this teacher's outputs in a cache manifest: base model, weights hash (of the weights
         as loaded now, adapter included), prompt template fingerprint, readout mode and budget."""
-        from ellm_mkd.teacher_cache import weights_fingerprint
-
+        constrained = self.hparams.get("constrain_chains") and self.hparams.test_mode == "cot"
         return {
             "model": self.hparams.model,
             "weights_hash": weights_fingerprint(self.model),
             "template_fingerprint": self.template.fingerprint(),
             "readout": self.hparams.test_mode,
             "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode != "direct" else None,
+            **({"constrain_chains": True} if constrained else {}),
         }
 
     # -- optimisation --------------------------------------------------------------------------
@@ -408,11 +416,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
     def export(self, out_dir: str | Path, merged: bool = True, model: torch.nn.Module | None = None) -> Path:
         """Write ``adapter/`` (peft) and ``merged/`` (plain causal LM + tokenizer) under ``out_dir``; of
         ``model`` where given (an unwrapped copy holding every weight, see :meth:`gathered_model`)."""
-        out = Path(out_dir)
-        from ellm_mkd.teacher_cache import weights_fingerprint
-
-        model = self.model if model is None else model
-
+        out, model = Path(out_dir), self.model if model is None else model
         info = {
             "base_model": self.hparams.model,
             "base_model_path": self.model_path,

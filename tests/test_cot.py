@@ -112,6 +112,9 @@ def test_a_broken_chain_stops_on_its_broken_line(mutate, line, reason):
         ),
         ('category: query "drill" | item "Cordless Drill" => match\nmodel: query', "\nm"),  # the wrong dimension
         ('category: query "\\u0076oltara" | item', None),  # an escape that decodes into the query text
+        ('category: query "dri\\ ll" | item', "dri\\ "),  # an escape JSON does not know
+        ('category: query "dri\\u00zz" | item', "dri\\u00z"),
+        ('category: query "dri\\umbo" | item', "dri\\um"),
         ('category: query "20v \\"max\\" drill" | item', None),
     ],
 )
@@ -128,3 +131,55 @@ def test_a_chain_with_escapes_is_never_stopped_while_it_can_parse():
     text = render(chain()).replace('item "Voltara"', 'item "\\u0056oltara"')  # JSON escapes, decoded as they come
     assert parse(text, QUERY, ITEM, LEVELS) == chain()
     assert all(unfinishable(text[:i], QUERY, ITEM, LEVELS) is None for i in range(len(text) + 1))
+
+
+def test_a_line_break_makes_the_line_before_it_final():
+    line = render(chain()).splitlines()[0]
+    assert unfinishable(line[:5], QUERY, ITEM, LEVELS) is None
+    assert unfinishable(line[:5] + "\n", QUERY, ITEM, LEVELS).line == 1  # "categ" cannot grow any more
+    assert unfinishable(line + "\n", QUERY, ITEM, LEVELS) is None
+    assert unfinishable(line + "  ", QUERY, ITEM, LEVELS) is None  # the parser strips a line's ends
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " category",  # blank space before the chain
+        "\ncategory",
+        "category:\t",  # blank space inside the layout
+        "category:  query",
+        "LINE0  ",  # after a whole line
+        "LINE0\n\nbrand",  # a blank line
+        "LINE0\n brand",
+        "LINE0\x1e",  # a line break the renderer never writes
+        "LINE0\r\nbrand",
+        "LINES\nlevel: exact ",
+        "LINES\nlevel:  exact",
+    ],
+)
+def test_a_laid_out_chain_has_no_blank_space_the_renderer_would_not_write(text):
+    lines = render(chain()).splitlines()
+    text = text.replace("LINES", "\n".join(lines[:-1])).replace("LINE0", lines[0])
+    assert unfinishable(text, QUERY, ITEM, LEVELS, laid_out=True) is not None
+    whole = render(chain())
+    assert all(unfinishable(whole[:i], QUERY, ITEM, LEVELS, laid_out=True) is None for i in range(len(whole) + 1))
+
+
+def test_a_character_written_byte_by_byte_is_not_ruled_out_half_way():
+    """A tokenizer may write "é" in two byte tokens: after the first, the text ends in a replacement character."""
+    for laid_out in (False, True):
+        assert unfinishable('category: query "caf\ufffd', "café", ITEM, LEVELS, laid_out) is None
+        assert unfinishable('category: query "caf\ufffdx', "café", ITEM, LEVELS, laid_out) is not None
+
+
+@pytest.mark.parametrize(
+    "text,query",
+    [
+        ('category: query "dr\\/ill" | item', "dr/ill"),  # an escape the renderer does not write, closed at once
+        ("LINES\nlevel:  exact\n", QUERY),  # blank space the renderer does not write, in a line ended at once
+    ],
+)
+def test_a_laid_out_chain_quotes_and_names_as_the_renderer_does(text, query):
+    text = text.replace("LINES", "\n".join(render(chain()).splitlines()[:-1]))
+    assert unfinishable(text, query, ITEM, LEVELS) is None  # the parser takes either
+    assert unfinishable(text, query, ITEM, LEVELS, laid_out=True) is not None

@@ -183,6 +183,27 @@ def test_cot_readout_reads_level_and_every_verdict(tiny_lm):
     assert d.level_probs.shape == (1, 4) and abs(float(d.level_probs.sum()) - 1) < 1e-5
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constrained_chains_parse_and_keep_the_models_own_distributions(tiny_lm, temperature):
+    """A random model writes no chain of its own; constrained, every chain it writes parses, is laid out as the
+    renderer would write it, and reads the same distributions as the same text given back to the readout."""
+    from ellm_mkd.cot import parse, render
+
+    model, tok = tiny_lm
+    q, d = [QUERY, "cordless drill 20v"], [ITEM, 'Title: Voltara 20V "Max" Cordless Drill']
+    free = TeacherReadout(model, tok, LEVELS, max_new_tokens=120).cot(q, d)
+    assert free.parse_failures == 2
+    torch.manual_seed(0)
+    ro = TeacherReadout(model, tok, LEVELS, max_new_tokens=200, constrain_chains=True)
+    r = ro.cot(q, d, temperature=temperature)
+    assert r.parse_failures == 0, r.errors
+    for text, chain, query, item in zip(r.rationales, r.chains, q, d):
+        assert render(parse(text, query, item, LEVELS)) == text and chain == parse(text, query, item, LEVELS)
+    again = ro.cot(q, d, responses=r.rationales)
+    assert torch.allclose(again.level_probs, r.level_probs, atol=1e-5)
+    assert torch.allclose(again.verdict_probs, r.verdict_probs, atol=1e-5)
+
+
 def test_forced_readout_scores_given_chains_and_writes_missing_ones(tiny_lm):
     model, tok = tiny_lm
     ro = TeacherReadout(model, tok, LEVELS, max_new_tokens=8)
@@ -307,6 +328,41 @@ def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
         losses.append(float(loss))
     assert set(means) == {"level", "grade", "verdicts", "tokens"}
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_fine_tune_can_keep_the_embeddings_as_loaded(tiny_llama, tmp_path, tied):
+    import shutil
+
+    from ellm_mkd.models import load_causal_lm
+
+    path = tiny_llama
+    if not tied:  # an output head of its own: it stays as loaded too
+        path = str(shutil.copytree(tiny_llama, tmp_path / "untied"))
+        lm = load_causal_lm(tiny_llama)
+        lm.config.tie_word_embeddings = False
+        lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())
+        lm.save_pretrained(path)
+    m = _teacher(path, use_lora=False, freeze_embeddings=True)
+    tables = [m.model.get_input_embeddings().weight, m.model.get_output_embeddings().weight]
+    assert (tables[0] is tables[1]) == tied
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen and all("embed_tokens" in n or "lm_head" in n for n in frozen)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss, _, _ = m.objective(_batch())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    after = dict(m.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], p) for n, p in after.items() if n not in frozen)
+    assert losses[-1] < losses[0] - 0.05, losses
+    full = _teacher(path, use_lora=False)  # the default trains every weight
+    assert all(p.requires_grad for p in full.parameters())
 
 
 def test_checkpoint_holds_the_adapter_only_and_restores_it(tiny_llama, tmp_path):
@@ -518,3 +574,19 @@ def test_smollm2_zero_shot_chains_stop_once_they_cannot_parse_with_the_same_read
         assert (f is None) == (w is None) and (f is None or f.split(":")[0] == w.split(":")[0])  # "line N"
     assert all(w.startswith(f) for f, w in zip(fast.rationales, whole.rationales))
     assert sum(len(f) < len(w) for f, w in zip(fast.rationales, whole.rationales)) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_smollm2_zero_shot_chains_parse_when_constrained():
+    """The bundled SmolLM2 without fine-tuning writes no chain that parses; constrained, it writes one for each
+    pair, its evidence quoting the pair."""
+    from ellm_mkd.cot import parse
+    from ellm_mkd.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm("smollm2-135m-instruct").eval(), load_tokenizer("smollm2-135m-instruct")
+    q, d = ["blue paint", "drill"], ["Title: Paint", "Title: Voltara Drill"]  # short texts: short chains
+    assert TeacherReadout(model, tok, LEVELS, max_new_tokens=64).cot(q, d).parse_failures == 2
+    r = TeacherReadout(model, tok, LEVELS, max_new_tokens=160, constrain_chains=True).cot(q, d)
+    assert r.parse_failures == 0, r.errors
+    assert [c.level for c in r.chains] == [parse(t, a, b, LEVELS).level for t, a, b in zip(r.rationales, q, d)]
