@@ -189,12 +189,10 @@ class _KeepViable(LogitsProcessor):
     keeps up to ``top_k`` that pass. A row none of them keeps is left as it is (the stopping criterion
     then ends it)."""
 
-    def __init__(
-        self, tokenizer: Any, width: int, viable: Callable, complete: Callable, stop_ids, top_k, greedy, fallback
-    ):
-        self.tokenizer, self.width, self.viable, self.complete = tokenizer, width, viable, complete
-        self.stop_ids, self.top_k, self.greedy, self.fallback = set(stop_ids), top_k, greedy, fallback
-        self.dead: set[int] | dict[int, int] = set()  # rows the stopping criterion ended (generate pads them)
+    def __init__(self, tokenizer: Any, dead: _StopDeadRows, complete: Callable, top_k, greedy, fallback):
+        self.tokenizer, self.width, self.viable, self.complete = tokenizer, dead.width, dead.viable, complete
+        self.stop_ids, self.top_k, self.greedy, self.fallback = dead.stop_ids, top_k, greedy, fallback
+        self.dead = dead.stopped  # rows the stopping criterion ended (generate pads them)
 
     def _keep(self, i: int, row: list[int], order: Sequence[int]) -> list[int]:
         kept: list[int] = []
@@ -302,10 +300,7 @@ def generate_recorded(
         dead = _StopDeadRows(tokenizer, width, viable, stop_ids)
         kw["stopping_criteria"] = StoppingCriteriaList([dead])
         if complete is not None:
-            keep = _KeepViable(
-                tokenizer, width, viable, complete, stop_ids, constrain_top_k, temperature <= 0, fallback
-            )
-            keep.dead = dead.stopped
+            keep = _KeepViable(tokenizer, dead, complete, constrain_top_k, temperature <= 0, fallback)
             kw["logits_processor"] = LogitsProcessorList([keep])
     hook = head.register_forward_hook(record)
     try:

@@ -36,7 +36,6 @@ dominate memory).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,7 +46,7 @@ from torch import Tensor
 from ellm_mkd.schema import DIMENSIONS, VERDICTS
 
 from .candidate_scoring import CandidateSet, ReadoutPoint, _hidden_states, ensure_pad_token, lm_parts, score_points
-from .cot import ChainOfThought, CoTParseError, parse, unfinishable
+from .cot import ChainOfThought, CoTParseError, _quote, parse, unfinishable
 from .generation import RecordedGeneration as RecordedGeneration
 from .generation import _stop_ids, generate_batched, generate_recorded
 from .prompts import PromptTemplate, neutralize_special_tokens
@@ -141,7 +140,7 @@ class TeacherReadout:
             [*(f'{d}: query "-" | item "-" =>' for d in DIMENSIONS), *VERDICTS, "level:", *self.level_names]
         )
         found: set[int] = set()
-        for text in (fixed + "\n", query, item, *(json.dumps(x, ensure_ascii=False) for x in (query, item))):
+        for text in (fixed + "\n", query, item, _quote(query), _quote(item)):  # as written, and as a chain quotes it
             for a in range(len(text)):
                 for b in range(a + 1, min(len(text), a + longest) + 1):
                     found |= self._pieces.get(text[a:b], set())

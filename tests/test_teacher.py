@@ -314,18 +314,24 @@ def test_objective_terms_equal_hand_computed_ones(tiny_llama, pack_tokens):
     assert abs(float(loss) - float(total)) < 1e-4
 
 
-def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
-    m = _teacher(tiny_llama)
-    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+def _train(m, steps: int) -> tuple[list[float], dict[str, float]]:
+    """``steps`` AdamW steps (lr 1e-2) of the trainable weights on ``_batch()``: the losses and the last term means."""
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss, means, _ = m.objective(_batch())
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
+    return losses, means
+
+
+def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
+    m = _teacher(tiny_llama)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    losses, means = _train(m, 8)
     assert set(means) == {"level", "grade", "verdicts", "tokens"}
     assert losses[-1] < losses[0] - 0.05, losses
 
@@ -349,14 +355,7 @@ def test_full_fine_tune_can_keep_the_embeddings_as_loaded(tiny_llama, tmp_path, 
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
     assert frozen and all("embed_tokens" in n or "lm_head" in n for n in frozen)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss, _, _ = m.objective(_batch())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+    losses, _ = _train(m, 6)
     after = dict(m.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in frozen)
     assert any(not torch.equal(before[n], p) for n, p in after.items() if n not in frozen)
