@@ -285,7 +285,8 @@ class RelevanceDataModule(L.LightningDataModule):
 
     def level_grade_means(self) -> list[float]:
         """Mean raw grade of each level in the training split (a level with no rows: its index)."""
-        self.setup("fit")
+        if "train" not in self.datasets:  # (a teacher signal bound inside setup asks with the splits already read)
+            self.setup("fit")
         sums = [0.0] * self.num_levels
         counts = [0] * self.num_levels
         for r in self.datasets["train"].rows:

@@ -185,26 +185,50 @@ class _KeepViable(LogitsProcessor):
 
     Candidates are tried in score order, first among the ``top_k`` most likely tokens, then, when none
     of those passes, among ``fallback(row)`` (the tokens the row could need at all): greedy decoding
-    keeps the first that passes (one check per step when the model's own choice is viable), sampling
-    keeps up to ``top_k`` that pass. A row none of them keeps is left as it is (the stopping criterion
-    then ends it)."""
+    keeps the first that passes (a few checks per step when the model's own choice is viable), sampling
+    keeps up to ``top_k`` that pass. A token kept gives way to the likeliest candidate that writes its text and
+    more and passes too, as long as there is one (``" "`` to ``" q"`` to ``" query"``): a model that has not
+    learned the chain's wording would otherwise spell it a piece at a time and run out of budget. A row none
+    of them keeps is left as it is (the stopping criterion then ends it)."""
 
     def __init__(self, tokenizer: Any, dead: _StopDeadRows, complete: Callable, top_k, greedy, fallback):
         self.tokenizer, self.width, self.viable, self.complete = tokenizer, dead.width, dead.viable, complete
         self.stop_ids, self.top_k, self.greedy, self.fallback = dead.stop_ids, top_k, greedy, fallback
         self.dead = dead.stopped  # rows the stopping criterion ended (generate pads them)
+        self.pieces: dict[int, str] = {}  # token -> its text alone
 
-    def _keep(self, i: int, row: list[int], order: Sequence[int]) -> list[int]:
+    def _piece(self, tok: int) -> str:
+        if tok not in self.pieces:
+            self.pieces[tok] = self.tokenizer.decode([tok], skip_special_tokens=True)
+        return self.pieces[tok]
+
+    def _ok(self, i: int, row: list[int], text: str, tok: int) -> bool:
+        if tok in self.stop_ids:
+            return self.complete(i, text)
+        # a token that writes nothing (a special token, dropped from the text) never gets a chain further
+        grown = self.tokenizer.decode(row + [tok], skip_special_tokens=True)
+        return grown != text and self.viable(i, grown)
+
+    def _grown(self, i: int, row: list[int], text: str, tok: int, pool: Sequence[int]) -> int:
+        """``tok``, or the likeliest token of ``pool`` (in score order) whose text starts with ``tok``'s and is longer
+        and that passes, climbing while there is one."""
+        while tok not in self.stop_ids and self._piece(tok):
+            piece = self._piece(tok)
+            longer = (d for d in pool if len(self._piece(d)) > len(piece) and self._piece(d).startswith(piece))
+            nxt = next((d for d in longer if self._ok(i, row, text, d)), None)
+            if nxt is None:
+                return tok
+            tok = nxt
+        return tok
+
+    def _keep(self, i: int, row: list[int], order: Sequence[int], pool: Sequence[int]) -> list[int]:
         kept: list[int] = []
         text = self.tokenizer.decode(row, skip_special_tokens=True)
         for tok in order:
-            if tok in self.stop_ids:
-                ok = self.complete(i, text)
-            else:  # a token that writes nothing (a special token, dropped from the text) never gets a chain further
-                grown = self.tokenizer.decode(row + [tok], skip_special_tokens=True)
-                ok = grown != text and self.viable(i, grown)
-            if ok:
-                kept.append(tok)
+            if self._ok(i, row, text, tok):
+                tok = self._grown(i, row, text, tok, pool)
+                if tok not in kept:
+                    kept.append(tok)
                 if self.greedy or len(kept) >= self.top_k:
                     break
         return kept
@@ -216,12 +240,14 @@ class _KeepViable(LogitsProcessor):
             if i in self.dead or self.stop_ids.intersection(row):  # finished: generate pads it from here on
                 out[i] = scores[i]
                 continue
-            kept = self._keep(i, row, top[i])
-            if not kept and self.fallback is not None:
+            order: list[int] = []
+            if self.fallback is not None:  # what the row could need, likeliest first
                 cands = (set(self.fallback(i)) | self.stop_ids) - set(top[i])
                 cands = torch.tensor(sorted(t for t in cands if t < scores.shape[-1]), dtype=torch.long)
                 order = cands[scores[i, cands.to(scores.device)].argsort(descending=True).cpu()].tolist()
-                kept = self._keep(i, row, order)
+            kept = self._keep(i, row, top[i], top[i] + order)
+            if not kept and order:
+                kept = self._keep(i, row, order, order)
             if kept:
                 out[i, kept] = scores[i, kept]
             else:

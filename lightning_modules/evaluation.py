@@ -52,12 +52,14 @@ class RelevanceEvaluation:
         return relevant_level
 
     def connect_levels(self, dm: Any, stage: str) -> None:
-        """Take the level names from the data; at fit start measure each level's mean training grade
-        (the expected grade's weights) unless they were given or restored from a checkpoint."""
+        """Take the level names from the data; measure each level's mean training grade (the expected
+        grade's weights) unless they were given or restored from a checkpoint: at fit start, and at any other
+        stage too (a model loaded without its checkpoint, e.g. a teacher from its merged directory, would
+        otherwise weigh graded data with the level indices)."""
         if getattr(dm, "num_levels", self.num_levels) != self.num_levels:
             raise ValueError(f"the data has {dm.num_levels} levels but the model was built for {self.num_levels}")
         self.level_names = tuple(dm.level_names)
-        if stage == "fit" and not bool(self.level_grades_set):
+        if not bool(self.level_grades_set):
             grades = dm.level_grade_means()
             self.level_grades.copy_(torch.tensor(grades, dtype=torch.float32))
             self.level_grades_set.fill_(True)

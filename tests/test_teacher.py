@@ -202,6 +202,14 @@ def test_constrained_chains_parse_and_keep_the_models_own_distributions(tiny_lm,
     again = ro.cot(q, d, responses=r.rationales)
     assert torch.allclose(again.level_probs, r.level_probs, atol=1e-5)
     assert torch.allclose(again.verdict_probs, r.verdict_probs, atol=1e-5)
+    # the writer takes whole words where the model would spell them a piece at a time: a budget of about the
+    # chain's own token count is enough (a random model, pieces first, needed several times that)
+    n = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in r.rationales)
+    torch.manual_seed(0)
+    tight = TeacherReadout(model, tok, LEVELS, max_new_tokens=n + 4, constrain_chains=True).cot(
+        q, d, temperature=temperature
+    )
+    assert tight.parse_failures == 0 and tight.rationales == r.rationales, tight.errors
 
 
 def test_forced_readout_scores_given_chains_and_writes_missing_ones(tiny_lm):
@@ -418,6 +426,29 @@ def _annotate(synth_dir: Path, out: Path, fields: str = "[title,brand]") -> None
 
 
 @pytest.mark.slow
+def test_teacher_loaded_without_checkpoint_weighs_graded_data_with_train_means(tiny_llama, tmp_path):
+    """A teacher read from its merged directory has no checkpoint to restore the level grades from: on graded data
+    (Home Depot's 1..3) its expected grade, RMSE and cache must use the training split's mean grade of each level,
+    as fit measured them, not the level indices."""
+    import csv
+
+    from datamodules.datamodule import RelevanceDataModule
+    from lightning_modules import TeacherLM
+
+    grades = (1.0, 1.33, 2.33, 2.67, 3.0)
+    rows = [[str(i), str(100 + i), f"Product {i}", f"query {i // 3}", str(grades[i % 5])] for i in range(90)]
+    path = tmp_path / "hd.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["id", "product_uid", "product_title", "search_term", "relevance"], *rows])
+    dm = RelevanceDataModule({"path": str(path), "preset": "homedepot"}, item_fields=["title"], relevant_level=2)
+    m = TeacherLM(model=tiny_llama, num_levels=3, relevant_level=2, log_figures=False)
+    assert not bool(m.level_grades_set)
+    m.connect_levels(dm, "test")
+    means = dm.level_grade_means()
+    assert bool(m.level_grades_set) and m.level_grades.tolist() == pytest.approx(means)
+    assert means[0] < 2.0 <= means[1] < 2.5 <= means[2]  # grades, not the indices 0, 1, 2
+
+
 def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_path):
     ann = tmp_path / "ann"
     _annotate(synth_dir, ann)
