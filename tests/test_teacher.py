@@ -425,7 +425,6 @@ def _annotate(synth_dir: Path, out: Path, fields: str = "[title,brand]") -> None
     )
 
 
-@pytest.mark.slow
 def test_teacher_loaded_without_checkpoint_weighs_graded_data_with_train_means(tiny_llama, tmp_path):
     """A teacher read from its merged directory has no checkpoint to restore the level grades from: on graded data
     (Home Depot's 1..3) its expected grade, RMSE and cache must use the training split's mean grade of each level,
@@ -449,6 +448,7 @@ def test_teacher_loaded_without_checkpoint_weighs_graded_data_with_train_means(t
     assert means[0] < 2.0 <= means[1] < 2.5 <= means[2]  # grades, not the indices 0, 1, 2
 
 
+@pytest.mark.slow
 def test_cli_fit_then_test_reports_student_metrics(tiny_llama, synth_dir, tmp_path):
     ann = tmp_path / "ann"
     _annotate(synth_dir, ann)
