@@ -270,9 +270,16 @@ def _layer_masks(backbone: Any, visible: Tensor, position_ids: Tensor, impl: str
     return sliding if types == {"sliding_attention"} else {"full_attention": full, "sliding_attention": sliding}
 
 
+#: a batch of rows is right-padded to a multiple of this many tokens: rows of every length would each make the CPU
+#: kernels (oneDNN) build and cache their own variant (a Gemma 3 270M LoRA fit held 4.6 GiB after 100 steps with
+#: exact widths); a few padded tokens, which only see themselves, cost less
+ROW_MULTIPLE = 32
+
+
 def _tree_inputs(trees: Sequence[_TokenTree], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``input_ids``, ``position_ids`` and the ``[B, T, T]`` visibility of a batch of trees (right-padded)."""
-    width = max(len(t) for t in trees)
+    """``input_ids``, ``position_ids`` and the ``[B, T, T]`` visibility of a batch of trees (right-padded to a
+    multiple of :data:`ROW_MULTIPLE`)."""
+    width = -(-max(len(t) for t in trees) // ROW_MULTIPLE) * ROW_MULTIPLE
     ids = torch.full((len(trees), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(trees), width), dtype=torch.long)
     visible = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)  # padding sees itself only

@@ -341,6 +341,29 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, torch_
     return _from_pretrained(AutoModelForCausalLM, name_or_path, trust_remote_code, kw)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); else autocast emulates it."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def weights_dtype(name: str) -> Any:
+    """The torch dtype of a ``weights_dtype`` setting (``float32``, ``bfloat16``, ``float16`` or ``auto``). ``auto``
+    is bfloat16 where bf16 runs natively (a CUDA GPU that has it, else a CPU with AVX512-BF16 or AMX), where it
+    halves the memory of frozen weights and spares bf16 autocast its per-step copies; float32 elsewhere, where
+    emulated bf16 is many times slower."""
+    import torch
+
+    if name == "auto":
+        native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"weights_dtype must be one of {[*dtypes, 'auto']}, got {name!r}")
+    return dtypes[name]
+
+
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
 from ellm_mkd.injection import InjectionAugment
-from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model
+from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model, weights_dtype
 from ellm_mkd.prompts import COMMON_CONTROL_MARKERS, PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token
 from ellm_mkd.teacher_cache import weights_fingerprint
@@ -106,7 +106,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
         pack_tokens: pairs whose token sequences begin alike (the prompt's fixed instructions) are packed into rows
             of up to this many tokens, the shared part computed once, in training and readout (0: a row per pair).
-        weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory on GPUs).
+        weights_dtype: dtype the base weights are loaded in (``bfloat16`` halves memory; ``auto``: bfloat16 where
+            bf16 is native, else float32; :func:`ellm_mkd.models.weights_dtype`).
         template: the prompt template (system and user messages, answer prefix).
         export_dir: where ``fit`` writes ``adapter/`` and ``merged/`` (default: ``<log dir>/teacher``).
         save_merged: also write the merged model directory.
@@ -148,7 +149,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         constrain_chains: bool = False,
         gradient_checkpointing: bool = False,
         pack_tokens: int = 1024,
-        weights_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        weights_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         template: PromptTemplate | None = None,
         export_dir: str | None = None,
         save_merged: bool = True,
@@ -455,9 +456,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
 
     def _load_lm(self) -> torch.nn.Module:
         """The base causal LM read from ``model`` in ``weights_dtype`` (no LoRA layers)."""
-        hp = self.hparams
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[hp.weights_dtype]
-        return load_causal_lm(self.model_path, trust_remote_code=hp.trust_remote_code, torch_dtype=dtype)
+        dtype, remote = weights_dtype(self.hparams.weights_dtype), self.hparams.trust_remote_code
+        return load_causal_lm(self.model_path, trust_remote_code=remote, torch_dtype=dtype)
 
     def _sharded(self) -> bool:
         """Whether the weights are split over the ranks (Lightning's FSDP strategy, or one derived from it)."""

@@ -505,3 +505,16 @@ def test_smollm2_second_resolve_reuses_dir(smollm, monkeypatch):
     assert Path(again) == smollm["path"]
     assert manifest.stat().st_mtime_ns == before
     assert len(_converted_dirs(smollm["cache"])) == 1
+
+
+def test_weights_dtype_auto_is_bfloat16_only_where_bf16_is_native(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
+    assert M.weights_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: False)
+    assert M.weights_dtype("auto") is torch.float32
+    assert M.weights_dtype("bfloat16") is torch.bfloat16 and M.weights_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="weights_dtype must be one of"):
+        M.weights_dtype("fp8")

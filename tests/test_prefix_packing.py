@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TEACHER_CHAIN, TEACHER_LEVELS
 
-from ellm_mkd.candidate_scoring import _pack, teacher_forced_scores
+from ellm_mkd.candidate_scoring import ROW_MULTIPLE, _pack, _tree_inputs, teacher_forced_scores
 from ellm_mkd.readout import ReadoutPoint, score_points
 
 LEVELS, CHAIN = TEACHER_LEVELS, TEACHER_CHAIN
@@ -61,6 +61,18 @@ def test_pack_shares_the_common_prefix_and_keeps_to_the_budget(tiny_llama):
     trees, tree_of, _ = _pack(seqs, budget)
     assert len(trees) > 1 and all(len(t) <= budget for t in trees) and tree_of == sorted(tree_of)
     assert len(_pack(seqs, 0)[0]) == len(seqs)
+
+
+def test_rows_are_padded_to_a_few_widths_and_padding_sees_only_itself(tiny_llama):
+    r = _responses(_teacher(tiny_llama), "direct")
+    trees, _, _ = _pack(r.sequences, 0)
+    ids, pos, visible = _tree_inputs(trees, pad_id=0)
+    longest = max(map(len, trees))
+    assert ids.shape[1] % ROW_MULTIPLE == 0 and longest <= ids.shape[1] < longest + ROW_MULTIPLE
+    for i, t in enumerate(trees):
+        pad = torch.arange(len(t), ids.shape[1])
+        assert (ids[i, pad] == 0).all() and (visible[i, pad][:, pad] == torch.eye(len(pad), dtype=torch.bool)).all()
+        assert not visible[i, : len(t), len(t) :].any() and not visible[i, len(t) :, : len(t)].any()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

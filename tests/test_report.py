@@ -38,7 +38,11 @@ def test_teacher_at_chance_and_below_the_baselines_is_said():
     notes = teacher_note({"auc": 0.51}, {"cross_encoder_baseline": {"auc": 0.62}, "cross_encoder_mkd": {"auc": 0.7}})
     assert any("ranks at chance" in n and "0.510" in n for n in notes)
     assert any("below the baseline student(s)" in n and "cross-encoder-baseline 0.620" in n for n in notes)
-    assert teacher_note({"auc": 0.9}, {"cross_encoder_baseline": {"auc": 0.62}}) == []
+    above = teacher_note({"auc": 0.9}, {"cross_encoder_baseline": {"auc": 0.62}, "two_tower_baseline": {"auc": 0.8}})
+    assert len(above) == 1 and "above every baseline student" in above[0] and "two-tower-baseline 0.800" in above[0]
+    # above one baseline only: no such claim, the other is named
+    mixed = teacher_note({"auc": 0.7}, {"cross_encoder_baseline": {"auc": 0.62}, "two_tower_baseline": {"auc": 0.8}})
+    assert not any("above every" in n for n in mixed) and any("two-tower-baseline 0.800" in n for n in mixed)
     assert any("worse than chance" in n and "0.143" in n for n in teacher_note({"auc": 0.143}, {}))
 
 

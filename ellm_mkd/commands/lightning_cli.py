@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.datamodule import RelevanceDataModule
+from ellm_mkd.models import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 KEEP_BF16_ENV = "ELLM_MKD_KEEP_BF16"
@@ -44,11 +45,6 @@ def one_line_per_message() -> None:
                 h.addFilter(no_adverts)
     for h in logging.getLogger().handlers:
         h.addFilter(no_adverts)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); else autocast emulates it."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_precision(precision: str | int | None, accelerator: str | None) -> str | int | None:

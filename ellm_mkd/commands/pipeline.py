@@ -30,13 +30,22 @@ def data_args(out: Path, plan: dict[str, Any]) -> list[str]:
     return list(plan.get("data_args") or ["--data.source.path", str(out / "data"), "--data.item_fields", ITEM_FIELDS])
 
 
+def teacher_config(plan: dict[str, Any]) -> str:
+    """The teacher config of a plan: ``plan["teacher_config"]``, else the demo's (``configs/demo/teacher.yaml``)."""
+    return str(plan.get("teacher_config") or CONFIG_DIR / "teacher.yaml")
+
+
 def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predictions: bool = True) -> dict[str, Any]:
-    """LoRA fine-tune on the training chains; test with direct readout; returns metrics and paths (and the
+    """LoRA fine-tune the plan's teacher config for ``plan["teacher_epochs"]`` epochs (when given) and at most
+    ``plan["teacher_steps"]`` steps (when given); test with direct readout; returns metrics and paths (and the
     test split's predictions, for the report, unless ``predictions`` is false)."""
+    length = ["--trainer.max_steps", str(plan["teacher_steps"])] if plan.get("teacher_steps") else []
+    if plan.get("teacher_epochs"):
+        length += ["--trainer.max_epochs", str(plan["teacher_epochs"])]
     cli = _cli(
         [
             "--config",
-            str(CONFIG_DIR / "teacher.yaml"),
+            teacher_config(plan),
             *data_args(out, plan),
             "--data.annotations",
             str(out / "annotations"),
@@ -44,8 +53,7 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
             str(plan["teacher_batch"]),
             "--data.eval_batch_size",
             str(plan["teacher_eval"]),
-            "--trainer.max_steps",
-            str(plan["teacher_steps"]),
+            *length,
             "--trainer.default_root_dir",
             str(out / "teacher"),
             "--trainer.logger.init_args.save_dir",
@@ -65,14 +73,19 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
         model.test_outputs = {"example_id": [], "probs": [], "dim_probs": []}
     cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     preds, model.test_outputs = model.test_outputs, None
+    steps, best = cli.trainer.global_step, getattr(cli.trainer.checkpoint_callback, "best_model_score", None)
+    kept = f" (best validation AUC {float(best):.3f} kept)" if best is not None else ""
     print(
-        f"      teacher: {plan['teacher_steps']} LoRA steps in {fit_s:.0f} s; "
-        f"adapter {out / 'teacher' / 'export' / 'adapter'}",
+        f"      teacher: {steps} LoRA steps in {fit_s:.0f} s{kept}; "
+        f"test AUC {model.last_results['test'].get('auc', float('nan')):.3f}"
+        f"; adapter {out / 'teacher' / 'export' / 'adapter'}",
         flush=True,
     )
     return {
         "test": dict(model.last_results["test"]),
         "fit_seconds": fit_s,
+        "steps": steps,
+        "best_val_auc": float(best) if best is not None else None,
         "predictions": preds,
         "adapter": str(out / "teacher" / "export" / "adapter"),
     }
@@ -84,7 +97,7 @@ def load_teacher(out: Path, plan: dict[str, Any], adapter: str) -> Any:
     cli = _cli(
         [
             "--config",
-            str(CONFIG_DIR / "teacher.yaml"),
+            teacher_config(plan),
             *data_args(out, plan),
             "--data.annotations",
             str(out / "annotations"),
@@ -134,7 +147,7 @@ def test_teacher(out: Path, plan: dict[str, Any], model_args: list[str]) -> dict
     cli = _cli(
         [
             "--config",
-            str(CONFIG_DIR / "teacher.yaml"),
+            teacher_config(plan),
             *data_args(out, plan),
             "--data.annotations",
             str(out / "annotations"),
@@ -187,7 +200,7 @@ def write_cache(
     rows = len(TeacherCache(cache))
     sec = time.time() - t0
     print(
-        f"      teacher cache ({readout}): {rows} training pairs in {sec:.0f} s ({rows / sec:.2f} pairs/s) -> {cache}",
+        f"      teacher cache ({readout}): {rows} pairs in {sec:.0f} s ({rows / sec:.2f} pairs/s) -> {cache}",
         flush=True,
     )
     return {"path": str(cache), "rows": rows, "seconds": sec, "readout": readout}

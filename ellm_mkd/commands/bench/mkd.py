@@ -262,6 +262,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     out = Path(opts.work_dir or f"runs/benchmarks/{opts.name}")
     plan = {
         "synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
+        "teacher_config": REPO / "configs" / "benchmarks" / "mkd_teacher.yaml",  # SmolLM2 + LoRA, teacher_steps
         "teacher_steps": opts.teacher_steps,
         "teacher_batch": opts.teacher_batch,
         "teacher_eval": opts.teacher_eval,
