@@ -12,7 +12,6 @@ from typing import Any
 #: the repository root (configs/ lives there)
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "demo"
-MKD_OVERLAY = REPO / "configs" / "mkd" / "full.yaml"
 ITEM_FIELDS = "[title,brand,color,attributes]"
 
 
@@ -86,6 +85,7 @@ def fit_teacher(out: Path, plan: dict[str, Any], extra: list[str] = (), predicti
         "fit_seconds": fit_s,
         "steps": steps,
         "best_val_auc": float(best) if best is not None else None,
+        "base_model": model.hparams.model,  # what the adapter sits on
         "predictions": preds,
         "adapter": str(out / "teacher" / "export" / "adapter"),
     }
