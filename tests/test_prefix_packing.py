@@ -208,3 +208,39 @@ def test_tree_rows_keep_the_sliding_window_of_the_model(tiny_gemma, impl, pack):
                 lp = model(input_ids=torch.tensor([prefix + c])).logits[0].float().log_softmax(-1)
                 want.append(sum(lp[len(prefix) - 1 + j, t] for j, t in enumerate(c)))
         assert torch.allclose(g, torch.stack(want).log_softmax(-1), atol=1e-4)
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_tree_rows_match_a_plain_forward_on_each_device(arch, impl, device):
+    """Sequences with a long shared prefix, packed into one tree row and one row each, on the CPU and (where there
+    is one) a CUDA GPU: every hidden state that of the model's own causal forward pass over that sequence alone.
+    A teacher fit on an H200 (torch 2.11+cu130) trained to a loss of 0 with chance validation AUC, as if the
+    tree rows' masks were not applied there; this is the check to run on a GPU."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from ellm_mkd.candidate_scoring import _tree_hidden
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    common.update(num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
+    if arch == "gemma3":
+        kinds = ["sliding_attention", "full_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=512, layer_types=kinds))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model = model.eval().to(device)
+    model.set_attn_implementation(impl)
+    prefix = torch.randint(1, 500, (60,)).tolist()
+    seqs = [prefix + torch.randint(1, 500, (n,)).tolist() for n in (20, 35, 7, 50)]
+    with torch.no_grad():
+        for pack in (0, 4096):
+            trees, tree_of, where = _pack(seqs, pack)
+            hidden = _tree_hidden(model, trees, 0)
+            for i, s in enumerate(seqs):
+                want = model.model(input_ids=torch.tensor([s], device=device)).last_hidden_state[0]
+                assert torch.allclose(hidden[tree_of[i], where[i]], want, atol=1e-3), (pack, i)
