@@ -21,8 +21,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Bump when the conversion output changes in a way that should invalidate old caches.
-CONVERTER_VERSION = 1
+#: Bump when the conversion output changes in a way that should invalidate old caches (2: the tokenizer is checked,
+#: so a cache written by a transformers that rebuilt a tokenizer without its merges is converted again).
+CONVERTER_VERSION = 2
+#: a sentence every subword vocabulary cuts into far fewer pieces than it has letters
+_TOKENIZER_PROBE = "Cordless drills and garden hoses are sold in the same store."
 #: Marker written into a converted directory just before it is renamed into place.
 MANIFEST_NAME = "ellm_mkd_conversion.json"
 _FINGERPRINT_CHUNK = 1 << 20  # 1 MiB read from each end of a GGUF for its cheap fingerprint
@@ -105,9 +108,25 @@ def _load_gguf(gguf_path: Path):
         pass
     with _memoized_gguf_parsing():
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+        _check_tokenizer(tokenizer, gguf_path)
         model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+def _check_tokenizer(tokenizer, gguf_path: Path) -> None:
+    """Stop a conversion whose tokenizer cuts text into single letters. A GGUF may list its vocabulary without the
+    BPE merges (Gemma 3's does); a transformers that does not rebuild them makes a tokenizer that still loads and
+    runs, and a model fed one token per letter is then fine-tuned on noise (every loss falls, nothing is learned)."""
+    n_tokens = len(tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    n_letters = sum(not c.isspace() for c in _TOKENIZER_PROBE)
+    if n_tokens * 2 > n_letters:
+        raise RuntimeError(
+            f"{gguf_path}: transformers {_transformers_version()} rebuilt this GGUF's tokenizer without its merges "
+            f"(a {n_letters}-letter test sentence became {n_tokens} tokens, about one per letter), so a model would "
+            "read text letter by letter; upgrade transformers (conversions are tested with 5.25) or give the model "
+            "as a Hugging Face directory"
+        )
 
 
 def _strip_gguf_quantization(model) -> None:

@@ -233,6 +233,34 @@ def test_gguf_conversion_is_cached(tmp_path, fake_convert):
     assert len(fake_convert) == 2
 
 
+def _letter_tokenizer():
+    """What a transformers that does not rebuild a GGUF's missing merges makes: a BPE vocabulary with no merges."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>", *sorted(set(G._TOKENIZER_PROBE))])}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
+
+
+def test_conversion_stops_on_a_tokenizer_without_merges(tmp_path, monkeypatch, smollm2_tokenizer):
+    """A tokenizer that reads one token per letter stops the conversion before the weights are loaded, with a
+    message naming the file and the transformers version; nothing is left in the cache. A real one passes."""
+    import transformers
+
+    G._check_tokenizer(smollm2_tokenizer, tmp_path / "real.gguf")
+    src = _fake_gguf(tmp_path / "gemma.gguf")
+    cache = tmp_path / "cache"
+    loads: list[str] = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _letter_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append("model"))
+    message = rf"gemma.gguf: transformers {transformers.__version__} .* without its merges"
+    with pytest.raises(RuntimeError, match=message):
+        resolve_model(str(src), cache_dir=cache)
+    assert loads == [] and _converted_dirs(cache) == []
+    assert list((cache / "converted").glob(".*.tmp-*")) == []
+
+
 def test_crash_mid_conversion_leaves_no_final_dir(tmp_path, monkeypatch):
     src = _fake_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
