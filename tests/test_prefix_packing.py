@@ -216,25 +216,19 @@ _DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
-def test_tree_rows_match_a_plain_forward_on_each_device(arch, impl, device):
+def test_tree_rows_match_a_plain_forward_on_each_device(arch, impl, device, tiny_gemma, tiny_llama):
     """Sequences with a long shared prefix, packed into one tree row and one row each, on the CPU and (where there
-    is one) a CUDA GPU: every hidden state that of the model's own causal forward pass over that sequence alone.
-    A teacher fit on an H200 (torch 2.11+cu130) trained to a loss of 0 with chance validation AUC, as if the
-    tree rows' masks were not applied there; this is the check to run on a GPU."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    is one) a CUDA GPU: every hidden state is that of the model's own causal forward pass over that sequence alone."""
+    import copy
+
+    from transformers import LlamaForCausalLM
 
     from ellm_mkd.candidate_scoring import _tree_hidden
 
-    torch.manual_seed(0)
-    common = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    common.update(num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
-    if arch == "gemma3":
-        kinds = ["sliding_attention", "full_attention"]
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=512, layer_types=kinds))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
+    model = copy.deepcopy(tiny_gemma[0]) if arch == "gemma3" else LlamaForCausalLM.from_pretrained(tiny_llama)
     model = model.eval().to(device)
     model.set_attn_implementation(impl)
+    torch.manual_seed(0)
     prefix = torch.randint(1, 500, (60,)).tolist()
     seqs = [prefix + torch.randint(1, 500, (n,)).tolist() for n in (20, 35, 7, 50)]
     with torch.no_grad():
