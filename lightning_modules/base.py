@@ -17,6 +17,12 @@ Loss terms (each logged on its own as ``train/loss/<name>``), summed with their 
 ``dim``    cross-entropy of each dimension head against the known verdicts (``w_dim``);
            rows whose verdict is unknown (-100) do not count.
 
+With ``temperature_scaling`` one temperature ``T`` of the level logits (Guo et al. 2017, arXiv 1706.04599) is
+fitted after every validation epoch, by the least negative log-likelihood of the validation labels over a grid,
+and kept in the ``level_temperature`` buffer (so each checkpoint holds the one fitted on its own validation
+outputs). Outside training and validation the logits are divided by it: test, predict and the exported graphs
+give calibrated level probabilities (and the expected grade from them); validation figures are the raw model's.
+
 Callbacks that define ``loss_terms(pl_module, batch, output) -> dict[str, Tensor]`` (weighted
 already) add their terms to the same sum (a term of the same name replaces the student's own);
 this is how distillation plugs in without the student knowing the teacher.
@@ -80,6 +86,7 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             student's input layout, :meth:`input_layout`).
         trust_remote_code: allow model code from the model directory (off unless you trust it).
         log_figures: log confusion matrix, reliability diagram and PR curve images to TensorBoard.
+        temperature_scaling: fit the level logits' temperature on the validation split (see the module docstring).
     """
 
     def __init__(
@@ -100,10 +107,13 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         max_seq_length: int = 128,
         trust_remote_code: bool = False,
         log_figures: bool = True,
+        temperature_scaling: bool = False,
     ):
         super().__init__()
         relevant_level = self.init_levels(num_levels, relevant_level, level_grades)
         self.save_hyperparameters()
+        self.register_buffer("level_temperature", torch.tensor(1.0))
+        self._temperature_nll: Tensor | None = None  # [grid] summed over this validation epoch's labelled pairs
 
     # -- to implement ------------------------------------------------------------------------
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -159,6 +169,8 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict")
+        if sd is not None:
+            sd.setdefault("level_temperature", torch.tensor(1.0))  # a checkpoint from before temperature scaling
         if sd is None or "training_modules" not in self._modules:
             return
         # resuming with the same callbacks: put them back; a checkpoint made without them: start fresh
@@ -170,6 +182,8 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         h, extras = self.encode_batch(batch)
         z = self.dropout(h)
         level_logits = self.level_head(z).float()
+        if not self.training:
+            level_logits = level_logits / self.level_temperature
         dim_logits = torch.stack([self.dim_heads[d](z) for d in DIMENSIONS], dim=1).float()
         expected = level_logits.softmax(-1) @ self.level_grades
         return StudentOutput(level_logits, expected, dim_logits, h, extras)
@@ -264,6 +278,36 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             sync_dist=True,
         )
         self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
+        if stage == "val" and self.hparams.get("temperature_scaling"):
+            self._add_temperature_nll(out.level_logits, batch["labels"])
+
+    # -- temperature scaling -------------------------------------------------------------------
+    #: the temperatures tried: 0.25 to 4, log-spaced (each step ~3%)
+    TEMPERATURE_GRID = torch.logspace(-2, 2, 97, base=2.0)
+
+    def _add_temperature_nll(self, logits: Tensor, labels: Tensor) -> None:
+        keep = labels >= 0
+        grid = self.TEMPERATURE_GRID.to(logits.device)
+        lp = (logits[keep].float()[None] / grid[:, None, None]).log_softmax(-1)  # [G, N, K]
+        nll = -lp.gather(-1, labels[keep][None, :, None].expand(len(grid), -1, 1)).sum((1, 2))
+        self._temperature_nll = nll if self._temperature_nll is None else self._temperature_nll + nll
+
+    def on_validation_epoch_start(self) -> None:
+        self.level_temperature.fill_(1.0)  # validation reads the raw model
+        self._temperature_nll = None
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self.hparams.get("temperature_scaling") or self.trainer.sanity_checking:
+            return
+        nll = self._temperature_nll
+        if nll is None:
+            nll = torch.zeros(len(self.TEMPERATURE_GRID), device=self.device)
+        nll = self.trainer.strategy.reduce(nll, reduce_op="sum")  # every rank's pairs
+        if float(nll.abs().sum()) > 0:
+            self.level_temperature.fill_(float(self.TEMPERATURE_GRID[int(nll.argmin())]))
+        self.log("val/temperature", self.level_temperature, sync_dist=False)
+        self._temperature_nll = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)

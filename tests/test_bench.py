@@ -441,6 +441,8 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         "[0,2]",
         "--teacher_calibration",
         "true",
+        "--student_calibration",
+        "true",
         "--rows",
         "[baseline,soft]",
         "--compare_row",
@@ -479,6 +481,10 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
         teacher_args = yaml.safe_load(config.read_text())["data"]["teacher"]["init_args"]
         assert teacher_args["temperature"] == calibration["temperature"]
+    for run in ("cross_encoder_baseline_s0", "cross_encoder_soft_s1"):  # every student fits its own temperature
+        (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["temperature_scaling"] is True
+    assert res["setup"]["student_calibration"] and "each with a temperature fitted on validation" in out_md.read_text()
     from ellm_mkd.teacher_cache import TeacherCache
 
     manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest

@@ -33,10 +33,13 @@ def cli(cmd: str, tmp: Path, name: str, encoder: str, data: Path, *extra: str) -
 
 @pytest.mark.slow
 def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
-    one = cli("validate", tmp_path, "one", tiny_encoder, synth_dir, "--trainer.devices", "1")
+    t = ("--model.init_args.temperature_scaling", "true")
+    one = cli("validate", tmp_path, "one", tiny_encoder, synth_dir, "--trainer.devices", "1", *t)
     two = cli(
-        "validate", tmp_path, "two", tiny_encoder, synth_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp"
+        "validate", tmp_path, "two", tiny_encoder, synth_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp", *t
     )
+    # the temperature is fitted on every rank's pairs: within a grid step (~3%) of one process's
+    assert two["val/temperature"] == pytest.approx(one["val/temperature"], rel=0.035)
     # DistributedSampler pads the last shard by repeating a few rows, so counts may differ by < world size
     assert abs(one["val/count"] - two["val/count"]) < 2
     for key in ("val/auc", "val/ndcg10", "val/rmse", "val/macro_f1", "val/spearman", "val/tail/auc"):

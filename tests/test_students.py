@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datamodules.datamodule import RelevanceDataModule
 from datamodules.validation import DataSource
@@ -113,6 +114,52 @@ def test_training_lowers_loss_and_checkpoint_reloads(kind, tiny_encoder, synth_d
         again = loaded(batch)
     assert torch.allclose(again.level_logits, out.level_logits, atol=1e-5)
     assert torch.equal(loaded.level_grades, model.level_grades)
+
+
+def test_temperature_is_fitted_on_validation_and_used_outside_it(tiny_encoder, synth_dir, tmp_path):
+    """The temperature after a validation epoch is the grid point with the least NLL of the validation labels
+    under the raw logits (by hand); training and validation read the raw logits, test and predict the
+    calibrated ones; the checkpoint keeps it; a checkpoint without one loads with T = 1."""
+    L.seed_everything(0)
+    model, dm = build("cross_encoder", tiny_encoder, synth_dir, temperature_scaling=True, head_dropout=0.0)
+    with torch.no_grad():
+        model.level_head.weight.mul_(30.0)  # an overconfident head: the fitted T is well above 1
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    t.fit(model, dm)
+    T = float(model.level_temperature)
+    assert float(t.callback_metrics["val/temperature"]) == T
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        model.level_temperature.fill_(1.0)
+        for batch in dm.val_dataloader():
+            logits.append(model(batch).level_logits)
+            labels.append(batch["labels"])
+        model.level_temperature.fill_(T)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    keep = labels >= 0
+    nll = [float(F.cross_entropy(logits[keep] / g, labels[keep], reduction="sum")) for g in model.TEMPERATURE_GRID]
+    assert T == float(model.TEMPERATURE_GRID[min(range(len(nll)), key=nll.__getitem__)]) and T > 1.5
+    batch = next(iter(dm.val_dataloader()))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        calibrated = model(batch)
+        model.train()
+        raw = model(batch)  # training reads the raw logits
+        model.eval()
+    assert torch.allclose(calibrated.level_logits * T, raw.level_logits, atol=1e-4)
+    assert torch.allclose(raw.level_logits, logits[: len(raw.level_logits)], atol=1e-4)
+    assert torch.allclose(calibrated.expected_grade, calibrated.probs @ model.level_grades)
+    assert torch.allclose(model.predict_step(batch, 0)["probs"], calibrated.probs)
+    ckpt = tmp_path / "t.ckpt"
+    t.save_checkpoint(ckpt)
+    assert float(CrossEncoderStudent.load_from_checkpoint(ckpt).level_temperature) == T
+    old = torch.load(ckpt, weights_only=False)
+    del old["state_dict"]["level_temperature"]
+    torch.save(old, ckpt)
+    assert float(CrossEncoderStudent.load_from_checkpoint(ckpt).level_temperature) == 1.0
 
 
 def test_test_metrics_per_bucket(tiny_encoder, synth_dir, tmp_path):

@@ -87,6 +87,9 @@ class MkdBenchOptions:
         teacher_calibration: fit a temperature for the teacher's level distributions on the validation split
                     (``CachedTeacher(temperature: fit)``; the cache then covers every split) and distil the
                     calibrated distributions; the fit is reported
+        student_calibration: every student (baseline and MKD rows alike) fits the temperature of its level logits
+                    on the validation split (``--model.init_args.temperature_scaling true``); test figures are then
+                    those of the calibrated probabilities
         pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs: every MKD row
                     but full_augment runs once per pool size, the baseline once. Catalog: more catalog items per
                     training query; --source: more training queries (needs limit_pairs.train), their labels dropped
@@ -130,6 +133,7 @@ class MkdBenchOptions:
     teacher_how: str | None = None
     teacher_readout: str = "direct"
     teacher_calibration: bool = False
+    student_calibration: bool = False
     pools: list[int] = field(default_factory=lambda: [0])
     pool_after: int | None = None
     compare_row: str = "full"
@@ -204,9 +208,9 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
 TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval", "teacher_dir", "teacher_readout")
 
 
-def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
-    """What a stored teacher, cache or student run depends on (rows, seeds and students are chosen per run;
-    a baseline run does not depend on the teacher)."""
+def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool = False) -> str:
+    """What a stored teacher, cache (``student`` False) or student run depends on (rows, seeds and students are
+    chosen per run; a baseline run does not depend on the teacher)."""
     keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (
         TEACHER_KEYS if teacher else ()
     )
@@ -215,6 +219,8 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True) -> str:
         extra["teacher_calibration"] = True
     if teacher and opts.pool_after is not None and max(opts.pools) > 0:
         extra["pool_after"] = opts.pool_after
+    if student and opts.student_calibration:
+        extra["student_calibration"] = True
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
@@ -339,10 +345,12 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             for pool in pools if row not in ("baseline", "full_augment") else [0]:
                 for seed in opts.seeds:
                     name = f"{kind}_{row}" + (f"_pool{pool}x" if pool else "") + f"_s{seed}"
-                    own = fingerprint if row != "baseline" else _fingerprint(opts, data, teacher=False)
+                    own = _fingerprint(opts, data, teacher=row != "baseline", student=True)
                     r = _load_state(state / "runs" / f"{name}.json", own, fingerprint) if opts.resume else None
                     if r is None:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
+                        if opts.student_calibration:
+                            extra += ["--model.init_args.temperature_scaling", "true"]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
                             if opts.teacher_calibration:  # the temperature fitted once, on the validation split
@@ -421,6 +429,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "pool_after": opts.pool_after if opts.source is not None and pools[-1] > 0 else None,
             "compare_row": opts.compare_row,
             "student_epochs": opts.epochs,
+            "student_calibration": opts.student_calibration,
             "train_batches": opts.train_batches,
             "setup_seconds": setup["seconds"],
             "this_run_seconds": round(time.time() - t0, 1),

@@ -185,11 +185,13 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         if len(pools) > 1
         else ""
     )
+    calibrated = ", each with a temperature fitted on validation (baseline and MKD alike)"
+    calibrated = calibrated if s.get("student_calibration") else ""
     lines = [
         *section_head(result),
         f"{what}; teacher {teacher}, cache of {s['cache_rows']} training pairs "
-        f"({t.get('readout_for_cache', 'forced')} readout){pool_text}; students {s['student_epochs']} epoch(s); "
-        f"mean ± std over seeds {result['rows'][0]['seeds'] if result['rows'] else []}. "
+        f"({t.get('readout_for_cache', 'forced')} readout){pool_text}; students {s['student_epochs']} epoch(s)"
+        f"{calibrated}; mean ± std over seeds {result['rows'][0]['seeds'] if result['rows'] else []}. "
         "Teacher (direct readout) on the same test split: "
         f"AUC {result['teacher'].get('auc', float('nan')):.3f}, "
         f"nDCG@10 {result['teacher'].get('ndcg10', float('nan')):.3f}, "
