@@ -388,6 +388,11 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     other = json.loads(out_json.read_text())
     assert other["setup"]["resumed_runs"] == 2 and other["setup"]["setup_seconds"] != res["setup"]["setup_seconds"]
     assert other["rows"][0] == res["rows"][0] and other["setup"]["teacher"]["steps"] == 2
+    # calibrated students: the teacher and cache are read back, no student run (baseline or MKD) is
+    calibrated = [*args[:-4], "--teacher_steps", "2", "--student_calibration", "true", *out]
+    assert bench_main(calibrated) == 0
+    cal = json.loads(out_json.read_text())["setup"]
+    assert cal["resumed_runs"] == 0 and cal["setup_seconds"] == other["setup"]["setup_seconds"]
     # other student settings: nothing is reused
     assert (
         bench_main(

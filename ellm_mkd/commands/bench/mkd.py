@@ -346,7 +346,10 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                 for seed in opts.seeds:
                     name = f"{kind}_{row}" + (f"_pool{pool}x" if pool else "") + f"_s{seed}"
                     own = _fingerprint(opts, data, teacher=row != "baseline", student=True)
-                    r = _load_state(state / "runs" / f"{name}.json", own, fingerprint) if opts.resume else None
+                    # a run stored under the setup's fingerprint is one of the same settings, unless the students
+                    # now calibrate (that is not in the setup's fingerprint)
+                    also = () if opts.student_calibration else (fingerprint,)
+                    r = _load_state(state / "runs" / f"{name}.json", own, *also) if opts.resume else None
                     if r is None:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                         if opts.student_calibration:
