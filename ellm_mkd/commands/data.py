@@ -1,4 +1,4 @@
-"""``ellm-mkd data check`` and ``ellm-mkd data synth``."""
+"""``ellm-mkd data check``, ``ellm-mkd data synth`` and ``ellm-mkd data widen``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,25 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, required=True, help="output directory")
     p.add_argument("--overwrite", type=bool, default=False, help="replace the catalog files already in --out")
     p.add_class_arguments(SynthConfig, sub_configs=True)
+    return p
+
+
+def _widen_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="ellm-mkd data widen",
+        description=(
+            "A teacher's labelled set wider than the students': --base's splits plus --extra's train (and val) rows "
+            "whose query occurs nowhere in --base (train, val, test, pool); --base's test split unchanged. The "
+            "teacher then trains on more queries than the students label, never on one they are validated or tested "
+            "on, nor on a pair of the pool it will judge."
+        ),
+    )
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--base", type=str, required=True, help="the students' examples directory (train/val/test.parquet)")
+    p.add_argument("--extra", type=str, required=True, help="examples directory with the further labelled pairs")
+    p.add_argument("--out", type=str, required=True, help="output directory (the teacher's data.source.path)")
+    p.add_argument("--widen_val", type=bool, default=True, help="add --extra's val rows to the validation split too")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace the tables already in --out")
     return p
 
 
@@ -123,8 +142,29 @@ def synth(argv: list[str]) -> int:
     return 0
 
 
+def widen(argv: list[str]) -> int:
+    from datamodules.widen import widen_examples
+
+    cfg = _widen_parser().parse_args(argv)
+    try:
+        summary = widen_examples(cfg.base, cfg.extra, cfg.out, widen_val=cfg.widen_val, overwrite=cfg.overwrite)
+    except FileExistsError as e:
+        print(f"ERROR {e} (pass --overwrite true to replace them)", file=sys.stderr)
+        return 1
+    except (DataError, ValueError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+    rows = [
+        [s, d["base_rows"], d.get("added_rows", 0), d.get("added_queries", 0), d.get("dropped_rows", 0), d["rows"]]
+        for s, d in summary["splits"].items()
+    ]
+    print(_table(rows, ["split", "base rows", "added rows", "added queries", "dropped (base query)", "rows"]))
+    print(f"teacher data written to {cfg.out} ({cfg.out}/widen.json)")
+    return 0
+
+
 def data_main(argv: list[str]) -> int:
-    usage = "usage: ellm-mkd data {check,synth} [options]   (ellm-mkd data check --help)"
+    usage = "usage: ellm-mkd data {check,synth,widen} [options]   (ellm-mkd data check --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -132,5 +172,7 @@ def data_main(argv: list[str]) -> int:
         return check(argv[1:])
     if argv[0] == "synth":
         return synth(argv[1:])
+    if argv[0] == "widen":
+        return widen(argv[1:])
     print(f"ellm-mkd data: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
     return 2
