@@ -94,8 +94,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import textwrap
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -107,6 +105,7 @@ import pyarrow.parquet as pq
 from ellm_mkd.schema import DIMENSIONS, EXAMPLE_SCHEMA, SPLITS, make_example_id
 
 from .splits import assign_splits, select_split, split_summary
+from .staging import staged_files
 from .synth_catalog import _attr_text, _build_catalog
 from .synth_queries import _candidates, _make_queries
 from .synth_spec import DEFAULT_KIND_MIX as DEFAULT_KIND_MIX
@@ -314,9 +313,8 @@ def write(out_dir: str | os.PathLike, config: SynthConfig | None = None, overwri
         raise FileExistsError(f"{out} already holds {existing}; pass overwrite=True to replace them")
     data = build(cfg)
     summary = summarize(data, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    names = (POOL_FILE, *OUTPUT_FILES) if data.pool is not None else OUTPUT_FILES
+    with staged_files(out, names) as tmp:
         for split in SPLITS:
             pq.write_table(select_split(data.examples, split), tmp / f"{split}.parquet")
         pq.write_table(data.products, tmp / "products.parquet")
@@ -325,8 +323,4 @@ def write(out_dir: str | os.PathLike, config: SynthConfig | None = None, overwri
             pq.write_table(data.pool, tmp / POOL_FILE)
         (tmp / "synth.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (out / POOL_FILE).unlink(missing_ok=True)  # a pool of earlier settings never outlives them
-        for name in (POOL_FILE, *OUTPUT_FILES) if data.pool is not None else OUTPUT_FILES:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out_dir": str(out), "files": [str(out / f) for f in OUTPUT_FILES], **summary}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datamodules.readers import DataError
-from ellm_mkd.schema import normalize_text
+from datamodules.staging import staged_files
+from datamodules.synth import POOL_FILE
+from ellm_mkd.schema import SPLITS, normalize_text
 
-SPLITS = ("train", "val", "test")
-POOL = "pool.parquet"
 SUMMARY = "widen.json"
 
 
@@ -75,9 +73,10 @@ def widen_examples(
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}")
     tables = {s: _read(base / f"{s}.parquet") for s in SPLITS}
-    held: set[str] = set()
-    for name in [f"{s}.parquet" for s in SPLITS] + ([POOL] if (base / POOL).is_file() else []):
-        held |= {normalize_text(q) for q in _read(base / name, ["query"])["query"].to_pylist()}
+    queries = [q for t in tables.values() for q in t["query"].to_pylist()]
+    if (base / POOL_FILE).is_file():
+        queries += _read(base / POOL_FILE, ["query"])["query"].to_pylist()
+    held = {normalize_text(q) for q in queries}
     counts: dict[str, Any] = {}
     for split in ("train", "val") if widen_val else ("train",):
         path = extra / f"{split}.parquet"
@@ -100,14 +99,8 @@ def widen_examples(
         "base_queries_held_out": len(held),
         "splits": counts,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_files(out, names) as tmp:
         for split, table in tables.items():
             pq.write_table(table, tmp / f"{split}.parquet")
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out_dir": str(out), **summary}
