@@ -81,12 +81,13 @@ def widen_examples(
     for split in ("train", "val") if widen_val else ("train",):
         path = extra / f"{split}.parquet"
         rows = _conform(_read(path), tables[split].schema, path)
-        keep = [normalize_text(q) not in held for q in rows["query"].to_pylist()]
+        normed = [normalize_text(q) for q in rows["query"].to_pylist()]
+        keep = [q not in held for q in normed]
         added = rows.filter(pa.array(keep, pa.bool_()))
         counts[split] = {
             "base_rows": tables[split].num_rows,
             "added_rows": added.num_rows,
-            "added_queries": len({normalize_text(q) for q in added["query"].to_pylist()}),
+            "added_queries": len({q for q, k in zip(normed, keep) if k}),
             "dropped_rows": rows.num_rows - added.num_rows,  # their query is one of base's
         }
         tables[split] = pa.concat_tables([tables[split], added])
