@@ -377,6 +377,9 @@ def test_bench_mkd_end_to_end(tmp_path, tiny_llama, tiny_encoder):
     students = [d for d in runs.iterdir() if d.name.startswith("cross_encoder_")]
     assert len(students) == 6 and all(list(d.rglob("events.out.tfevents.*")) for d in students)
     assert not [c for d in students for c in d.rglob("*.ckpt")]
+    # without --student_calibration no student fits a temperature, whatever its config says
+    (config,) = (runs / "cross_encoder_full_s0").glob("version_*/config.yaml")
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["temperature_scaling"] is False
     # a second invocation with the same settings reads the teacher, cache and finished runs back
     args = [*common, "--rows", "[baseline,full]", *out]
     assert bench_main(args) == 0

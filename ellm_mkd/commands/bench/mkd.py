@@ -352,8 +352,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                     r = _load_state(state / "runs" / f"{name}.json", own, *also) if opts.resume else None
                     if r is None:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
-                        if opts.student_calibration:
-                            extra += ["--model.init_args.temperature_scaling", "true"]
+                        # explicit either way: what a student config says does not change the row
+                        extra += ["--model.init_args.temperature_scaling", str(opts.student_calibration).lower()]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
                             if opts.teacher_calibration:  # the temperature fitted once, on the validation split
