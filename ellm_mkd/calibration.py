@@ -90,3 +90,42 @@ def fit_temperature(
         ece_before=_ece(probs.float(), labels),
         ece_after=_ece(after.float(), labels),
     )
+
+
+def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> tuple[float, torch.Tensor]:
+    """Bias-corrected temperature scaling (Alexandari et al. 2020, "Maximum Likelihood with Bias-Corrected
+    Calibration is Hard-To-Beat at Label Shift Adaptation", arXiv 1901.06852): the temperature ``T`` and one bias
+    per level ``b`` [K] that minimise the negative log-likelihood of ``labels`` [N] under ``softmax(z / T + b)``.
+
+    One temperature cannot move probability between levels; the biases can: they correct a shift between the level
+    mix a model was trained towards and the labelled pairs' (e.g. a teacher-labelled pool of other items). The NLL is
+    convex in ``(1 / T, b)``; L-BFGS on float64 finds it. The biases are returned centred (their sum is 0: adding a
+    constant to every level changes nothing)."""
+    with torch.inference_mode(False), torch.enable_grad():  # also when called from a validation loop
+        return _fit_temperature_bias(
+            torch.as_tensor(logits, dtype=torch.float64).clone(),
+            torch.as_tensor(labels, dtype=torch.long).clone(),
+            steps,
+        )
+
+
+def _fit_temperature_bias(z: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    if z.ndim != 2 or y.shape != z.shape[:1]:
+        raise ValueError(f"expected logits [N, K] and labels [N], got {tuple(z.shape)} and {tuple(y.shape)}")
+    if len(y) == 0:
+        raise ValueError("no labelled pairs to fit a temperature and biases on")
+    if int(y.min()) < 0 or int(y.max()) >= z.shape[1]:
+        raise ValueError(f"labels must be level indexes in [0, {z.shape[1]}), got {y.unique().tolist()}")
+    inv_t = torch.ones((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([inv_t, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z * inv_t + bias, y)
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    inv = float(inv_t.detach().clamp_min(1e-3))  # a model that ranks the labels backwards: no inversion
+    return 1.0 / inv, (bias.detach() - bias.detach().mean()).float()

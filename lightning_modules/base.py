@@ -22,6 +22,10 @@ fitted after every validation epoch, by the least negative log-likelihood of the
 and kept in the ``level_temperature`` buffer (so each checkpoint holds the one fitted on its own validation
 outputs). Outside training and validation the logits are divided by it: test, predict and the exported graphs
 give calibrated level probabilities (and the expected grade from them); validation figures are the raw model's.
+With ``calibration_bias`` as well, one bias per level is fitted with it (bias-corrected temperature scaling,
+Alexandari et al. 2020, arXiv 1901.06852; :func:`ellm_mkd.calibration.fit_temperature_bias`) and kept in the
+``level_bias`` buffer, the logits becoming ``z / T + b``: the correction for training targets whose level mix is not
+the labelled pairs' (a teacher-labelled pool of further catalog items holds other levels than the labelled set).
 
 Callbacks that define ``loss_terms(pl_module, batch, output) -> dict[str, Tensor]`` (weighted
 already) add their terms to the same sum (a term of the same name replaces the student's own);
@@ -87,6 +91,8 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         trust_remote_code: allow model code from the model directory (off unless you trust it).
         log_figures: log confusion matrix, reliability diagram and PR curve images to TensorBoard.
         temperature_scaling: fit the level logits' temperature on the validation split (see the module docstring).
+        calibration_bias: with ``temperature_scaling``, fit one bias per level with the temperature (see the module
+            docstring): for distillation from an unlabelled pool whose level mix differs from the labelled pairs'.
     """
 
     def __init__(
@@ -108,12 +114,17 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         trust_remote_code: bool = False,
         log_figures: bool = True,
         temperature_scaling: bool = False,
+        calibration_bias: bool = False,
     ):
         super().__init__()
         relevant_level = self.init_levels(num_levels, relevant_level, level_grades)
         self.save_hyperparameters()
+        if calibration_bias and not temperature_scaling:
+            raise ValueError("calibration_bias is fitted with the temperature: set temperature_scaling: true as well")
         self.register_buffer("level_temperature", torch.tensor(1.0))
+        self.register_buffer("level_bias", torch.zeros(num_levels))
         self._temperature_nll: Tensor | None = None  # [grid] summed over this validation epoch's labelled pairs
+        self._calibration_rows: list[tuple[Tensor, Tensor]] = []  # (logits, labels) of this validation epoch
 
     # -- to implement ------------------------------------------------------------------------
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -171,6 +182,7 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         sd = checkpoint.get("state_dict")
         if sd is not None:
             sd.setdefault("level_temperature", torch.tensor(1.0))  # a checkpoint from before temperature scaling
+            sd.setdefault("level_bias", torch.zeros(self.num_levels))  # ... or before the calibration bias
         if sd is None or "training_modules" not in self._modules:
             return
         # resuming with the same callbacks: put them back; a checkpoint made without them: start fresh
@@ -183,7 +195,7 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         z = self.dropout(h)
         level_logits = self.level_head(z).float()
         if not self.training:
-            level_logits = level_logits / self.level_temperature
+            level_logits = level_logits / self.level_temperature + self.level_bias
         dim_logits = torch.stack([self.dim_heads[d](z) for d in DIMENSIONS], dim=1).float()
         expected = level_logits.softmax(-1) @ self.level_grades
         return StudentOutput(level_logits, expected, dim_logits, h, extras)
@@ -278,7 +290,10 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             sync_dist=True,
         )
         self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
-        if stage == "val" and self.hparams.get("temperature_scaling"):
+        if stage == "val" and self.hparams.get("calibration_bias"):
+            keep = batch["labels"] >= 0
+            self._calibration_rows.append((out.level_logits[keep].detach().float(), batch["labels"][keep]))
+        elif stage == "val" and self.hparams.get("temperature_scaling"):
             self._add_temperature_nll(out.level_logits, batch["labels"])
 
     # -- temperature scaling -------------------------------------------------------------------
@@ -294,11 +309,16 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.level_temperature.fill_(1.0)  # validation reads the raw model
+        self.level_bias.zero_()
         self._temperature_nll = None
+        self._calibration_rows = []
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.hparams.get("temperature_scaling") or self.trainer.sanity_checking:
+            return
+        if self.hparams.get("calibration_bias"):
+            self._fit_temperature_bias()
             return
         nll = self._temperature_nll
         if nll is None:
@@ -308,6 +328,29 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             self.level_temperature.fill_(float(self.TEMPERATURE_GRID[int(nll.argmin())]))
         self.log("val/temperature", self.level_temperature, sync_dist=False)
         self._temperature_nll = None
+
+    def _fit_temperature_bias(self) -> None:
+        from ellm_mkd.calibration import fit_temperature_bias
+
+        k = self.num_levels
+        rows = self._calibration_rows
+        logits = torch.cat([z for z, _ in rows]) if rows else torch.zeros(0, k, device=self.device)
+        labels = torch.cat([y for _, y in rows]) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
+        self._calibration_rows = []
+        if self.trainer.world_size > 1:  # every rank's pairs (shards differ in length: pad, gather, trim)
+            counts = self.all_gather(torch.tensor([len(labels)], device=self.device)).flatten().tolist()
+            pad = max(counts) - len(labels)
+            z = self.all_gather(torch.cat([logits, logits.new_zeros(pad, k)]))
+            y = self.all_gather(torch.cat([labels, labels.new_zeros(pad)]))
+            logits = torch.cat([z[r, :n] for r, n in enumerate(counts)])
+            labels = torch.cat([y[r, :n] for r, n in enumerate(counts)])
+        if len(labels):
+            t, bias = fit_temperature_bias(logits.cpu(), labels.cpu())
+            self.level_temperature.fill_(t)
+            self.level_bias.copy_(bias.to(self.level_bias))
+        self.log("val/temperature", self.level_temperature, sync_dist=False)
+        for name, b in zip(self.level_names, self.level_bias.tolist()):
+            self.log(f"val/level_bias/{name}", b, sync_dist=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)

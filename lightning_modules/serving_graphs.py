@@ -30,7 +30,7 @@ SCORE_OUTPUTS = ("level_probs", "expected_grade", "dim_probs")
 
 
 def _heads(student: RelevanceStudent, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    probs = (student.level_head(pooled).float() / student.level_temperature).softmax(-1)
+    probs = (student.level_head(pooled).float() / student.level_temperature + student.level_bias).softmax(-1)
     dims = torch.stack([student.dim_heads[d](pooled) for d in DIMENSIONS], dim=1).float().softmax(-1)
     return probs, probs @ student.level_grades, dims
 

@@ -23,7 +23,8 @@ def tiny_student(kind: str, encoder: str, seed: int = 0, spread: float = 20.0):
         model = TwoTowerStudent(encoder=encoder, num_levels=4, max_seq_length=48, scorer_hidden=16, log_figures=False)
     model.level_grades.copy_(torch.tensor([1.0, 1.6, 2.3, 2.9]))
     model.level_grades_set.fill_(True)
-    model.level_temperature.fill_(1.3)  # a fitted temperature: every shipped form must apply it
+    model.level_temperature.fill_(1.3)  # a fitted temperature and level biases: every shipped form must apply them
+    model.level_bias.copy_(torch.tensor([0.4, -0.1, -0.5, 0.2]))
     # random heads on a tiny encoder give near-uniform distributions: spread them, so pairs differ
     with torch.no_grad():
         for p in [*model.level_head.parameters(), *model.dim_heads.parameters()]:

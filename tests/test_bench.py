@@ -186,6 +186,28 @@ def test_bench_students_end_to_end(tmp_path, synth_dir, tiny_encoder, capsys):
         )
 
 
+def test_pool_size_is_chosen_on_validation_auc_then_ece_within_the_tolerance():
+    from ellm_mkd.commands.bench.mkd_report import chosen_rows
+
+    def row(pool, auc, ece):
+        return {
+            "student": "two_tower",
+            "row": "soft",
+            "pool": pool,
+            "val_metrics": {"auc": {"mean": auc}, "ece": {"mean": ece}},
+        }
+
+    rows = [row(0, 0.950, 0.05), row(2, 0.9564, 0.070), row(4, 0.9555, 0.059), {**row(0, 0.99, 0.0), "row": "baseline"}]
+    pick = {
+        tol: chosen_rows({"setup": {"compare_row": "soft", "select_tolerance": tol}, "rows": rows})
+        for tol in (0, 0.002, 0.01)
+    }
+    assert pick[0]["two_tower"]["pool"] == 2  # the best validation AUC alone
+    assert pick[0.002]["two_tower"]["pool"] == 4  # 4x is level on AUC and has the lower ECE
+    assert pick[0.01]["two_tower"]["pool"] == 0  # a wide tolerance: the lowest ECE of all three
+    assert chosen_rows({"setup": {"compare_row": "soft"}, "rows": rows})["two_tower"]["pool"] == 2  # default 0
+
+
 def test_update_markdown_replaces_only_its_section(tmp_path):
     md = tmp_path / "b.md"
     update_markdown(md, "a", "<!-- bench:a -->\nA1\n<!-- /bench:a -->")
@@ -450,7 +472,9 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         "--teacher_calibration",
         "true",
         "--student_calibration",
-        "true",
+        "bias",
+        "--select_tolerance",
+        "1.0",
         "--rows",
         "[baseline,soft]",
         "--compare_row",
@@ -489,10 +513,12 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
         teacher_args = yaml.safe_load(config.read_text())["data"]["teacher"]["init_args"]
         assert teacher_args["temperature"] == calibration["temperature"]
-    for run in ("cross_encoder_baseline_s0", "cross_encoder_soft_s1"):  # every student fits its own temperature
+    for run in ("cross_encoder_baseline_s0", "cross_encoder_soft_s1"):  # every student fits its own T and biases
         (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
-        assert yaml.safe_load(config.read_text())["model"]["init_args"]["temperature_scaling"] is True
-    assert res["setup"]["student_calibration"] and "each with a temperature fitted on validation" in out_md.read_text()
+        init = yaml.safe_load(config.read_text())["model"]["init_args"]
+        assert init["temperature_scaling"] is True and init["calibration_bias"] is True
+    assert res["setup"]["student_calibration"] == "bias"
+    assert "each with a temperature and level biases fitted on validation" in out_md.read_text()
     from ellm_mkd.teacher_cache import TeacherCache
 
     manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest
@@ -503,7 +529,9 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
     # counts are what the capped epoch saw; the pool run saw at least as many)
     assert by[("soft", 2)]["train_pairs"] >= by[("soft", 0)]["train_pairs"]
     assert all(r["val_metrics"]["auc"]["n"] == 2 for r in res["rows"])
-    chosen = max((by[("soft", p)] for p in (0, 2)), key=lambda r: r["val_metrics"]["auc"]["mean"])
+    # every pool size is within the tolerance (1.0) of the best validation AUC: the lowest validation ECE is chosen
+    chosen = min((by[("soft", p)] for p in (0, 2)), key=lambda r: r["val_metrics"]["ece"]["mean"])
+    assert "(within 1 of the best, the lowest validation ECE)" in out_md.read_text()
     measured = res["targets"]["cross_encoder_soft_beats_baseline_all"]["measured"]
     assert measured.startswith(f"soft{' + pool 2x' if chosen['pool'] else ''} {chosen['metrics']['auc']['mean']:.4f}")
     assert {"teacher_above_cross_encoder_baseline", "cross_encoder_soft_keeps_ece"} <= set(res["targets"])

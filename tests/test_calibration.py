@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import rule_signals, write_cache
 
-from ellm_mkd.calibration import apply_temperature, fit_temperature
+from ellm_mkd.calibration import apply_temperature, fit_temperature, fit_temperature_bias
 
 ITEM_FIELDS = ["title", "brand", "color", "attributes"]
 
@@ -26,6 +26,29 @@ def test_fit_recovers_the_temperature_of_an_overconfident_model():
     assert already.temperature == pytest.approx(1.0, abs=0.05)
 
 
+def test_temperature_and_biases_recover_a_label_shift():
+    """Logits of a model trained towards another level mix (a bias per level) and overconfident (1 / T): the fit
+    recovers both, and its NLL is at most that of the best temperature alone and of any nearby (T, b)."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(20000, 4, generator=g, dtype=torch.float64) * 1.5  # calibrated logits
+    labels = torch.multinomial(truth.softmax(-1), 1, generator=g)[:, 0]
+    true_t, shift = 2.0, torch.tensor([-0.6, 0.1, 0.9, -0.4], dtype=torch.float64)  # the model's bias
+    seen = (truth - shift) * true_t  # so truth = seen / T + shift; the fit's b is shift centred
+    t, bias = fit_temperature_bias(seen, labels)
+    assert t == pytest.approx(true_t, rel=0.05)
+    assert torch.allclose(bias.double(), shift - shift.mean(), atol=0.06) and abs(float(bias.sum())) < 1e-5
+
+    def nll(tt: float, b: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(seen / tt + b, labels))
+
+    best = nll(t, bias.double())
+    t_only = fit_temperature(seen.softmax(-1), labels).temperature
+    assert best < nll(t_only, torch.zeros(4, dtype=torch.float64)) - 0.01  # the biases carry the shift
+    for dt, db in ((1.02, 0.0), (0.98, 0.0), (1.0, 0.05), (1.0, -0.05)):
+        nudged = bias.double() + db * torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64)
+        assert best <= nll(t * dt, nudged) + 1e-9
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         apply_temperature(torch.tensor([[0.5, 0.5]]), 0.0)
@@ -33,6 +56,10 @@ def test_bad_inputs_are_refused():
         fit_temperature(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="level indexes"):
         fit_temperature(torch.full((2, 4), 0.25), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="no labelled pairs"):
+        fit_temperature_bias(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="level indexes"):
+        fit_temperature_bias(torch.zeros((2, 4)), torch.tensor([0, 4]))
 
 
 def _dm(synth_dir, **kw):

@@ -44,6 +44,26 @@ def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
     assert abs(one["val/count"] - two["val/count"]) < 2
     for key in ("val/auc", "val/ndcg10", "val/rmse", "val/macro_f1", "val/spearman", "val/tail/auc"):
         assert two[key] == pytest.approx(one[key], abs=0.02), key
+    # temperature and level biases (calibration_bias): fitted on every rank's logits, gathered across processes
+    b = (*t, "--model.init_args.calibration_bias", "true")
+    one_b = cli("validate", tmp_path, "one_b", tiny_encoder, synth_dir, "--trainer.devices", "1", *b)
+    two_b = cli(
+        "validate",
+        tmp_path,
+        "two_b",
+        tiny_encoder,
+        synth_dir,
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        *b,
+    )
+    biases = [k for k in one_b if k.startswith("val/level_bias/")]
+    assert len(biases) == 4 and any(abs(one_b[k]) > 0.01 for k in biases)
+    assert two_b["val/temperature"] == pytest.approx(one_b["val/temperature"], rel=0.05)
+    for key in biases:
+        assert two_b[key] == pytest.approx(one_b[key], abs=0.05), key
 
 
 @pytest.mark.slow

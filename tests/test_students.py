@@ -162,6 +162,55 @@ def test_temperature_is_fitted_on_validation_and_used_outside_it(tiny_encoder, s
     assert float(CrossEncoderStudent.load_from_checkpoint(ckpt).level_temperature) == 1.0
 
 
+def test_calibration_bias_is_fitted_with_the_temperature_on_validation(tiny_encoder, synth_dir, tmp_path):
+    """With calibration_bias, the temperature and level biases after a validation epoch are those
+    fit_temperature_bias finds on the raw validation logits (by hand); test and predict read raw / T + b; the
+    checkpoint keeps the biases, one from before them loads with zeros; a bias without the temperature is refused."""
+    from ellm_mkd.calibration import fit_temperature_bias
+
+    L.seed_everything(0)
+    model, dm = build(
+        "two_tower", tiny_encoder, synth_dir, temperature_scaling=True, calibration_bias=True, head_dropout=0.0
+    )
+    with torch.no_grad():
+        model.level_head.weight.mul_(30.0)
+        model.level_head.bias.copy_(torch.tensor([2.0, -1.0, 0.5, -1.5]))  # a level mix the labels do not have
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    t.fit(model, dm)
+    T, bias = float(model.level_temperature), model.level_bias.clone()
+    assert float(t.callback_metrics["val/temperature"]) == T
+    assert float(t.callback_metrics[f"val/level_bias/{model.level_names[0]}"]) == pytest.approx(float(bias[0]))
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        model.level_temperature.fill_(1.0)
+        model.level_bias.zero_()
+        for batch in dm.val_dataloader():
+            logits.append(model(batch).level_logits)
+            labels.append(batch["labels"])
+        model.level_temperature.fill_(T)
+        model.level_bias.copy_(bias)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    keep = labels >= 0
+    hand_t, hand_bias = fit_temperature_bias(logits[keep], labels[keep])
+    assert T == pytest.approx(hand_t, rel=1e-4) and torch.allclose(bias, hand_bias, atol=1e-4)
+    assert float(bias.abs().max()) > 0.1 and abs(float(bias.sum())) < 1e-4
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        calibrated = model(batch)
+    assert torch.allclose(calibrated.level_logits, logits[: len(batch["labels"])] / T + bias, atol=1e-4)
+    assert torch.allclose(model.predict_step(batch, 0)["probs"], calibrated.probs)
+    ckpt = tmp_path / "b.ckpt"
+    t.save_checkpoint(ckpt)
+    assert torch.equal(TwoTowerStudent.load_from_checkpoint(ckpt).level_bias, bias)
+    old = torch.load(ckpt, weights_only=False)
+    del old["state_dict"]["level_bias"]
+    torch.save(old, ckpt)
+    assert not TwoTowerStudent.load_from_checkpoint(ckpt).level_bias.any()
+    with pytest.raises(ValueError, match="temperature_scaling"):
+        build("two_tower", tiny_encoder, synth_dir, calibration_bias=True)
+
+
 def test_test_metrics_per_bucket(tiny_encoder, synth_dir, tmp_path):
     model, dm = build("cross_encoder", tiny_encoder, synth_dir)
     t = trainer(tmp_path)

@@ -137,9 +137,9 @@ def _sentence_transformers_dir(student: Any, card: ModelCard, out: Path) -> dict
     with torch.no_grad():
         model.bert.pooler.dense.weight.copy_(torch.eye(h) * ST_POOLER_EPS)
         model.bert.pooler.dense.bias.zero_()
-        t = float(student.level_temperature)  # a fitted temperature is folded into the classifier
+        t = float(student.level_temperature)  # a fitted temperature and level biases are folded into the classifier
         model.classifier.weight.copy_(student.level_head.weight / (ST_POOLER_EPS * t))
-        model.classifier.bias.copy_(student.level_head.bias / t)
+        model.classifier.bias.copy_(student.level_head.bias / t + student.level_bias)
     d = out / "sentence_transformers"
     model.save_pretrained(d)
     student.tokenizer.save_pretrained(d)
@@ -147,7 +147,7 @@ def _sentence_transformers_dir(student: Any, card: ModelCard, out: Path) -> dict
         "path": d.name,
         "usage": "CrossEncoder(dir).predict([(query, item_text)], apply_softmax=True) -> level probabilities",
         "note": f"the BERT pooler is set to {ST_POOLER_EPS} * identity so that tanh is linear; the classifier "
-        "is the level head scaled back (and divided by the fitted temperature); "
+        "is the level head scaled back (divided by the fitted temperature, plus the fitted level biases); "
         "expected grade = probabilities @ config.level_grades",
     }
 

@@ -39,7 +39,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -89,7 +89,8 @@ class MkdBenchOptions:
                     calibrated distributions; the fit is reported
         student_calibration: every student (baseline and MKD rows alike) fits the temperature of its level logits
                     on the validation split (``--model.init_args.temperature_scaling true``); test figures are then
-                    those of the calibrated probabilities
+                    those of the calibrated probabilities. ``bias``: a bias per level as well
+                    (``--model.init_args.calibration_bias true``), for pools whose level mix is not the labelled one
         pools: unlabelled pools the teacher labels, in multiples of the labelled training pairs: every MKD row
                     but full_augment runs once per pool size, the baseline once. Catalog: more catalog items per
                     training query; --source: more training queries (needs limit_pairs.train), their labels dropped
@@ -98,6 +99,8 @@ class MkdBenchOptions:
                     teacher_dir was fine-tuned on to keep the pools out of the teacher's training data
         compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
                     validation AUC
+        select_tolerance: pool sizes whose mean validation AUC is within this of the best are level with it: of
+                    those, the one with the lowest mean validation ECE is held against the baseline
         encoder: student encoder
         teacher_steps: teacher LoRA steps
         teacher_batch: teacher examples per step
@@ -133,10 +136,11 @@ class MkdBenchOptions:
     teacher_how: str | None = None
     teacher_readout: str = "direct"
     teacher_calibration: bool = False
-    student_calibration: bool = False
+    student_calibration: bool | Literal["bias"] = False
     pools: list[int] = field(default_factory=lambda: [0])
     pool_after: int | None = None
     compare_row: str = "full"
+    select_tolerance: float = 0.0
     encoder: str = "minilm-l6"
     teacher_steps: int = 96
     teacher_batch: int = 8
@@ -205,6 +209,8 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
     }
 
 
+#: the validation figures a row keeps (the pool size is chosen on them)
+VAL_KEYS = ("auc", "ndcg10", "ece", "macro_f1", "rmse")
 TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval", "teacher_dir", "teacher_readout")
 
 
@@ -220,7 +226,7 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool
     if teacher and opts.pool_after is not None and max(opts.pools) > 0:
         extra["pool_after"] = opts.pool_after
     if student and opts.student_calibration:
-        extra["student_calibration"] = True
+        extra["student_calibration"] = opts.student_calibration
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
 
 
@@ -353,7 +359,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                     if r is None:
                         extra = ["--seed_everything", str(seed), "--model.init_args.encoder", opts.encoder]
                         # explicit either way: what a student config says does not change the row
-                        extra += ["--model.init_args.temperature_scaling", str(opts.student_calibration).lower()]
+                        extra += ["--model.init_args.temperature_scaling", str(bool(opts.student_calibration)).lower()]
+                        extra += ["--model.init_args.calibration_bias", str(opts.student_calibration == "bias").lower()]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
                             if opts.teacher_calibration:  # the temperature fitted once, on the validation split
@@ -403,7 +410,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                     "seeds": list(opts.seeds),
                     "train_pairs": statistics.fmean(r["train_pairs"] / max(opts.epochs, 1) for r in rs),
                     "metrics": {k: seed_std([r["test"].get(k) for r in rs]) for k in keys},
-                    "val_metrics": {k: seed_std([(r.get("val") or {}).get(k) for r in rs]) for k in ("auc", "ndcg10")},
+                    # validation reads the raw logits (a student's fitted temperature and biases apply after it)
+                    "val_metrics": {k: seed_std([(r.get("val") or {}).get(k) for r in rs]) for k in VAL_KEYS},
                     "train_loop_seconds_per_epoch": seed_std([r["train_loop_seconds_per_epoch"] for r in rs]),
                     "epoch_overhead_vs_baseline": None if base_epoch is None else per_pair / base_epoch - 1.0,
                     # once per run, before the first epoch (full MKD's chains through the frozen encoder)
@@ -431,6 +439,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "pools": pools,
             "pool_after": opts.pool_after if opts.source is not None and pools[-1] > 0 else None,
             "compare_row": opts.compare_row,
+            "select_tolerance": opts.select_tolerance,
             "student_epochs": opts.epochs,
             "student_calibration": opts.student_calibration,
             "train_batches": opts.train_batches,

@@ -29,19 +29,32 @@ def _mean(m: dict[str, Any], key: str) -> float | None:
 
 
 def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per student, the compared MKD row at the pool size with the best mean validation AUC (never test)."""
+    """Per student, the compared MKD row at the pool size with the best mean validation AUC (never test); pool sizes
+    within ``select_tolerance`` of that AUC (the setup's, default 0) count as level with it, and the one with the
+    lowest mean validation ECE among them is chosen."""
     compare = result["setup"].get("compare_row", "full")
-    out: dict[str, dict[str, Any]] = {}
+    tolerance = result["setup"].get("select_tolerance") or 0.0
+    by_student: dict[str, list[dict[str, Any]]] = {}
     for r in result["rows"]:
-        if r["row"] != compare:
+        if r["row"] == compare:
+            by_student.setdefault(r["student"], []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for student, rows in by_student.items():
+        aucs = [_mean(r.get("val_metrics") or {}, "auc") for r in rows]
+        if all(a is None for a in aucs):
+            out[student] = rows[0]
             continue
-        best = out.get(r["student"])
-        val, best_val = _mean(r.get("val_metrics") or {}, "auc"), None
-        if best is not None:
-            best_val = _mean(best.get("val_metrics") or {}, "auc")
-        if best is None or (val is not None and (best_val is None or val > best_val)):
-            out[r["student"]] = r
+        best = max(a for a in aucs if a is not None)
+        level = [r for r, a in zip(rows, aucs) if a is not None and a >= best - tolerance]
+        ece = [_mean(r.get("val_metrics") or {}, "ece") for r in level]
+        out[student] = min(
+            zip(level, ece), key=lambda p: (p[1] if p[1] is not None and tolerance > 0 else 0.0, -_val_auc(p[0]))
+        )[0]
     return out
+
+
+def _val_auc(r: dict[str, Any]) -> float:
+    return _mean(r.get("val_metrics") or {}, "auc") or 0.0
 
 
 def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -185,8 +198,10 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         if len(pools) > 1
         else ""
     )
-    calibrated = ", each with a temperature fitted on validation (baseline and MKD alike)"
-    calibrated = calibrated if s.get("student_calibration") else ""
+    calibrated = {
+        True: ", each with a temperature fitted on validation (baseline and MKD alike)",
+        "bias": ", each with a temperature and level biases fitted on validation (baseline and MKD alike)",
+    }.get(s.get("student_calibration"), "")
     lines = [
         *section_head(result),
         f"{what}; teacher {teacher}, cache of {s['cache_rows']} training pairs "
@@ -239,8 +254,10 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         title = "Targets" if s.get("catalog") else "Against the baseline (no target on this dataset)"
         lines += ["", f"{title}:", ""]
         if chosen:
+            tol = s.get("select_tolerance") or 0.0
+            rule = f" (within {tol:g} of the best, the lowest validation ECE)" if tol > 0 else ""
             lines += [
-                "MKD row held against the baseline, its pool size chosen on validation AUC: "
+                f"MKD row held against the baseline, its pool size chosen on validation AUC{rule}: "
                 + ", ".join(f"{k}: {row_label(v)}" for k, v in chosen.items())
                 + ".",
                 "",
