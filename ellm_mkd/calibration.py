@@ -52,6 +52,16 @@ def _ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=15, norm="l1"))
 
 
+def _check(name: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    """``scores`` ``[N, K]`` and ``labels`` ``[N]`` of at least one pair, each a level index below ``K``."""
+    if scores.ndim != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"expected {name} [N, K] and labels [N], got {tuple(scores.shape)} and {tuple(labels.shape)}")
+    if len(labels) == 0:
+        raise ValueError("no labelled pairs to fit a temperature on")
+    if int(labels.min()) < 0 or int(labels.max()) >= scores.shape[1]:
+        raise ValueError(f"labels must be level indexes in [0, {scores.shape[1]}), got {labels.unique().tolist()}")
+
+
 def fit_temperature(
     probs: torch.Tensor, labels: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> TemperatureFit:
@@ -61,12 +71,7 @@ def fit_temperature(
     to 1e-4 in ``log T`` (no gradient steps to tune)."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
     labels = torch.as_tensor(labels, dtype=torch.long)
-    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(f"expected probs [N, K] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    if len(labels) == 0:
-        raise ValueError("no labelled pairs to fit a temperature on")
-    if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
-        raise ValueError(f"labels must be level indexes in [0, {probs.shape[1]}), got {labels.unique().tolist()}")
+    _check("probs", probs, labels)
     lo, hi = (math.log(b) for b in bounds)
     ratio = (5**0.5 - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -110,12 +115,7 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, steps: int 
 
 
 def _fit_temperature_bias(z: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
-    if z.ndim != 2 or y.shape != z.shape[:1]:
-        raise ValueError(f"expected logits [N, K] and labels [N], got {tuple(z.shape)} and {tuple(y.shape)}")
-    if len(y) == 0:
-        raise ValueError("no labelled pairs to fit a temperature and biases on")
-    if int(y.min()) < 0 or int(y.max()) >= z.shape[1]:
-        raise ValueError(f"labels must be level indexes in [0, {z.shape[1]}), got {y.unique().tolist()}")
+    _check("logits", z, y)
     inv_t = torch.ones((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([inv_t, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")

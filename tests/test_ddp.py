@@ -33,11 +33,14 @@ def cli(cmd: str, tmp: Path, name: str, encoder: str, data: Path, *extra: str) -
 
 @pytest.mark.slow
 def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
+    def one_and_two(name: str, *extra: str) -> tuple[dict, dict]:
+        """``validate`` in one process and in two (DDP), the same options."""
+        one = cli("validate", tmp_path, f"one{name}", tiny_encoder, synth_dir, "--trainer.devices", "1", *extra)
+        ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+        return one, cli("validate", tmp_path, f"two{name}", tiny_encoder, synth_dir, *ddp, *extra)
+
     t = ("--model.init_args.temperature_scaling", "true")
-    one = cli("validate", tmp_path, "one", tiny_encoder, synth_dir, "--trainer.devices", "1", *t)
-    two = cli(
-        "validate", tmp_path, "two", tiny_encoder, synth_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp", *t
-    )
+    one, two = one_and_two("", *t)
     # the temperature is fitted on every rank's pairs: within a grid step (~3%) of one process's
     assert two["val/temperature"] == pytest.approx(one["val/temperature"], rel=0.035)
     # DistributedSampler pads the last shard by repeating a few rows, so counts may differ by < world size
@@ -46,19 +49,7 @@ def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
         assert two[key] == pytest.approx(one[key], abs=0.02), key
     # temperature and level biases (calibration_bias): fitted on every rank's logits, gathered across processes
     b = (*t, "--model.init_args.calibration_bias", "true")
-    one_b = cli("validate", tmp_path, "one_b", tiny_encoder, synth_dir, "--trainer.devices", "1", *b)
-    two_b = cli(
-        "validate",
-        tmp_path,
-        "two_b",
-        tiny_encoder,
-        synth_dir,
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        *b,
-    )
+    one_b, two_b = one_and_two("_b", *b)
     biases = [k for k in one_b if k.startswith("val/level_bias/")]
     assert len(biases) == 4 and any(abs(one_b[k]) > 0.01 for k in biases)
     assert two_b["val/temperature"] == pytest.approx(one_b["val/temperature"], rel=0.05)

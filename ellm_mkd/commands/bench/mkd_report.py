@@ -46,15 +46,13 @@ def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         best = max(a for a in aucs if a is not None)
         level = [r for r, a in zip(rows, aucs) if a is not None and a >= best - tolerance]
-        ece = [_mean(r.get("val_metrics") or {}, "ece") for r in level]
-        out[student] = min(
-            zip(level, ece), key=lambda p: (p[1] if p[1] is not None and tolerance > 0 else 0.0, -_val_auc(p[0]))
-        )[0]
+
+        def rank(r: dict[str, Any]) -> tuple[float, float]:  # lowest validation ECE (with a tolerance), best AUC
+            ece = _mean(r["val_metrics"], "ece") if tolerance > 0 else None
+            return (ece if ece is not None else 0.0, -_mean(r["val_metrics"], "auc"))
+
+        out[student] = min(level, key=rank)
     return out
-
-
-def _val_auc(r: dict[str, Any]) -> float:
-    return _mean(r.get("val_metrics") or {}, "auc") or 0.0
 
 
 def targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
