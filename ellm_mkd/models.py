@@ -373,6 +373,30 @@ def is_lora_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
+def with_lora(
+    lm: Any, r: int, alpha: int, dropout: float, target_modules: list[str], last_layers: int | None = None
+) -> Any:
+    """``lm`` with a fresh trainable LoRA adapter (peft) on ``target_modules``; ``last_layers``: only in the last that
+    many transformer layers (None: in all), so the backward pass stops below the lowest adapted one."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = None
+    if last_layers is not None:
+        n = lm.config.get_text_config().num_hidden_layers
+        if not 1 <= last_layers <= n:
+            raise ValueError(f"lora_last_layers must be between 1 and the model's {n} layers, got {last_layers}")
+        layers = list(range(n - last_layers, n))
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(lm, cfg)
+
+
 def _sha256_file(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

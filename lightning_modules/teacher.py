@@ -45,7 +45,7 @@ from torch import Tensor
 from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
 from ellm_mkd.injection import InjectionAugment
-from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model, weights_dtype
+from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model, weights_dtype, with_lora
 from ellm_mkd.prompts import COMMON_CONTROL_MARKERS, PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token
 from ellm_mkd.teacher_cache import weights_fingerprint
@@ -74,6 +74,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             settings replace ``lora_*``.
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
         lora_target_modules: module names that get adapters (Llama-style projections by default).
+        lora_last_layers: adapters in the last this many transformer layers only (None: all); the backward pass
+            stops below the lowest adapted layer (Gemma 3 270M, 9 of 18: a step 2.14 -> 1.60 s on 2 cores).
         lr, weight_decay, warmup_ratio, scheduler: AdamW and its schedule.
         max_seq_length: token budget of prompt + response; longer pairs lose the end of the response
             (counted in ``train/truncated``).
@@ -128,6 +130,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        lora_last_layers: int | None = None,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.05,
@@ -181,16 +184,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
                 raise ValueError("adapter is a LoRA adapter directory: it needs use_lora: true")
             lm = PeftModel.from_pretrained(lm, adapter, is_trainable=True)
         elif use_lora:
-            from peft import LoraConfig, get_peft_model
-
-            cfg = LoraConfig(
-                r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                target_modules=list(lora_target_modules),
-                task_type="CAUSAL_LM",
-            )
-            lm = get_peft_model(lm, cfg)
+            lm = with_lora(lm, lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_last_layers)
         elif freeze_embeddings:
             for table in filter(None, (lm.get_input_embeddings(), lm.get_output_embeddings())):
                 table.requires_grad_(False)

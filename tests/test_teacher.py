@@ -344,6 +344,25 @@ def test_lora_trains_adapter_only_and_loss_falls(tiny_llama):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+def test_lora_on_the_last_layers_only_adapts_and_trains_those(tiny_llama, tmp_path):
+    m = _teacher(tiny_llama, lora_last_layers=1)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".layers.1." in n for n in trainable), trainable
+    assert not any(".layers.0." in n and "lora_" in n for n, _ in m.named_parameters())
+    losses, _ = _train(m, 8)
+    assert losses[-1] < losses[0] - 0.05, losses
+    # the exported adapter keeps its layers: loading it rebuilds the same adapter, same outputs
+    m.export(tmp_path / "export", merged=False)
+    back = _teacher(tiny_llama, adapter=str(tmp_path / "export" / "adapter"))
+    adapted = [[n for n, _ in t.named_parameters() if "lora_" in n] for t in (m, back)]
+    assert adapted[0] == adapted[1]
+    with torch.no_grad():
+        assert torch.allclose(m.objective(_batch())[0], back.objective(_batch())[0], atol=1e-5)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="lora_last_layers must be between 1 and the model's 2 layers"):
+            _teacher(tiny_llama, lora_last_layers=bad)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_full_fine_tune_can_keep_the_embeddings_as_loaded(tiny_llama, tmp_path, tied):
     import shutil
