@@ -47,6 +47,14 @@ def test_tiny_demo_end_to_end(after_demo):
     import pyarrow.parquet as pq
 
     assert pq.read_metadata(pool).num_rows > 0
+    import yaml
+
+    def augment(run: str):  # the training data options a student run was fitted with
+        return yaml.safe_load((out / "tensorboard" / run / "version_0" / "config.yaml").read_text())["data"]["augment"]
+
+    # tiny: the cross-encoder distils with a 1x pool, the two-tower on its labelled pairs alone (pool 0x)
+    assert augment("cross_encoder_mkd")["source"]["path"] == "runs/demo/data/pool_1x.parquet"
+    assert not augment("two_tower_mkd") and not augment("two_tower_baseline")
     from datamodules.datamodule import RelevanceDataModule
 
     dm = RelevanceDataModule({"path": str(out / "data")})

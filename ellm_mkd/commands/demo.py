@@ -45,7 +45,7 @@ MKD_ROW = REPO / "configs" / "mkd" / "soft.yaml"
 TEACHER = "Gemma 3 270M + LoRA"
 SCALES: dict[str, dict[str, Any]] = {
     # synth: catalog size; pool: per student, unlabelled catalog items per training query the teacher labels for
-    # its MKD run, in multiples of items_per_query (default: chosen on validation, docs/benchmarks.md#demo);
+    # its MKD run, in multiples of items_per_query (0: none; default: chosen on validation, docs/benchmarks.md#demo);
     # teacher_epochs (validated, best kept) / teacher_steps (a cap, None: none) x teacher_batch: LoRA pairs;
     # teacher_eval: pairs per teacher readout batch; cache_batches: readout batches the cache holds (None: all;
     # pairs without a cache row train on labels alone); calibrate: fit the temperature of the cached level
@@ -53,7 +53,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # epochs / train_batches: student passes and batches per pass (None: all); examples: chains for the report
     "tiny": {
         "synth": {"num_queries": 40, "items_per_query": 5},
-        "pool": {"cross_encoder": 1, "two_tower": 1},
+        "pool": {"cross_encoder": 1, "two_tower": 0},
         "teacher_epochs": 1,
         "teacher_steps": 1,
         "teacher_batch": 2,
@@ -68,8 +68,8 @@ SCALES: dict[str, dict[str, Any]] = {
     # default: sized to finish in under 20 minutes on a 2-core CPU (docs/benchmarks.md, "demo")
     "default": {
         "synth": {"num_queries": 96, "items_per_query": 8},
-        "pool": {"cross_encoder": 4, "two_tower": 1},
-        "teacher_epochs": 6,
+        "pool": {"cross_encoder": 4, "two_tower": 0},
+        "teacher_epochs": 4,
         "teacher_steps": None,
         "teacher_batch": 8,
         "teacher_eval": 32,
@@ -169,15 +169,16 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
 
     results: dict[str, dict[str, Any]] = {}
     for i, kind in enumerate(STUDENTS):
+        size = plan["pool"][kind]  # 0: MKD on the labelled pairs alone
+        mkd = f"soft + {size}x pool" if size else "soft, no pool"
         _stage(
             5 + i,
             total,
-            f"{kind.replace('_', '-')} student (MiniLM-L6), baseline and MKD (soft + {plan['pool'][kind]}x pool), "
-            f"{plan['epochs']} epoch(s)",
+            f"{kind.replace('_', '-')} student (MiniLM-L6), baseline and MKD ({mkd}), {plan['epochs']} epoch(s)",
         )
         t = time.time()
         results[f"{kind}_baseline"] = train_student(out_dir, CONFIG_DIR / f"{kind}.yaml", f"{kind}_baseline", plan)
-        pool = augment_args(pools[plan["pool"][kind]])
+        pool = augment_args(pools[size]) if size else []
         results[f"{kind}_mkd"] = train_student(
             out_dir, CONFIG_DIR / f"{kind}.yaml", f"{kind}_mkd", plan, [MKD_ROW], [*mkd_args, *pool]
         )

@@ -324,9 +324,10 @@ def write_report(
         "# ellm-mkd demo report",
         "",
         f"Scale `{scale}`: {plan['synth']['num_queries']} queries x {plan['synth']['items_per_query']} labelled items "
-        "of the embedded catalog, and an unlabelled pool of further items per training query ("
-        + ", ".join(f"{k.replace('_', '-')} {v}x" for k, v in plan["pool"].items())
-        + " as many, chosen on validation); "
+        "of the embedded catalog, and an unlabelled pool of further items per training query, in multiples of the "
+        "labelled ones ("
+        + ", ".join(f"{k.replace('_', '-')} {f'{v}x' if v else 'none'}" for k, v in plan["pool"].items())
+        + ", chosen on validation); "
         f"teacher {plan.get('teacher_name', 'LLM + LoRA')}, {teacher.get('steps', '?')} steps x "
         f"{plan['teacher_batch']} labelled pairs"
         + (f", best validation AUC {teacher['best_val_auc']:.3f} kept" if teacher.get("best_val_auc") else "")
@@ -344,7 +345,7 @@ def write_report(
             else ""
         )
         + ". Students: baseline = labels only; mkd = the teacher's level distributions on the labelled pairs and "
-        "on the unlabelled pool beside the labels (configs/mkd/soft.yaml + the pool).",
+        "on its unlabelled pool, if any, beside the labels (configs/mkd/soft.yaml + the pool).",
         "",
         *metrics_table({k: v["test"] for k, v in runs.items()}),
         "",
