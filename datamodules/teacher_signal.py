@@ -78,6 +78,10 @@ class CachedTeacher(TeacherSource):
             a number, or ``fit``: the T that minimises the NLL of the validation split's labels under the
             cached readouts of those pairs (the cache must cover the validation split: ``predict_split: all``
             or ``val``); the fit and the validation ECE before/after it are logged. 1.0 leaves them as cached.
+        level_bias: one log-probability bias per level added after the temperature, ``p ∝ exp(log(p) / T + b)``
+            (bias-corrected temperature scaling, :func:`ellm_mkd.calibration.fit_temperature_and_bias`): a list of
+            K numbers (with a number as temperature), or ``fit``: fitted with the temperature on the validation
+            split (with temperature: fit). None: no biases.
     """
 
     lookup = True
@@ -89,12 +93,18 @@ class CachedTeacher(TeacherSource):
         teacher_dir: str | None = None,
         expect: dict[str, Any] | None = None,
         temperature: float | Literal["fit"] = 1.0,
+        level_bias: list[float] | Literal["fit"] | None = None,
     ):
         if missing not in ("error", "hard_label"):
             raise ValueError(f"missing must be 'error' or 'hard_label', got {missing!r}")
         if temperature != "fit" and not (isinstance(temperature, int | float) and temperature > 0):
             raise ValueError(f"temperature must be a number > 0 or 'fit', got {temperature!r}")
-        self.temperature = temperature
+        if (level_bias == "fit") != (temperature == "fit") and level_bias is not None:
+            raise ValueError(
+                "level_bias: fit is fitted with the temperature (set temperature: fit as well); "
+                "a list of biases goes with a fixed temperature"
+            )
+        self.temperature, self.level_bias = temperature, level_bias
         self.calibration: Any = None  # the TemperatureFit of temperature: fit, after bind
         self.cache_dir, self.missing, self.teacher_dir = cache_dir, missing, teacher_dir
         self.expect = dict(expect or {})
@@ -164,14 +174,20 @@ class CachedTeacher(TeacherSource):
         log.info("teacher cache %s: %d examples joined", self.cache_dir, len(kept))
 
     def _calibrated(self, kept: dict[str, TeacherSignal], dm: Any) -> dict[str, TeacherSignal]:
-        """``kept`` with every level distribution at ``temperature`` (fitted on the validation split for ``fit``)."""
+        """``kept`` with every level distribution at ``temperature`` and ``level_bias`` (fitted on the validation
+        split for ``fit``)."""
         import dataclasses
 
         import torch
 
-        from ellm_mkd.calibration import apply_temperature, fit_temperature
+        from ellm_mkd.calibration import apply_temperature, fit_temperature, fit_temperature_and_bias
 
-        t = self.temperature
+        t, bias = self.temperature, self.level_bias
+        if isinstance(bias, list) and len(bias) != len(dm.level_names):
+            raise ValueError(
+                f"{self.cache_dir}: level_bias has {len(bias)} values, the data has {len(dm.level_names)} levels "
+                f"({', '.join(dm.level_names)})"
+            )
         if t == "fit":
             val = getattr(dm, "datasets", {}).get("val")
             rows = [
@@ -183,15 +199,17 @@ class CachedTeacher(TeacherSource):
                     f"the cache, found {len(rows)} (write the cache with data.predict_split: all, or val)"
                 )
             probs = torch.tensor([kept[r["example_id"]].level_probs for r in rows])
-            self.calibration = fit_temperature(probs, torch.tensor([r["label"] for r in rows]))
-            t = self.calibration.temperature
+            fit = fit_temperature_and_bias if bias == "fit" else fit_temperature
+            self.calibration = fit(probs, torch.tensor([r["label"] for r in rows]))
+            t, bias = self.calibration.temperature, self.calibration.bias
             log.info(
                 "teacher cache %s: level distributions calibrated, %s", self.cache_dir, self.calibration.describe()
             )
-        if t == 1.0:
+        if t == 1.0 and bias is None:
             return kept
         ids = list(kept)
-        scaled = apply_temperature(torch.tensor([kept[i].level_probs for i in ids], dtype=torch.float64), float(t))
+        probs = torch.tensor([kept[i].level_probs for i in ids], dtype=torch.float64)
+        scaled = apply_temperature(probs, float(t), bias)
         return {i: dataclasses.replace(kept[i], level_probs=p) for i, p in zip(ids, scaled.tolist())}
 
     def covers(self, example_id: str) -> bool:

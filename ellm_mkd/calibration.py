@@ -5,6 +5,8 @@ A fine-tuned LLM teacher ranks pairs well but its level distribution is not cali
 distribution (the soft targets, and the only target of an unlabelled pool pair), so they inherit its confidence.
 One temperature ``T`` fitted on labelled held-out pairs (the validation split) rescales every distribution,
 ``p_T ∝ p^(1/T)``; it keeps each pair's most likely level and changes only how sure the teacher says it is.
+With one bias per level as well (bias-corrected temperature scaling, ``p ∝ exp(log(p) / T + b)``) the fit can also
+move probability between levels, for a teacher that says one level too seldom on the labelled pairs.
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ from dataclasses import dataclass
 import torch
 
 
-def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``probs`` ``[N, K]`` (rows summing to 1) at ``temperature``: ``softmax(log(p) / T)``."""
+def apply_temperature(
+    probs: torch.Tensor, temperature: float, bias: torch.Tensor | list[float] | None = None
+) -> torch.Tensor:
+    """``probs`` ``[N, K]`` (rows summing to 1) at ``temperature``: ``softmax(log(p) / T)``; with ``bias`` ``[K]``,
+    one log-probability bias per level as well: ``softmax(log(p) / T + b)``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    return torch.softmax(probs.clamp_min(1e-12).log() / temperature, dim=-1)
+    z = probs.clamp_min(1e-12).log() / temperature
+    if bias is not None:
+        z = z + torch.as_tensor(bias, dtype=z.dtype, device=z.device)
+    return torch.softmax(z, dim=-1)
 
 
 @dataclass
 class TemperatureFit:
-    """A fitted temperature and the held-out pairs' figures before (T = 1) and after it."""
+    """A fitted temperature (and level biases, where fitted with it) and the held-out pairs' figures before
+    (T = 1) and after it."""
 
     temperature: float
     pairs: int
@@ -32,10 +41,12 @@ class TemperatureFit:
     nll_after: float
     ece_before: float
     ece_after: float
+    bias: list[float] | None = None
 
     def describe(self) -> str:
+        biases = "" if self.bias is None else " b=[" + ", ".join(f"{b:+.3f}" for b in self.bias) + "]"
         return (
-            f"T={self.temperature:.3f} on {self.pairs} labelled pairs: "
+            f"T={self.temperature:.3f}{biases} on {self.pairs} labelled pairs: "
             f"NLL {self.nll_before:.4f} -> {self.nll_after:.4f}, "
             f"ECE {self.ece_before:.4f} -> {self.ece_after:.4f}"
         )
@@ -50,6 +61,14 @@ def _ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=15, norm="l1"))
+
+
+def nll_and_ece(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Negative log-likelihood and top-label ECE (15 bins) of ``labels`` [N] under ``probs`` [N, K]."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    _check("probs", probs, labels)
+    return _nll(probs, labels, 1.0), _ece(probs.float(), labels)
 
 
 def _check(name: str, scores: torch.Tensor, labels: torch.Tensor) -> None:
@@ -104,8 +123,8 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, steps: int 
 
     One temperature cannot move probability between levels; the biases can: they correct a shift between the level
     mix a model was trained towards and the labelled pairs' (e.g. a teacher-labelled pool of other items). The NLL is
-    convex in ``(1 / T, b)``; L-BFGS on float64 finds it. The biases are returned centred (their sum is 0: adding a
-    constant to every level changes nothing)."""
+    convex in ``(1 / T, b)``; L-BFGS on float64 finds it (``T`` between e^-7 and e^7). The biases are returned
+    centred (their sum is 0: adding a constant to every level changes nothing)."""
     with torch.inference_mode(False), torch.enable_grad():  # also when called from a validation loop
         return _fit_temperature_bias(
             torch.as_tensor(logits, dtype=torch.float64).clone(),
@@ -116,16 +135,31 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, steps: int 
 
 def _fit_temperature_bias(z: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
     _check("logits", z, y)
-    inv_t = torch.ones((), dtype=torch.float64, requires_grad=True)
+    # 1 / T = exp(u) > 0: a model that ranks the labels backwards is not inverted (its fit tends to the biases
+    # alone, the labels' level mix); the NLL is convex in (exp(u), b), so a minimum in (u, b) is the minimum
+    log_inv_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([inv_t, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([log_inv_t, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def nll() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z * inv_t + bias, y)
+        loss = torch.nn.functional.cross_entropy(z * log_inv_t.clamp(-7.0, 7.0).exp() + bias, y)
         loss.backward()
         return loss
 
     opt.step(nll)
-    inv = float(inv_t.detach().clamp_min(1e-3))  # a model that ranks the labels backwards: no inversion
+    inv = math.exp(float(log_inv_t.detach().clamp(-7.0, 7.0)))
     return 1.0 / inv, (bias.detach() - bias.detach().mean()).float()
+
+
+def fit_temperature_and_bias(probs: torch.Tensor, labels: torch.Tensor) -> TemperatureFit:
+    """:func:`fit_temperature_bias` on the log-probabilities of ``probs`` ``[N, K]`` (a teacher's level
+    distributions): the temperature and level biases of ``softmax(log(p) / T + b)``, with the figures of
+    :func:`fit_temperature`."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    _check("probs", probs, labels)
+    t, bias = fit_temperature_bias(probs.clamp_min(1e-12).log(), labels)
+    nll_before, ece_before = nll_and_ece(probs, labels)
+    nll_after, ece_after = nll_and_ece(apply_temperature(probs, t, bias), labels)
+    return TemperatureFit(t, len(labels), nll_before, nll_after, ece_before, ece_after, bias=bias.tolist())

@@ -470,7 +470,7 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         "--pools",
         "[0,2]",
         "--teacher_calibration",
-        "true",
+        "bias",
         "--student_calibration",
         "bias",
         "--select_tolerance",
@@ -507,20 +507,30 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
     assert res["setup"]["teacher"]["readout_for_cache"] == "direct"
     calibration = res["setup"]["teacher"]["calibration"]
     assert calibration["pairs"] == sizes["val"] and calibration["nll_after"] <= calibration["nll_before"]
-    fitted = f"temperature T = {calibration['temperature']:.2f}, fitted on {sizes['val']} validation"
+    assert len(calibration["bias"]) == 4 and abs(sum(calibration["bias"])) < 1e-5
+    # the same calibration on the test pairs, reported beside the fit (nothing is chosen on it)
+    held_out = calibration["test"]
+    from ellm_mkd.teacher_cache import TeacherCache
+
+    test_rows = pq.read_table(tmp_path / "work" / "data" / "test.parquet").to_pylist()
+    said = TeacherCache(tmp_path / "work" / "teacher_cache").signals([r["example_id"] for r in test_rows])
+    nll = -sum(math.log(said[r["example_id"]].level_probs[r["label"]]) for r in test_rows) / len(test_rows)
+    assert held_out["pairs"] == sizes["test"] == len(test_rows) and held_out["nll_before"] == pytest.approx(nll)
+    assert f"On the {sizes['test']} test pairs, which the fit did not see" in out_md.read_text()
+    biases = ", ".join(f"{b:+.2f}" for b in calibration["bias"])
+    fitted = f"temperature T = {calibration['temperature']:.2f} and level biases [{biases}], fitted on {sizes['val']}"
     assert fitted in out_md.read_text()
-    for run in ("cross_encoder_soft_s0", "cross_encoder_soft_pool2x_s0"):  # every MKD run distils at that T
+    for run in ("cross_encoder_soft_s0", "cross_encoder_soft_pool2x_s0"):  # every MKD run distils at that T and b
         (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
         teacher_args = yaml.safe_load(config.read_text())["data"]["teacher"]["init_args"]
         assert teacher_args["temperature"] == calibration["temperature"]
+        assert teacher_args["level_bias"] == pytest.approx(calibration["bias"])
     for run in ("cross_encoder_baseline_s0", "cross_encoder_soft_s1"):  # every student fits its own T and biases
         (config,) = (tmp_path / "work" / "tensorboard" / run).glob("version_*/config.yaml")
         init = yaml.safe_load(config.read_text())["model"]["init_args"]
         assert init["temperature_scaling"] is True and init["calibration_bias"] is True
     assert res["setup"]["student_calibration"] == "bias"
     assert "each with a temperature and level biases fitted on validation" in out_md.read_text()
-    from ellm_mkd.teacher_cache import TeacherCache
-
     manifest = TeacherCache(tmp_path / "work" / "teacher_cache").manifest
     assert manifest["teacher"]["readout"] == "direct"
     assert [(r["row"], r["pool"]) for r in res["rows"]] == [("baseline", 0), ("soft", 0), ("soft", 2)]
@@ -669,3 +679,29 @@ def test_bench_injection_measures_flips_per_style(tmp_path, synth_dir, tiny_llam
     assert "| fine_tuned | 6 | control (neutral text) |" in out_md.read_text()
     with pytest.raises(ValueError, match="unknown injection styles"):
         bench_main([*args, "--styles", "[shouting]"])
+
+
+def test_teacher_level_biases_keep_the_cache_and_change_only_the_mkd_runs():
+    """--teacher_calibration bias after true (or back) on one work_dir: the stored teacher and cache serve both
+    (the setup's fingerprint is the same), the MKD runs are trained again (theirs differ), the baselines are not."""
+    from types import SimpleNamespace
+
+    from ellm_mkd.commands.bench.mkd import TEACHER_KEYS, _fingerprint
+
+    def opts(calibration):
+        keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed", *TEACHER_KEYS)
+        return SimpleNamespace(
+            **dict.fromkeys(keys, 1),
+            pools=[0, 2],
+            pool_after=None,
+            teacher_calibration=calibration,
+            student_calibration="bias",
+        )
+
+    data = {"source": {"path": "work/data"}}
+    t_only, biased = opts(True), opts("bias")
+    assert _fingerprint(t_only, data) == _fingerprint(biased, data)
+    assert _fingerprint(t_only, data, student=True) != _fingerprint(biased, data, student=True)
+    assert _fingerprint(t_only, data, teacher=False, student=True) == _fingerprint(
+        biased, data, teacher=False, student=True
+    )

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import rule_signals, write_cache
 
-from ellm_mkd.calibration import apply_temperature, fit_temperature, fit_temperature_bias
+from ellm_mkd.calibration import (
+    apply_temperature,
+    fit_temperature,
+    fit_temperature_and_bias,
+    fit_temperature_bias,
+    nll_and_ece,
+)
 
 ITEM_FIELDS = ["title", "brand", "color", "attributes"]
 
@@ -47,6 +55,36 @@ def test_temperature_and_biases_recover_a_label_shift():
     for dt, db in ((1.02, 0.0), (0.98, 0.0), (1.0, 0.05), (1.0, -0.05)):
         nudged = bias.double() + db * torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64)
         assert best <= nll(t * dt, nudged) + 1e-9
+
+
+def test_teacher_distributions_get_temperature_and_biases():
+    """Level distributions of a teacher that says level 3 too seldom and is overconfident: the fit on them recovers
+    both, the figures are those of softmax(log p / T + b), and it beats the temperature alone."""
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(truth.softmax(-1), 1, generator=g)[:, 0]
+    shift = torch.tensor([0.3, 0.2, 0.1, -0.6], dtype=torch.float64)
+    said = ((truth - shift) * 1.5).softmax(-1)  # log(said) / T + b = truth + const with T = 1.5, b = shift centred
+    fit = fit_temperature_and_bias(said, labels)
+    assert fit.temperature == pytest.approx(1.5, rel=0.05) and fit.pairs == 20000
+    assert torch.allclose(torch.tensor(fit.bias, dtype=torch.float64), shift - shift.mean(), atol=0.05)
+    after = apply_temperature(said, fit.temperature, fit.bias)
+    by_hand = torch.softmax(said.log() / fit.temperature + torch.tensor(fit.bias, dtype=torch.float64), -1)
+    assert torch.allclose(after, by_hand)
+    nll = float(-after.log().gather(1, labels[:, None]).mean())
+    assert fit.nll_after == pytest.approx(nll) and fit.nll_after < fit.nll_before
+    assert fit.ece_after < 0.02 < fit.ece_before
+    assert fit.nll_after < fit_temperature(said, labels).nll_after - 0.01
+    assert "b=[+0.29" in fit.describe() and fit_temperature(said, labels).bias is None
+
+
+def test_nll_and_ece_by_hand():
+    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.2, 0.7, 0.1, 0.0], [0.25, 0.25, 0.4, 0.1]])
+    labels = torch.tensor([0, 2, 2])
+    nll, ece = nll_and_ece(probs, labels)
+    assert nll == pytest.approx(-(math.log(0.9) + math.log(0.1) + math.log(0.4)) / 3)
+    # top-label confidences 0.9 (right), 0.7 (wrong), 0.4 (right), each alone in its bin of 15
+    assert ece == pytest.approx((abs(0.9 - 1) + abs(0.7 - 0) + abs(0.4 - 1)) / 3, abs=1e-6)
 
 
 def test_bad_inputs_are_refused():
@@ -104,3 +142,44 @@ def test_cached_teacher_fits_on_validation_and_rescales_every_row(synth_dir, tmp
         _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "train_only"), temperature="fit")).setup("fit")
     with pytest.raises(ValueError, match="temperature must be a number > 0 or 'fit'"):
         CachedTeacher(str(tmp_path / "c"), temperature=-1.0)
+
+
+def test_cached_teacher_fits_level_biases_with_the_temperature(synth_dir, tmp_path):
+    from datamodules.teacher_signal import CachedTeacher
+
+    dm = _dm(synth_dir)
+    dm.setup("fit")
+    sigs = rule_signals(dm, splits=("train", "val"))
+    labels = {r["example_id"]: r["label"] for r in dm.datasets["val"].rows}
+    # validation readouts that put the right level at 0.5 and 0.4 on the level below it (on level 3 for level 0):
+    # the biases move probability back where the labels are, which no temperature can
+    for s in sigs:
+        if s.example_id in labels:
+            y = labels[s.example_id]
+            s.level_probs = (torch.eye(4)[y] * 0.4 + torch.eye(4)[(y - 1) % 4] * 0.3 + 0.075).tolist()
+    write_cache(tmp_path / "c", dm, sigs)
+    cached = {s.example_id: s.level_probs for s in sigs}
+
+    teacher = CachedTeacher(str(tmp_path / "c"), temperature="fit", level_bias="fit")
+    _dm(synth_dir, teacher=teacher).setup("fit")
+    fit = teacher.calibration
+    assert fit.bias is not None and len(fit.bias) == 4 and fit.nll_after < fit.nll_before
+    t_only = CachedTeacher(str(tmp_path / "c"), temperature="fit")
+    _dm(synth_dir, teacher=t_only).setup("fit")
+    assert fit.nll_after < t_only.calibration.nll_after
+    train_ids = [r["example_id"] for r in dm.datasets["train"].rows]
+    got = torch.tensor([teacher.signals([{"example_id": i}])[0].level_probs for i in train_ids])
+    probs = torch.tensor([cached[i] for i in train_ids], dtype=torch.float64)
+    assert torch.allclose(got, apply_temperature(probs, fit.temperature, fit.bias).float(), atol=1e-6)
+
+    fixed = CachedTeacher(str(tmp_path / "c"), temperature=2.0, level_bias=[0.0, 0.0, 0.0, 1.0])
+    _dm(synth_dir, teacher=fixed).setup("fit")
+    first = train_ids[0]
+    expect = torch.softmax(torch.tensor(cached[first], dtype=torch.float64).log() / 2 + torch.eye(4)[3], -1)
+    assert torch.allclose(torch.tensor(fixed.signals([{"example_id": first}])[0].level_probs), expect.float())
+
+    with pytest.raises(ValueError, match="level_bias has 3 values, the data has 4 levels"):
+        _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "c"), level_bias=[0.0, 0.0, 1.0])).setup("fit")
+    for t, b in ((1.0, "fit"), ("fit", [0.0, 0.0, 0.0, 1.0])):
+        with pytest.raises(ValueError, match="level_bias: fit is fitted with the temperature"):
+            CachedTeacher(str(tmp_path / "c"), temperature=t, level_bias=b)

@@ -86,7 +86,8 @@ class MkdBenchOptions:
                     which hands the annotations back)
         teacher_calibration: fit a temperature for the teacher's level distributions on the validation split
                     (``CachedTeacher(temperature: fit)``; the cache then covers every split) and distil the
-                    calibrated distributions; the fit is reported
+                    calibrated distributions; the fit is reported. ``bias``: a bias per level as well
+                    (``level_bias: fit``), for a teacher that says a level too seldom on the labelled pairs
         student_calibration: every student (baseline and MKD rows alike) fits the temperature of its level logits
                     on the validation split (``--model.init_args.temperature_scaling true``); test figures are then
                     those of the calibrated probabilities. ``bias``: a bias per level as well
@@ -135,7 +136,7 @@ class MkdBenchOptions:
     teacher_dir: str | None = None
     teacher_how: str | None = None
     teacher_readout: str = "direct"
-    teacher_calibration: bool = False
+    teacher_calibration: bool | Literal["bias"] = False
     student_calibration: bool | Literal["bias"] = False
     pools: list[int] = field(default_factory=lambda: [0])
     pool_after: int | None = None
@@ -221,8 +222,8 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool
         TEACHER_KEYS if teacher else ()
     )
     extra = {"max_pool": max(opts.pools)} if teacher and max(opts.pools) > 0 else {}
-    if teacher and opts.teacher_calibration:
-        extra["teacher_calibration"] = True
+    if teacher and opts.teacher_calibration:  # the cache is the same with or without biases; the runs are not
+        extra["teacher_calibration"] = opts.teacher_calibration if student else True
     if teacher and opts.pool_after is not None and max(opts.pools) > 0:
         extra["pool_after"] = opts.pool_after
     if student and opts.student_calibration:
@@ -321,7 +322,6 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             augment = [f"--data.augment.{k}={v}" for k, v in aug.items()]
         every_split = ["--data.predict_split", "all"] if opts.teacher_calibration else []
         cache = write_cache(out, plan, model_args, opts.teacher_readout, [*augment, *every_split])
-        calibration = fit_calibration(data, cache["path"]) if opts.teacher_calibration else None
         setup = {
             "fingerprint": fingerprint,
             "sizes": sizes,
@@ -329,7 +329,6 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "machine": machine_description(),
             "teacher": {"test": teacher["test"], "adapter": teacher["adapter"], "fit_seconds": teacher["fit_seconds"]},
             "with_augment": bool(augment),
-            "calibration": calibration,
             "seconds": round(time.time() - t0, 1),
         }
         _save_state(state / "setup.json", setup)
@@ -340,6 +339,11 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         )
     else:
         log.info("resuming: teacher and cache from %s", state)
+    if opts.teacher_calibration:  # fitted on every run (seconds): a resumed cache may be calibrated another way now
+        calibration = fit_calibration(data, setup["cache"]["path"], bias=opts.teacher_calibration == "bias")
+        if calibration != setup.get("calibration"):
+            setup["calibration"] = calibration
+            _save_state(state / "setup.json", setup)
     sizes, cache, teacher = setup["sizes"], setup["cache"], setup["teacher"]
     pool_files = {p: str(out / "data" / f"pool_{p}x.parquet") for p in pools if p > 0}
 
@@ -366,6 +370,9 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                             if opts.teacher_calibration:  # the temperature fitted once, on the validation split
                                 t_fit = repr(setup["calibration"]["temperature"])
                                 extra += ["--data.teacher.init_args.temperature", t_fit]
+                                if setup["calibration"].get("bias") is not None:
+                                    b_fit = json.dumps(setup["calibration"]["bias"])
+                                    extra += ["--data.teacher.init_args.level_bias", b_fit]
                         if pool:
                             extra += augment_args(pool_files[pool])
                         r = train_student(

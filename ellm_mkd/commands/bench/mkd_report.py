@@ -151,10 +151,21 @@ def pool_plot(result: dict[str, Any], path: Path) -> Path | None:
 def _calibration_text(c: dict[str, Any] | None) -> str:
     if not c:
         return ""
+    biases = "" if c.get("bias") is None else " and level biases [" + ", ".join(f"{b:+.2f}" for b in c["bias"]) + "]"
     return (
-        f" The students distil its level distributions at temperature T = {c['temperature']:.2f}, fitted on "
+        f" The students distil its level distributions at temperature T = {c['temperature']:.2f}{biases}, fitted on "
         f"{c['pairs']} validation pairs (validation NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}, "
-        f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})."
+        f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})." + _held_out_text(c.get("test"))
+    )
+
+
+def _held_out_text(t: dict[str, Any] | None) -> str:
+    if not t:
+        return ""
+    return (
+        f" On the {t['pairs']} test pairs, which the fit did not see, the same calibration took the teacher's NLL "
+        f"from {t['nll_before']:.3f} to {t['nll_after']:.3f} and ECE from {t['ece_before']:.3f} to "
+        f"{t['ece_after']:.3f}."
     )
 
 
