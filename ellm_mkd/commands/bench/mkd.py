@@ -367,7 +367,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
                         extra += ["--model.init_args.calibration_bias", str(opts.student_calibration == "bias").lower()]
                         if row != "baseline":
                             extra += ["--data.teacher.init_args.cache_dir", cache["path"]]
-                            if opts.teacher_calibration:  # the temperature fitted once, on the validation split
+                            if opts.teacher_calibration:  # T (and b) fitted once, on the validation split
                                 t_fit = repr(setup["calibration"]["temperature"])
                                 extra += ["--data.teacher.init_args.temperature", t_fit]
                                 if setup["calibration"].get("bias") is not None:
