@@ -81,7 +81,9 @@ class CachedTeacher(TeacherSource):
         level_bias: one log-probability bias per level added after the temperature, ``p ∝ exp(log(p) / T + b)``
             (bias-corrected temperature scaling, :func:`ellm_mkd.calibration.fit_temperature_and_bias`): a list of
             K numbers (with a number as temperature), or ``fit``: fitted with the temperature on the validation
-            split (with temperature: fit). None: no biases.
+            split (with temperature: fit), or ``auto``: fitted only where they generalise across the validation
+            queries (5-fold cross-validation over queries, :func:`ellm_mkd.calibration.cross_validate_bias`: kept
+            if the held-out NLL with them is lower than with the temperature alone). None: no biases.
     """
 
     lookup = True
@@ -93,15 +95,15 @@ class CachedTeacher(TeacherSource):
         teacher_dir: str | None = None,
         expect: dict[str, Any] | None = None,
         temperature: float | Literal["fit"] = 1.0,
-        level_bias: list[float] | Literal["fit"] | None = None,
+        level_bias: list[float] | Literal["fit", "auto"] | None = None,
     ):
         if missing not in ("error", "hard_label"):
             raise ValueError(f"missing must be 'error' or 'hard_label', got {missing!r}")
         if temperature != "fit" and not (isinstance(temperature, int | float) and temperature > 0):
             raise ValueError(f"temperature must be a number > 0 or 'fit', got {temperature!r}")
-        if (level_bias == "fit") != (temperature == "fit") and level_bias is not None:
+        if (level_bias in ("fit", "auto")) != (temperature == "fit") and level_bias is not None:
             raise ValueError(
-                "level_bias: fit is fitted with the temperature (set temperature: fit as well); "
+                "level_bias: fit and auto are fitted with the temperature (set temperature: fit as well); "
                 "a list of biases goes with a fixed temperature"
             )
         self.temperature, self.level_bias = temperature, level_bias
@@ -180,7 +182,12 @@ class CachedTeacher(TeacherSource):
 
         import torch
 
-        from ellm_mkd.calibration import apply_temperature, fit_temperature, fit_temperature_and_bias
+        from ellm_mkd.calibration import (
+            apply_temperature,
+            cross_validate_bias,
+            fit_temperature,
+            fit_temperature_and_bias,
+        )
 
         t, bias = self.temperature, self.level_bias
         if isinstance(bias, list) and len(bias) != len(dm.level_names):
@@ -199,8 +206,11 @@ class CachedTeacher(TeacherSource):
                     f"the cache, found {len(rows)} (write the cache with data.predict_split: all, or val)"
                 )
             probs = torch.tensor([kept[r["example_id"]].level_probs for r in rows])
-            fit = fit_temperature_and_bias if bias == "fit" else fit_temperature
-            self.calibration = fit(probs, torch.tensor([r["label"] for r in rows]))
+            labels = torch.tensor([r["label"] for r in rows])
+            cv = cross_validate_bias(probs, labels, [r["query"] for r in rows]) if bias == "auto" else None
+            fit = fit_temperature_and_bias if bias == "fit" or (cv and cv["bias"]) else fit_temperature
+            self.calibration = fit(probs, labels)
+            self.calibration.cv = cv
             t, bias = self.calibration.temperature, self.calibration.bias
             log.info(
                 "teacher cache %s: level distributions calibrated, %s", self.cache_dir, self.calibration.describe()

@@ -465,6 +465,10 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
         "24",
         "--items_per_query",
         "5",
+        "--val_fraction",
+        "0.25",
+        "--test_fraction",
+        "0.25",
         "--teacher_eval",
         "16",
         "--pools",
@@ -500,6 +504,20 @@ def test_bench_mkd_pools_of_unlabelled_pairs_with_a_prepared_teacher(tmp_path, t
     pool = pq.read_table(tmp_path / "work" / "data" / "pool_2x.parquet")
     train_queries = set(pq.read_table(tmp_path / "work" / "data" / "train.parquet").column("query").to_pylist())
     assert pool.num_rows == 2 * train and set(pool.column("query").to_pylist()) == train_queries
+    # the catalog's split follows --val_fraction / --test_fraction, as the synthesiser splits it (not its defaults)
+    from datamodules.synth import SynthConfig, build
+
+    def split_of(cfg):
+        examples = build(cfg).examples
+        return {(q, s) for q, s in zip(examples.column("query").to_pylist(), examples.column("split").to_pylist())}
+
+    written = set()
+    for split in ("train", "val", "test"):
+        table = pq.read_table(tmp_path / "work" / "data" / f"{split}.parquet")
+        written |= {(q, split) for q in table.column("query").to_pylist()}
+    asked = SynthConfig(num_queries=24, items_per_query=5, val_fraction=0.25, test_fraction=0.25)
+    assert written == split_of(asked) != split_of(SynthConfig(num_queries=24, items_per_query=5))
+    assert "24 queries x 5 items, 0.25 / 0.25 of queries for validation / test" in out_md.read_text()
     # the cache holds the teacher's direct judgement of every labelled pair and every pool pair, and (to fit the
     # temperature the MKD runs distil at) of the validation and test pairs
     sizes = res["setup"]["split_pairs"]
@@ -690,6 +708,7 @@ def test_teacher_level_biases_keep_the_cache_and_change_only_the_mkd_runs():
 
     def opts(calibration):
         keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed", *TEACHER_KEYS)
+        keys += ("val_fraction", "test_fraction")
         return SimpleNamespace(
             **dict.fromkeys(keys, 1),
             pools=[0, 2],
@@ -704,4 +723,15 @@ def test_teacher_level_biases_keep_the_cache_and_change_only_the_mkd_runs():
     assert _fingerprint(t_only, data, student=True) != _fingerprint(biased, data, student=True)
     assert _fingerprint(t_only, data, teacher=False, student=True) == _fingerprint(
         biased, data, teacher=False, student=True
+    )
+    # auto is what it chose: the runs of true (no biases kept) or of bias (kept)
+    auto = opts("auto")
+    assert _fingerprint(auto, data, student=True) == _fingerprint(t_only, data, student=True)
+    assert _fingerprint(auto, data, student=True, biased=True) == _fingerprint(biased, data, student=True)
+    assert _fingerprint(auto, data) == _fingerprint(t_only, data)
+    # the catalog's split is part of every fingerprint (its queries differ)
+    wider_val = opts(True)
+    wider_val.val_fraction = 0.2
+    assert _fingerprint(t_only, data, teacher=False, student=True) != _fingerprint(
+        wider_val, data, teacher=False, student=True
     )

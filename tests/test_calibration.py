@@ -10,6 +10,7 @@ from helpers import rule_signals, write_cache
 
 from ellm_mkd.calibration import (
     apply_temperature,
+    cross_validate_bias,
     fit_temperature,
     fit_temperature_and_bias,
     fit_temperature_bias,
@@ -76,6 +77,47 @@ def test_teacher_distributions_get_temperature_and_biases():
     assert fit.ece_after < 0.02 < fit.ece_before
     assert fit.nll_after < fit_temperature(said, labels).nll_after - 0.01
     assert "b=[+0.29" in fit.describe() and fit_temperature(said, labels).bias is None
+
+
+def _cv_by_hand(probs, labels, groups, folds=5):
+    """The rule cross_validate_bias documents: sorted queries, shuffled with seed 0, dealt round the folds."""
+    import random
+
+    names = sorted(set(groups))
+    random.Random(0).shuffle(names)
+    fold = torch.tensor([names.index(g) % folds for g in groups])
+    total_t = total_b = 0.0
+    for k in range(folds):
+        a, h = fold != k, fold == k
+        t = fit_temperature(probs[a], labels[a]).temperature
+        tb = fit_temperature_and_bias(probs[a], labels[a])
+        p_t, p_b = apply_temperature(probs[h], t), apply_temperature(probs[h], tb.temperature, tb.bias)
+        total_t -= float(p_t.log().gather(1, labels[h][:, None]).sum())
+        total_b -= float(p_b.log().gather(1, labels[h][:, None]).sum())
+    return total_t / len(labels), total_b / len(labels)
+
+
+def test_cross_validation_keeps_biases_only_where_they_generalise():
+    """Biases are kept where every query shares the teacher's shift (they carry over to held-out queries), left out
+    where each query has a level mix of its own (a bias fitted on some queries does not carry over); the held-out
+    NLLs are those computed fold by fold by hand."""
+    g = torch.Generator().manual_seed(2)
+    n, queries = 2000, 40
+    groups = [f"q{i % queries}" for i in range(n)]
+    truth = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    shared = torch.tensor([0.3, 0.2, 0.1, -0.6], dtype=torch.float64)
+    own = torch.randn(queries, 4, generator=g, dtype=torch.float64) * 1.5  # each query's own level mix
+    for shift, keep in ((shared.expand(n, 4), True), (own[torch.arange(n) % queries], False)):
+        labels = torch.multinomial(truth.softmax(-1), 1, generator=g)[:, 0]
+        said = ((truth - shift) * 1.5).softmax(-1)
+        cv = cross_validate_bias(said, labels, groups)
+        assert cv["bias"] is keep and cv["folds"] == 5 and cv["groups"] == queries
+        nll_t, nll_b = _cv_by_hand(said, labels, groups)
+        assert cv["nll_temperature"] == pytest.approx(nll_t) and cv["nll_temperature_bias"] == pytest.approx(nll_b)
+    with pytest.raises(ValueError, match="needs at least 5 queries, got 3"):
+        cross_validate_bias(said[:30], labels[:30], [f"q{i % 3}" for i in range(30)])
+    with pytest.raises(ValueError, match="groups has 2 entries, labels 30"):
+        cross_validate_bias(said[:30], labels[:30], ["a", "b"])
 
 
 def test_nll_and_ece_by_hand():
@@ -178,8 +220,20 @@ def test_cached_teacher_fits_level_biases_with_the_temperature(synth_dir, tmp_pa
     expect = torch.softmax(torch.tensor(cached[first], dtype=torch.float64).log() / 2 + torch.eye(4)[3], -1)
     assert torch.allclose(torch.tensor(fixed.signals([{"example_id": first}])[0].level_probs), expect.float())
 
+    # auto: the biases only where cross-validation over the validation queries keeps them
+    auto = CachedTeacher(str(tmp_path / "c"), temperature="fit", level_bias="auto")
+    _dm(synth_dir, teacher=auto).setup("fit")
+    val = [r for r in dm.datasets["val"].rows if r["example_id"] in cached]
+    cv = cross_validate_bias(
+        torch.tensor([cached[r["example_id"]] for r in val]),
+        torch.tensor([r["label"] for r in val]),
+        [r["query"] for r in val],
+    )
+    assert auto.calibration.cv == cv and cv["bias"] is True  # the shift is every validation query's here
+    assert auto.calibration.bias == pytest.approx(fit.bias) and "biases kept by 5-fold" in auto.calibration.describe()
+
     with pytest.raises(ValueError, match="level_bias has 3 values, the data has 4 levels"):
         _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "c"), level_bias=[0.0, 0.0, 1.0])).setup("fit")
-    for t, b in ((1.0, "fit"), ("fit", [0.0, 0.0, 0.0, 1.0])):
-        with pytest.raises(ValueError, match="level_bias: fit is fitted with the temperature"):
+    for t, b in ((1.0, "fit"), (1.0, "auto"), ("fit", [0.0, 0.0, 0.0, 1.0])):
+        with pytest.raises(ValueError, match="level_bias: fit and auto are fitted with the temperature"):
             CachedTeacher(str(tmp_path / "c"), temperature=t, level_bias=b)

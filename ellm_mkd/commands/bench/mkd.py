@@ -70,8 +70,8 @@ class MkdBenchOptions:
         item_fields: item fields (catalog default: title, brand, color, attributes)
         relevant_level: lowest level counted relevant by AUC
         split_seed: seed of the query-disjoint split of --source
-        val_fraction: share of queries in validation (with --source)
-        test_fraction: share of queries in test (with --source)
+        val_fraction: share of queries in validation (the catalog's or --source's)
+        test_fraction: share of queries in test (the catalog's or --source's)
         limit_pairs: at most this many pairs per split, whole queries (e.g. {train: 3000, val: 500, test: 2000})
         resume: reuse the teacher, cache and finished student runs stored under <work_dir>/bench_state by an earlier
                     run with the same settings (a stopped benchmark goes on where it stopped)
@@ -87,7 +87,9 @@ class MkdBenchOptions:
         teacher_calibration: fit a temperature for the teacher's level distributions on the validation split
                     (``CachedTeacher(temperature: fit)``; the cache then covers every split) and distil the
                     calibrated distributions; the fit is reported. ``bias``: a bias per level as well
-                    (``level_bias: fit``), for a teacher that says a level too seldom on the labelled pairs
+                    (``level_bias: fit``), for a teacher that says a level too seldom on the labelled pairs;
+                    ``auto``: the biases only where cross-validation over the validation queries keeps them
+                    (``level_bias: auto``)
         student_calibration: every student (baseline and MKD rows alike) fits the temperature of its level logits
                     on the validation split (``--model.init_args.temperature_scaling true``); test figures are then
                     those of the calibrated probabilities. ``bias``: a bias per level as well
@@ -136,7 +138,7 @@ class MkdBenchOptions:
     teacher_dir: str | None = None
     teacher_how: str | None = None
     teacher_readout: str = "direct"
-    teacher_calibration: bool | Literal["bias"] = False
+    teacher_calibration: bool | Literal["bias", "auto"] = False
     student_calibration: bool | Literal["bias"] = False
     pools: list[int] = field(default_factory=lambda: [0])
     pool_after: int | None = None
@@ -215,15 +217,16 @@ VAL_KEYS = ("auc", "ndcg10", "ece", "macro_f1", "rmse")
 TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval", "teacher_dir", "teacher_readout")
 
 
-def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool = False) -> str:
+def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool = False, biased: bool = False) -> str:
     """What a stored teacher, cache (``student`` False) or student run depends on (rows, seeds and students are
-    chosen per run; a baseline run does not depend on the teacher)."""
-    keys = ("num_queries", "items_per_query", "encoder", "epochs", "train_batches", "seed") + (
-        TEACHER_KEYS if teacher else ()
-    )
+    chosen per run; a baseline run does not depend on the teacher). ``--teacher_calibration auto`` counts as what it
+    chose (``biased``: level biases kept), so its runs are those of ``true`` or ``bias`` on the same cache."""
+    keys = ("num_queries", "items_per_query", "val_fraction", "test_fraction", "encoder", "epochs", "train_batches")
+    keys += ("seed",) + (TEACHER_KEYS if teacher else ())
     extra = {"max_pool": max(opts.pools)} if teacher and max(opts.pools) > 0 else {}
     if teacher and opts.teacher_calibration:  # the cache is the same with or without biases; the runs are not
-        extra["teacher_calibration"] = opts.teacher_calibration if student else True
+        chosen = ("bias" if biased else True) if opts.teacher_calibration == "auto" else opts.teacher_calibration
+        extra["teacher_calibration"] = chosen if student else True
     if teacher and opts.pool_after is not None and max(opts.pools) > 0:
         extra["pool_after"] = opts.pool_after
     if student and opts.student_calibration:
@@ -274,7 +277,12 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         raise ValueError(f"pools are multiples of the labelled training pairs (>= 0), got {opts.pools}")
     out = Path(opts.work_dir or f"runs/benchmarks/{opts.name}")
     plan = {
-        "synth": {"num_queries": opts.num_queries, "items_per_query": opts.items_per_query},
+        "synth": {
+            "num_queries": opts.num_queries,
+            "items_per_query": opts.items_per_query,
+            "val_fraction": opts.val_fraction,
+            "test_fraction": opts.test_fraction,
+        },
         "teacher_config": REPO / "configs" / "benchmarks" / "mkd_teacher.yaml",  # SmolLM2 + LoRA, teacher_steps
         "teacher_steps": opts.teacher_steps,
         "teacher_batch": opts.teacher_batch,
@@ -340,7 +348,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     else:
         log.info("resuming: teacher and cache from %s", state)
     if opts.teacher_calibration:  # fitted on every run (seconds): a resumed cache may be calibrated another way now
-        calibration = fit_calibration(data, setup["cache"]["path"], bias=opts.teacher_calibration == "bias")
+        level_bias = {"bias": "fit", "auto": "auto"}.get(opts.teacher_calibration)
+        calibration = fit_calibration(data, setup["cache"]["path"], level_bias)
         if calibration != setup.get("calibration"):
             setup["calibration"] = calibration
             _save_state(state / "setup.json", setup)
@@ -355,7 +364,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             for pool in pools if row not in ("baseline", "full_augment") else [0]:
                 for seed in opts.seeds:
                     name = f"{kind}_{row}" + (f"_pool{pool}x" if pool else "") + f"_s{seed}"
-                    own = _fingerprint(opts, data, teacher=row != "baseline", student=True)
+                    biased = (setup.get("calibration") or {}).get("bias") is not None
+                    own = _fingerprint(opts, data, teacher=row != "baseline", student=True, biased=biased)
                     # a run stored under the setup's fingerprint is one of the same settings, unless the students
                     # now calibrate (that is not in the setup's fingerprint)
                     also = () if opts.student_calibration else (fingerprint,)

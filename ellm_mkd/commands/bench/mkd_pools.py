@@ -10,8 +10,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def calibration(data: dict[str, Any], cache_dir: str, bias: bool = False) -> dict[str, Any]:
-    """The temperature of the teacher's level distributions (and with ``bias`` one bias per level), fitted once on
+def calibration(data: dict[str, Any], cache_dir: str, level_bias: str | None = None) -> dict[str, Any]:
+    """The temperature of the teacher's level distributions (and with ``level_bias`` ``fit`` one bias per level;
+    ``auto``: where cross-validation over the validation queries keeps them), fitted once on
     the validation split (``CachedTeacher(temperature: fit)``) and given to every MKD run: T (b) and the
     validation NLL and ECE of the teacher before and after it; under ``test`` the same figures on the test
     split, which the fit did not see (reported, never used to choose)."""
@@ -24,7 +25,7 @@ def calibration(data: dict[str, Any], cache_dir: str, bias: bool = False) -> dic
     from ellm_mkd.calibration import nll_and_ece
     from ellm_mkd.teacher_cache import TeacherCache
 
-    teacher = CachedTeacher(cache_dir, missing="hard_label", temperature="fit", level_bias="fit" if bias else None)
+    teacher = CachedTeacher(cache_dir, missing="hard_label", temperature="fit", level_bias=level_bias)
     dm = RelevanceDataModule(**data, teacher=teacher)
     dm.setup("fit")
     log.info("teacher calibration: %s", teacher.calibration.describe())

@@ -155,7 +155,17 @@ def _calibration_text(c: dict[str, Any] | None) -> str:
     return (
         f" The students distil its level distributions at temperature T = {c['temperature']:.2f}{biases}, fitted on "
         f"{c['pairs']} validation pairs (validation NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}, "
-        f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})." + _held_out_text(c.get("test"))
+        f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})." + _cv_text(c.get("cv")) + _held_out_text(c.get("test"))
+    )
+
+
+def _cv_text(cv: dict[str, Any] | None) -> str:
+    if not cv:
+        return ""
+    return (
+        f" Level biases {'kept' if cv['bias'] else 'left out'} by {cv['folds']}-fold cross-validation over the "
+        f"{cv['groups']} validation queries (held-out NLL {cv['nll_temperature']:.3f} with the temperature alone, "
+        f"{cv['nll_temperature_bias']:.3f} with biases)."
     )
 
 
@@ -175,7 +185,10 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
     name, s = result["benchmark"], result["setup"]
     d = s.get("data") or {"source": "embedded catalog"}
     if s.get("catalog"):
-        what = f"Embedded catalog, {s['catalog']['num_queries']} queries x {s['catalog']['items_per_query']} items"
+        c = s["catalog"]
+        what = f"Embedded catalog, {c['num_queries']} queries x {c['items_per_query']} items"
+        if "val_fraction" in c:  # (results written before the catalog's split was an option hold the defaults)
+            what += f", {c['val_fraction']} / {c['test_fraction']} of queries for validation / test"
     else:
         sp = d.get("split") or {}
         what = (
