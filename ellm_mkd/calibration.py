@@ -62,8 +62,8 @@ class TemperatureFit:
         )
 
 
-def _nll(probs: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
-    p = apply_temperature(probs, temperature)
+def _nll(probs: torch.Tensor, labels: torch.Tensor, temperature: float, bias: list[float] | None = None) -> float:
+    p = apply_temperature(probs, temperature, bias)
     return float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
 
 
@@ -199,13 +199,12 @@ def cross_validate_bias(probs: torch.Tensor, labels: torch.Tensor, groups: list[
     fold_of = {g: i % folds for i, g in enumerate(names)}
     fold = torch.tensor([fold_of[g] for g in groups])
     nll = {"nll_temperature": 0.0, "nll_temperature_bias": 0.0}
-    for k in range(folds):
+    for k in range(folds):  # only the fits' parameters are needed here, not their figures
         fit_on, held = fold != k, fold == k
         t = fit_temperature(probs[fit_on], labels[fit_on]).temperature
-        tb = fit_temperature_and_bias(probs[fit_on], labels[fit_on])
+        t_b, b = fit_temperature_bias(probs[fit_on].clamp_min(1e-12).log(), labels[fit_on])
         n = int(held.sum())
-        nll["nll_temperature"] += n * nll_and_ece(apply_temperature(probs[held], t), labels[held])[0]
-        held_b = apply_temperature(probs[held], tb.temperature, tb.bias)
-        nll["nll_temperature_bias"] += n * nll_and_ece(held_b, labels[held])[0]
+        nll["nll_temperature"] += n * _nll(probs[held], labels[held], t)
+        nll["nll_temperature_bias"] += n * _nll(probs[held], labels[held], t_b, b)
     nll = {k: v / len(labels) for k, v in nll.items()}
     return {**nll, "folds": folds, "groups": len(names), "bias": nll["nll_temperature_bias"] < nll["nll_temperature"]}

@@ -358,13 +358,13 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
 
     runs: dict[str, dict[tuple[str, int], list[dict[str, Any]]]] = {}
     machines = {setup["machine"]}
+    biased = (setup.get("calibration") or {}).get("bias") is not None  # what --teacher_calibration auto chose
     resumed = 0
     for kind in opts.students:
         for row in opts.rows:
             for pool in pools if row not in ("baseline", "full_augment") else [0]:
                 for seed in opts.seeds:
                     name = f"{kind}_{row}" + (f"_pool{pool}x" if pool else "") + f"_s{seed}"
-                    biased = (setup.get("calibration") or {}).get("bias") is not None
                     own = _fingerprint(opts, data, teacher=row != "baseline", student=True, biased=biased)
                     # a run stored under the setup's fingerprint is one of the same settings, unless the students
                     # now calibrate (that is not in the setup's fingerprint)
