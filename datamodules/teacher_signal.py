@@ -207,7 +207,14 @@ class CachedTeacher(TeacherSource):
                 )
             probs = torch.tensor([kept[r["example_id"]].level_probs for r in rows])
             labels = torch.tensor([r["label"] for r in rows])
-            cv = cross_validate_bias(probs, labels, [r["query"] for r in rows]) if bias == "auto" else None
+            cv = None
+            if bias == "auto":
+                try:
+                    cv = cross_validate_bias(probs, labels, [r["query"] for r in rows])
+                except ValueError as e:
+                    raise ValueError(
+                        f"{self.cache_dir}: level_bias: auto chooses the biases on validation queries: {e}"
+                    ) from None
             fit = fit_temperature_and_bias if bias == "fit" or (cv and cv["bias"]) else fit_temperature
             self.calibration = fit(probs, labels)
             self.calibration.cv = cv

@@ -373,6 +373,15 @@ def is_lora_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
+def with_adapter(lm: Any, adapter: str | os.PathLike, merge: bool = False) -> Any:
+    """``lm`` with a trained LoRA adapter directory put on it (peft), trainable; ``merge``: folded into the base
+    weights instead (a plain model again, for reading only: no LoRA layers run beside each projection)."""
+    from peft import PeftModel
+
+    lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=not merge)
+    return lm.merge_and_unload() if merge else lm
+
+
 def with_lora(
     lm: Any, r: int, alpha: int, dropout: float, target_modules: list[str], last_layers: int | None = None
 ) -> Any:

@@ -45,7 +45,7 @@ from torch import Tensor
 from datamodules.inputs import TextInputs
 from ellm_mkd.cot import evidence_spans
 from ellm_mkd.injection import InjectionAugment
-from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model, weights_dtype, with_lora
+from ellm_mkd.models import load_causal_lm, load_tokenizer, resolve_model, weights_dtype, with_adapter, with_lora
 from ellm_mkd.prompts import COMMON_CONTROL_MARKERS, PromptTemplate
 from ellm_mkd.readout import TeacherReadout, ensure_pad_token
 from ellm_mkd.teacher_cache import weights_fingerprint
@@ -72,6 +72,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         adapter: a trained LoRA adapter directory (``<export_dir>/adapter``, written by ``fit``) to
             start from, e.g. to predict or write a cache without a Lightning checkpoint; its own LoRA
             settings replace ``lora_*``.
+        merge_adapter: fold ``adapter`` into the base weights as it loads, for runs that only read the teacher
+            (cache, test, predict; docs/benchmarks.md#demo: a cache pass 62 s against 95 s). The merged weights
+            round to ``weights_dtype`` once (readouts move in the last digits); ``fit`` refuses it.
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
         lora_target_modules: module names that get adapters (Llama-style projections by default).
         lora_last_layers: adapters in the last this many transformer layers only (None: all); the backward pass
@@ -126,6 +129,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         use_lora: bool = True,
         freeze_embeddings: bool = False,
         adapter: str | None = None,
+        merge_adapter: bool = False,
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
@@ -178,11 +182,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
         if adapter:
-            from peft import PeftModel
-
             if not use_lora:
                 raise ValueError("adapter is a LoRA adapter directory: it needs use_lora: true")
-            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=True)
+            lm = with_adapter(lm, adapter, merge_adapter)
         elif use_lora:
             lm = with_lora(lm, lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_last_layers)
         elif freeze_embeddings:
@@ -378,6 +380,11 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         from transformers import get_scheduler
 
         hp = self.hparams
+        if hp.adapter and hp.merge_adapter:
+            raise ValueError(
+                f"merge_adapter: true folded the adapter {hp.adapter} into the base weights, for reading the teacher "
+                "only; to train it, set model.init_args.merge_adapter false"
+            )
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]

@@ -234,6 +234,13 @@ def test_cached_teacher_fits_level_biases_with_the_temperature(synth_dir, tmp_pa
 
     with pytest.raises(ValueError, match="level_bias has 3 values, the data has 4 levels"):
         _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "c"), level_bias=[0.0, 0.0, 1.0])).setup("fit")
+    # a cache that read the validation pairs of 4 queries only: too few for 5 folds, the error names the cache
+    query_of = {r["example_id"]: r["query"] for r in dm.datasets["val"].rows}
+    four = sorted(set(query_of.values()))[:4]
+    few = [s for s in sigs if query_of.get(s.example_id, four[0]) in four]
+    write_cache(tmp_path / "few", dm, few)
+    with pytest.raises(ValueError, match=r"few: level_bias: auto .* needs at least 5 queries, got 4"):
+        _dm(synth_dir, teacher=CachedTeacher(str(tmp_path / "few"), temperature="fit", level_bias="auto")).setup("fit")
     for t, b in ((1.0, "fit"), (1.0, "auto"), ("fit", [0.0, 0.0, 0.0, 1.0])):
         with pytest.raises(ValueError, match="level_bias: fit and auto are fitted with the temperature"):
             CachedTeacher(str(tmp_path / "c"), temperature=t, level_bias=b)

@@ -363,6 +363,22 @@ def test_lora_on_the_last_layers_only_adapts_and_trains_those(tiny_llama, tmp_pa
             _teacher(tiny_llama, lora_last_layers=bad)
 
 
+def test_merged_adapter_reads_as_the_adapter_does_and_refuses_to_train(tiny_llama, tmp_path):
+    m = _teacher(tiny_llama)
+    _train(m, 4)  # LoRA B starts at zero: trained, the adapter changes the readout
+    m.export(tmp_path / "export", merged=False)
+    adapter = str(tmp_path / "export" / "adapter")
+    kept, merged = (_teacher(tiny_llama, adapter=adapter, merge_adapter=flag).eval() for flag in (False, True))
+    base = _teacher(tiny_llama).eval()
+    assert any("lora_" in n for n, _ in kept.named_parameters())
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    read = [t.read(_batch(), "direct").level_probs for t in (kept, merged, base)]
+    assert torch.allclose(read[0], read[1], atol=1e-5), (read[0], read[1])
+    assert not torch.allclose(read[0], read[2], atol=1e-3)  # the adapter is in the merged weights
+    with pytest.raises(ValueError, match=r"merge_adapter: true folded the adapter .*adapter into the base weights"):
+        merged.configure_optimizers()
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_full_fine_tune_can_keep_the_embeddings_as_loaded(tiny_llama, tmp_path, tied):
     import shutil

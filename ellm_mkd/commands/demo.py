@@ -158,7 +158,8 @@ def run_demo(out: str = "runs/demo", scale: Literal["tiny", "default"] = "defaul
     pools = catalog_pool_files(out_dir, sorted(set(plan["pool"].values())), plan["synth"]["items_per_query"])
     largest = augment_args(pools[max(pools)])  # the cache covers the largest pool: a superset serves every size
     model_args = teacher_model_args(teacher["base_model"], teacher["adapter"])
-    cache = write_cache(out_dir, plan, model_args, "direct", [*largest, "--data.predict_split", "all"])
+    dtype = ["--model.init_args.weights_dtype", "auto"]  # the base weights as configs/demo/teacher.yaml trained them
+    cache = write_cache(out_dir, plan, model_args, "direct", [*largest, "--data.predict_split", "all", *dtype])
     mkd_args = ["--data.teacher.init_args.cache_dir", cache["path"], "--data.teacher.init_args.missing", "hard_label"]
     if plan["calibrate"]:  # the temperature of the teacher's level distributions, fitted on validation
         cache["calibration"] = calibration({"source": {"path": str(data_dir)}, "item_fields": FIELDS}, cache["path"])

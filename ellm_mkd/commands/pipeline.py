@@ -107,6 +107,8 @@ def load_teacher(out: Path, plan: dict[str, Any], adapter: str) -> Any:
             str(out / "teacher"),
             "--model.init_args.adapter",
             adapter,
+            "--model.init_args.merge_adapter",
+            "true",  # (it only writes chains)
             "--model.init_args.gradient_checkpointing",
             "false",  # (generation wants its KV cache)
         ]
@@ -130,15 +132,22 @@ def release_memory() -> None:
 
 
 def teacher_model_args(model: str, teacher_dir: str | None = None) -> list[str]:
-    """The TeacherLM options that load a teacher: ``model`` as is, or a fine-tuned ``teacher_dir`` (a LoRA
-    ``adapter/`` directory on top of ``model``, or a whole model such as the ``merged/`` directory a full
-    fine-tune writes)."""
+    """The TeacherLM options that load a teacher to read it (test, cache): ``model`` as is, or a fine-tuned
+    ``teacher_dir`` (a LoRA ``adapter/`` directory on top of ``model``, folded into its weights as it loads, or a
+    whole model such as the ``merged/`` directory a full fine-tune writes)."""
     if teacher_dir is None:
         return ["--model.init_args.model", model]
     from ellm_mkd.models import is_lora_adapter
 
     if is_lora_adapter(teacher_dir):
-        return ["--model.init_args.model", model, "--model.init_args.adapter", str(teacher_dir)]
+        return [
+            "--model.init_args.model",
+            model,
+            "--model.init_args.adapter",
+            str(teacher_dir),
+            "--model.init_args.merge_adapter",
+            "true",
+        ]
     return ["--model.init_args.model", str(teacher_dir), "--model.init_args.use_lora", "false"]
 
 

@@ -88,15 +88,13 @@ def _pairs(opts) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _load(model: str, teacher_dir: str | None):
     """Model and tokenizer for a readout: a base model, a LoRA adapter on it, or a whole model directory."""
-    from ellm_mkd.models import is_lora_adapter, load_causal_lm, load_tokenizer, resolve_model
+    from ellm_mkd.models import is_lora_adapter, load_causal_lm, load_tokenizer, resolve_model, with_adapter
 
     adapter = teacher_dir is not None and is_lora_adapter(teacher_dir)
     path = teacher_dir if teacher_dir is not None and not adapter else resolve_model(model)
     lm = load_causal_lm(path)
     if adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, teacher_dir).merge_and_unload()
+        lm = with_adapter(lm, teacher_dir, merge=True)
     return lm.eval(), load_tokenizer(path)
 
 
