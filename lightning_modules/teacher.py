@@ -72,9 +72,8 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         adapter: a trained LoRA adapter directory (``<export_dir>/adapter``, written by ``fit``) to
             start from, e.g. to predict or write a cache without a Lightning checkpoint; its own LoRA
             settings replace ``lora_*``.
-        merge_adapter: fold ``adapter`` into the base weights as it loads, for runs that only read the teacher
-            (cache, test, predict; docs/benchmarks.md#demo: a cache pass 62 s against 95 s). The merged weights
-            round to ``weights_dtype`` once (readouts move in the last digits); ``fit`` refuses it.
+        merge_adapter: fold ``adapter`` into the base weights as it loads, for reading only (cache 62 s against 95 s:
+            docs/benchmarks.md#demo; readouts move in the last digits); ``fit`` refuses it.
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
         lora_target_modules: module names that get adapters (Llama-style projections by default).
         lora_last_layers: adapters in the last this many transformer layers only (None: all); the backward pass
@@ -184,7 +183,9 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         if adapter:
             if not use_lora:
                 raise ValueError("adapter is a LoRA adapter directory: it needs use_lora: true")
-            lm = with_adapter(lm, adapter, merge_adapter)
+            lm = with_adapter(lm, adapter)
+            self._trained_hash = weights_fingerprint(lm) if merge_adapter else None  # the teacher as trained
+            lm = lm.merge_and_unload() if merge_adapter else lm
         elif use_lora:
             lm = with_lora(lm, lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_last_layers)
         elif freeze_embeddings:
@@ -363,12 +364,12 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         return out
 
     def cache_identity(self) -> dict[str, Any]:
-        """What pins this teacher's outputs in a cache manifest: base model, weights hash (of the weights
-        as loaded now, adapter included), prompt template fingerprint, readout mode and budget."""
+        """What pins this teacher's outputs in a cache manifest: base model, weights hash (base + adapter as trained,
+        also where ``merge_adapter`` folded it in), prompt template fingerprint, readout mode and budget."""
         constrained = self.hparams.get("constrain_chains") and self.hparams.test_mode == "cot"
         return {
             "model": self.hparams.model,
-            "weights_hash": weights_fingerprint(self.model),
+            "weights_hash": getattr(self, "_trained_hash", None) or weights_fingerprint(self.model),
             "template_fingerprint": self.template.fingerprint(),
             "readout": self.hparams.test_mode,
             "max_new_tokens": self.hparams.max_new_tokens if self.hparams.test_mode != "direct" else None,
@@ -382,8 +383,7 @@ class TeacherLM(RelevanceEvaluation, L.LightningModule):
         hp = self.hparams
         if hp.adapter and hp.merge_adapter:
             raise ValueError(
-                f"merge_adapter: true folded the adapter {hp.adapter} into the base weights, for reading the teacher "
-                "only; to train it, set model.init_args.merge_adapter false"
+                f"merge_adapter: true folded {hp.adapter} into the base weights, for reading only (false to train)"
             )
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]

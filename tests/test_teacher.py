@@ -375,7 +375,10 @@ def test_merged_adapter_reads_as_the_adapter_does_and_refuses_to_train(tiny_llam
     read = [t.read(_batch(), "direct").level_probs for t in (kept, merged, base)]
     assert torch.allclose(read[0], read[1], atol=1e-5), (read[0], read[1])
     assert not torch.allclose(read[0], read[2], atol=1e-3)  # the adapter is in the merged weights
-    with pytest.raises(ValueError, match=r"merge_adapter: true folded the adapter .*adapter into the base weights"):
+    # the cache still names the teacher as trained: teacher.json's hash (base + adapter), as without merging
+    info = json.loads((tmp_path / "export" / "teacher.json").read_text())
+    assert merged.cache_identity()["weights_hash"] == kept.cache_identity()["weights_hash"] == info["weights_hash"]
+    with pytest.raises(ValueError, match=r"merge_adapter: true folded .*adapter into the base weights, for reading"):
         merged.configure_optimizers()
 
 
