@@ -713,6 +713,8 @@ def test_teacher_level_biases_keep_the_cache_and_change_only_the_mkd_runs():
             **dict.fromkeys(keys, 1),
             pools=[0, 2],
             pool_after=None,
+            pool_source=None,
+            pool_exclude=[],
             teacher_calibration=calibration,
             student_calibration="bias",
         )

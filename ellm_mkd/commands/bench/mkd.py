@@ -46,7 +46,7 @@ import yaml
 from ellm_mkd.commands.pipeline import REPO
 
 from .common import atomic_write_text, machine_description, options, options_parser, publish, result_head
-from .mkd_pools import augment_args, catalog_pool_files, source_pool_files
+from .mkd_pools import augment_args, catalog_pool_files, file_pool_files, source_pool_files
 from .mkd_pools import calibration as fit_calibration
 from .mkd_report import markdown_section, pool_plot, seed_std, targets
 
@@ -100,6 +100,10 @@ class MkdBenchOptions:
         pool_after: --source pools start after this many training pairs in the seeded query order limit_pairs
                     takes them in (default: right after the labelled ones); give the number of training pairs a
                     teacher_dir was fine-tuned on to keep the pools out of the teacher's training data
+        pool_source: pools from this file (or example directory) of pairs of further queries, e.g. logged queries
+                    with candidate items, instead of the catalog's items or --source's queries: whole queries in a
+                    seeded order, less the benchmark's own queries (every split) and pool_exclude's, labels dropped
+        pool_exclude: data whose queries stay out of a pool_source pool (e.g. what teacher_dir was fine-tuned on)
         compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
                     validation AUC
         select_tolerance: pool sizes whose mean validation AUC is within this of the best are level with it: of
@@ -142,6 +146,8 @@ class MkdBenchOptions:
     student_calibration: bool | Literal["bias"] = False
     pools: list[int] = field(default_factory=lambda: [0])
     pool_after: int | None = None
+    pool_source: str | None = None
+    pool_exclude: list[str] = field(default_factory=list)
     compare_row: str = "full"
     select_tolerance: float = 0.0
     encoder: str = "minilm-l6"
@@ -229,6 +235,8 @@ def _fingerprint(opts, data: dict[str, Any], teacher: bool = True, student: bool
         extra["teacher_calibration"] = chosen if student else True
     if teacher and opts.pool_after is not None and max(opts.pools) > 0:
         extra["pool_after"] = opts.pool_after
+    if teacher and opts.pool_source is not None and max(opts.pools) > 0:
+        extra["pool_source"] = [opts.pool_source, *opts.pool_exclude]
     if student and opts.student_calibration:
         extra["student_calibration"] = opts.student_calibration
     return json.dumps({"data": data, **extra, **{k: getattr(opts, k) for k in keys}}, sort_keys=True, default=str)
@@ -302,7 +310,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
     if setup is None:  # runs stored under other settings are not read (their fingerprints differ)
         (state / "setup.json").unlink(missing_ok=True)
         if opts.source is None:
-            pool_items = pools[-1] * opts.items_per_query
+            pool_items = pools[-1] * opts.items_per_query if opts.pool_source is None else 0
             write(out / "data", SynthConfig(seed=opts.seed, **plan["synth"], pool_items_per_query=pool_items), True)
         dm = RelevanceDataModule(**data)
         run_annotation(
@@ -319,7 +327,10 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             teacher = {"test": test_teacher(out, plan, model_args), "adapter": None, "fit_seconds": None}
         augment = []
         if pools[-1] > 0:  # the cache covers the largest pool (a superset serves every pool size)
-            if opts.source is None:
+            if opts.pool_source is not None:
+                n, (src, excl) = len(dm.datasets["train"]), (opts.pool_source, opts.pool_exclude)
+                files = file_pool_files(out, data, pools, n, src, excl, opts.seed)
+            elif opts.source is None:
                 files = catalog_pool_files(out, pools, opts.items_per_query)
             else:
                 labelled = {r["example_id"] for r in dm.datasets["train"].rows}
@@ -455,6 +466,7 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
             "cache_seconds": cache["seconds"],
             "pools": pools,
             "pool_after": opts.pool_after if opts.source is not None and pools[-1] > 0 else None,
+            "pool_source": opts.pool_source if pools[-1] > 0 else None,
             "compare_row": opts.compare_row,
             "select_tolerance": opts.select_tolerance,
             "student_epochs": opts.epochs,

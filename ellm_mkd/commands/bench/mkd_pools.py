@@ -112,6 +112,65 @@ def source_pool_files(
     return files
 
 
+def file_pool_files(
+    out: Path, data: dict[str, Any], pools: list[int], n_labelled: int, pool_source: str, exclude: list[str], seed: int
+) -> dict[int, str]:
+    """``pool_<p>x.parquet`` from ``--pool_source``, a file (or example directory) of pairs of further queries, such
+    as logged queries with candidate items: whole queries in a seeded order until a pool holds about ``p`` times the
+    ``n_labelled`` pairs (each pool holds every smaller one). Queries of the benchmark's own data (every split) and
+    of the ``exclude`` sources (e.g. the data a teacher_dir was fine-tuned on) are left out; labels are dropped."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datamodules.datamodule import RelevanceDataModule
+    from datamodules.validation import DataSource, load_examples
+    from ellm_mkd.schema import normalize_text
+
+    def queries(table) -> set[str]:
+        return {normalize_text(q) for q in table.column("query").to_pylist()}
+
+    own = RelevanceDataModule(**data)
+    own.setup("fit")
+    taken = queries(own.table)
+    for path in exclude:
+        taken |= queries(load_examples(DataSource(path=path, require_label=False))[0])
+    table, _ = load_examples(DataSource(path=pool_source, require_label=False))
+    norm = [normalize_text(q) for q in table.column("query").to_pylist()]
+    pairs: dict[str, int] = {}
+    for q in norm:
+        if q not in taken:
+            pairs[q] = pairs.get(q, 0) + 1
+    order = sorted(pairs)
+    random.Random(f"pool:{seed}").shuffle(order)
+    left_out = len(set(norm) - set(pairs))
+    log.info("pool source %s: %d further queries (%d queries left out)", pool_source, len(order), left_out)
+    columns = [c for c in ("query", "item_id", *data["item_fields"]) if c in table.column_names]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for p in pools:
+        if p <= 0:
+            continue
+        chosen, total = set(), 0
+        for q in order:
+            if total >= p * n_labelled:
+                break
+            chosen.add(q)
+            total += pairs[q]
+        if total < 0.9 * p * n_labelled:
+            raise ValueError(
+                f"pool {p}x: {pool_source} holds only {total} pairs of further queries (wanted about "
+                f"{p * n_labelled}); choose smaller pools"
+            )
+        keep = pc.is_in(pa.array(norm), pa.array(sorted(chosen)))
+        path = out / "data" / f"pool_{p}x.parquet"
+        pq.write_table(table.filter(keep).select(columns), path)
+        files[p] = str(path)
+    return files
+
+
 def augment_args(pool_file: str) -> list[str]:
     """The data options that add a pool file's pairs, unlabelled, to the training split."""
     return [f"--data.augment={json.dumps({'source': {'path': pool_file, 'require_label': False}})}"]

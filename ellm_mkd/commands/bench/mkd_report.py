@@ -215,6 +215,8 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         + (
             f" (further training queries, after the first {s['pool_after']} training pairs)"
             if s.get("pool_after")
+            else f" (pairs of further queries from `{s['pool_source']}`)"
+            if s.get("pool_source")
             else ""
         )
         if len(pools) > 1
