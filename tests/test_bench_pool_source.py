@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datamodules.synth import SynthConfig, write
+from datamodules.validation import DataSource, load_examples
 from ellm_mkd.commands.bench import bench_main
 from ellm_mkd.commands.bench.mkd_pools import file_pool_files
 from ellm_mkd.schema import normalize_text
@@ -25,6 +26,11 @@ def _queries(directory: Path) -> set[str]:
     }
 
 
+def _examples(directory: Path):
+    """The table the benchmark's data module loads for a catalog directory."""
+    return load_examples(DataSource(path=str(directory)))[0]
+
+
 def _pool_queries(path: str) -> list[str]:
     return [normalize_text(q) for q in pq.read_table(path).column("query").to_pylist()]
 
@@ -36,7 +42,7 @@ def test_pools_of_further_queries_leave_out_own_and_excluded_queries_and_nest(tm
     write(teacher, SynthConfig(num_queries=80, items_per_query=4, seed=0, val_fraction=0.2))
     data = {"source": {"path": str(own)}, "item_fields": FIELDS}
     n = 50
-    files = file_pool_files(tmp_path / "out", data, [0, 1, 3], n, str(logs), [str(teacher)], seed=0)
+    files = file_pool_files(tmp_path / "out", data, _examples(own), [0, 1, 3], n, str(logs), [str(teacher)], seed=0)
     assert sorted(files) == [1, 3]
     one, three = _pool_queries(files[1]), _pool_queries(files[3])
     shared = (_queries(own) | _queries(teacher)) & _queries(logs)
@@ -50,7 +56,7 @@ def test_pools_of_further_queries_leave_out_own_and_excluded_queries_and_nest(tm
     table = pq.read_table(files[3])
     assert table.column_names == ["query", "item_id", *FIELDS]  # labels and verdicts dropped
     # another seed orders the queries otherwise
-    other = file_pool_files(tmp_path / "other", data, [1], n, str(logs), [str(teacher)], seed=1)
+    other = file_pool_files(tmp_path / "other", data, _examples(own), [1], n, str(logs), [str(teacher)], seed=1)
     assert set(_pool_queries(other[1])) != set(one)
 
 
@@ -60,7 +66,7 @@ def test_a_pool_source_too_small_for_the_pool_says_so(tmp_path):
     write(logs, SynthConfig(num_queries=50, items_per_query=4))
     data = {"source": {"path": str(own)}, "item_fields": FIELDS}
     with pytest.raises(ValueError, match=r"pool 8x: .*logs holds only \d+ pairs of further queries"):
-        file_pool_files(tmp_path / "out", data, [8], 50, str(logs), [], seed=0)
+        file_pool_files(tmp_path / "out", data, _examples(own), [8], 50, str(logs), [], seed=0)
 
 
 def test_bench_mkd_with_a_pool_of_logged_queries(tmp_path, tiny_llama, tiny_encoder):

@@ -328,8 +328,8 @@ def bench_mkd(opts, command: str) -> dict[str, Any]:
         augment = []
         if pools[-1] > 0:  # the cache covers the largest pool (a superset serves every pool size)
             if opts.pool_source is not None:
-                n, (src, excl) = len(dm.datasets["train"]), (opts.pool_source, opts.pool_exclude)
-                files = file_pool_files(out, data, pools, n, src, excl, opts.seed)
+                source = (opts.pool_source, opts.pool_exclude, opts.seed)
+                files = file_pool_files(out, data, dm.table, pools, len(dm.datasets["train"]), *source)
             elif opts.source is None:
                 files = catalog_pool_files(out, pools, opts.items_per_query)
             else:

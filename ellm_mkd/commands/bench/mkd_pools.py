@@ -113,28 +113,33 @@ def source_pool_files(
 
 
 def file_pool_files(
-    out: Path, data: dict[str, Any], pools: list[int], n_labelled: int, pool_source: str, exclude: list[str], seed: int
+    out: Path,
+    data: dict[str, Any],
+    own: Any,
+    pools: list[int],
+    n_labelled: int,
+    pool_source: str,
+    exclude: list[str],
+    seed: int,
 ) -> dict[int, str]:
     """``pool_<p>x.parquet`` from ``--pool_source``, a file (or example directory) of pairs of further queries, such
     as logged queries with candidate items: whole queries in a seeded order until a pool holds about ``p`` times the
-    ``n_labelled`` pairs (each pool holds every smaller one). Queries of the benchmark's own data (every split) and
-    of the ``exclude`` sources (e.g. the data a teacher_dir was fine-tuned on) are left out; labels are dropped."""
+    ``n_labelled`` pairs (each pool holds every smaller one). Queries of the benchmark's own examples ``own`` (the
+    table its data module for ``data`` loaded, every split) and of the ``exclude`` sources (e.g. the data a
+    teacher_dir was fine-tuned on) are left out; labels are dropped; ``data`` names the item fields kept."""
     import random
 
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from datamodules.datamodule import RelevanceDataModule
     from datamodules.validation import DataSource, load_examples
     from ellm_mkd.schema import normalize_text
 
     def queries(table) -> set[str]:
         return {normalize_text(q) for q in table.column("query").to_pylist()}
 
-    own = RelevanceDataModule(**data)
-    own.setup("fit")
-    taken = queries(own.table)
+    taken = queries(own)
     for path in exclude:
         taken |= queries(load_examples(DataSource(path=path, require_label=False))[0])
     table, _ = load_examples(DataSource(path=pool_source, require_label=False))
