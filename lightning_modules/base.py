@@ -123,8 +123,8 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             raise ValueError("calibration_bias is fitted with the temperature: set temperature_scaling: true as well")
         self.register_buffer("level_temperature", torch.tensor(1.0))
         self.register_buffer("level_bias", torch.zeros(num_levels))
-        self._temperature_nll: Tensor | None = None  # [grid] summed over this validation epoch's labelled pairs
-        self._calibration_rows: list[tuple[Tensor, Tensor]] = []  # (logits, labels) of this validation epoch
+        self._calibration_rows: list[tuple[Tensor, Tensor, Tensor]] = []  # this validation epoch's labelled pairs:
+        # (level logits, labels, query ids)
 
     # -- to implement ------------------------------------------------------------------------
     def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -290,67 +290,75 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             sync_dist=True,
         )
         self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
-        if stage == "val" and self.hparams.get("calibration_bias"):
+        if stage == "val" and self.hparams.get("temperature_scaling"):
             keep = batch["labels"] >= 0
-            self._calibration_rows.append((out.level_logits[keep].detach().float(), batch["labels"][keep]))
-        elif stage == "val" and self.hparams.get("temperature_scaling"):
-            self._add_temperature_nll(out.level_logits, batch["labels"])
+            qids = batch.get("query_ids", torch.full_like(batch["labels"], -1))
+            self._calibration_rows.append((out.level_logits[keep].detach().float(), batch["labels"][keep], qids[keep]))
 
     # -- temperature scaling -------------------------------------------------------------------
     #: the temperatures tried: 0.25 to 4, log-spaced (each step ~3%)
     TEMPERATURE_GRID = torch.logspace(-2, 2, 97, base=2.0)
 
-    def _add_temperature_nll(self, logits: Tensor, labels: Tensor) -> None:
-        keep = labels >= 0
-        grid = self.TEMPERATURE_GRID.to(logits.device)
-        lp = (logits[keep].float()[None] / grid[:, None, None]).log_softmax(-1)  # [G, N, K]
-        nll = -lp.gather(-1, labels[keep][None, :, None].expand(len(grid), -1, 1)).sum((1, 2))
-        self._temperature_nll = nll if self._temperature_nll is None else self._temperature_nll + nll
-
     def on_validation_epoch_start(self) -> None:
         self.level_temperature.fill_(1.0)  # validation reads the raw model
         self.level_bias.zero_()
-        self._temperature_nll = None
         self._calibration_rows = []
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.hparams.get("temperature_scaling") or self.trainer.sanity_checking:
             return
-        if self.hparams.get("calibration_bias"):
-            self._fit_temperature_bias()
-            return
-        nll = self._temperature_nll
-        if nll is None:
-            nll = torch.zeros(len(self.TEMPERATURE_GRID), device=self.device)
-        nll = self.trainer.strategy.reduce(nll, reduce_op="sum")  # every rank's pairs
-        if float(nll.abs().sum()) > 0:
-            self.level_temperature.fill_(float(self.TEMPERATURE_GRID[int(nll.argmin())]))
+        logits, labels, qids = self._gathered_calibration_rows()
+        bias = bool(self.hparams.get("calibration_bias"))
+        if len(labels) and bias:
+            from ellm_mkd.calibration import fit_temperature_bias
+
+            t, b = fit_temperature_bias(logits.cpu(), labels.cpu())
+            self.level_temperature.fill_(t)
+            self.level_bias.copy_(b.to(self.level_bias))
+        elif len(labels):  # the grid temperature of the least NLL over every rank's pairs
+            grid = self.TEMPERATURE_GRID.to(logits.device)
+            lp = (logits[None] / grid[:, None, None]).log_softmax(-1)  # [G, N, K]
+            nll = -lp.gather(-1, labels[None, :, None].expand(len(grid), -1, 1)).sum((1, 2))
+            self.level_temperature.fill_(float(grid[int(nll.argmin())]))
         self.log("val/temperature", self.level_temperature, sync_dist=False)
-        self._temperature_nll = None
+        if bias:
+            for name, value in zip(self.level_names, self.level_bias.tolist()):
+                self.log(f"val/level_bias/{name}", value, sync_dist=False)
+        self._log_cross_fitted_ece(logits, labels, qids, bias)
 
-    def _fit_temperature_bias(self) -> None:
-        from ellm_mkd.calibration import fit_temperature_bias
+    def _log_cross_fitted_ece(self, logits: Tensor, labels: Tensor, qids: Tensor, bias: bool) -> None:
+        """``val/ece_calibrated_cv``: the ECE this epoch's model would have on queries its calibration did not see
+        (:func:`ellm_mkd.calibration.cross_fitted_ece`, two folds of validation queries): what chooses between
+        settings by calibration, since test figures are the calibrated model's. Not logged with fewer than two
+        validation queries, or pairs without query ids."""
+        groups = qids.tolist()
+        if len(set(groups)) < 2 or -1 in groups:
+            return
+        from ellm_mkd.calibration import cross_fitted_ece
 
+        ece = cross_fitted_ece(logits.cpu(), labels.cpu(), groups, bias=bias)
+        self.log("val/ece_calibrated_cv", ece, sync_dist=False)
+        self.last_results.setdefault("val", {})["ece_calibrated_cv"] = ece
+
+    def _gathered_calibration_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """This validation epoch's (logits, labels, query ids) of every rank, in rank order."""
         k = self.num_levels
         rows = self._calibration_rows
-        logits = torch.cat([z for z, _ in rows]) if rows else torch.zeros(0, k, device=self.device)
-        labels = torch.cat([y for _, y in rows]) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
         self._calibration_rows = []
-        if self.trainer.world_size > 1:  # every rank's pairs (shards differ in length: pad, gather, trim)
+        logits = torch.cat([z for z, _, _ in rows]) if rows else torch.zeros(0, k, device=self.device)
+        labels = torch.cat([y for _, y, _ in rows]) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
+        qids = torch.cat([q for _, _, q in rows]) if rows else torch.zeros(0, dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:  # shards differ in length: pad, gather, trim
             counts = self.all_gather(torch.tensor([len(labels)], device=self.device)).flatten().tolist()
             pad = max(counts) - len(labels)
             z = self.all_gather(torch.cat([logits, logits.new_zeros(pad, k)]))
             y = self.all_gather(torch.cat([labels, labels.new_zeros(pad)]))
+            q = self.all_gather(torch.cat([qids, qids.new_zeros(pad)]))
             logits = torch.cat([z[r, :n] for r, n in enumerate(counts)])
             labels = torch.cat([y[r, :n] for r, n in enumerate(counts)])
-        if len(labels):
-            t, bias = fit_temperature_bias(logits.cpu(), labels.cpu())
-            self.level_temperature.fill_(t)
-            self.level_bias.copy_(bias.to(self.level_bias))
-        self.log("val/temperature", self.level_temperature, sync_dist=False)
-        for name, b in zip(self.level_names, self.level_bias.tolist()):
-            self.log(f"val/level_bias/{name}", b, sync_dist=False)
+            qids = torch.cat([q[r, :n] for r, n in enumerate(counts)])
+        return logits, labels, qids
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -206,6 +206,14 @@ def test_pool_size_is_chosen_on_validation_auc_then_ece_within_the_tolerance():
     assert pick[0.002]["two_tower"]["pool"] == 4  # 4x is level on AUC and has the lower ECE
     assert pick[0.01]["two_tower"]["pool"] == 0  # a wide tolerance: the lowest ECE of all three
     assert chosen_rows({"setup": {"compare_row": "soft"}, "rows": rows})["two_tower"]["pool"] == 2  # default 0
+    # students that calibrate: the ECE after calibration on other validation queries decides, where every row has it
+    cv = [{**r, "val_metrics": {**r["val_metrics"], "ece_calibrated_cv": {"mean": c}}} for r, c in zip(rows, (0, 1, 2))]
+    setup = {"compare_row": "soft", "select_tolerance": 0.002}
+    cv[1]["val_metrics"]["ece_calibrated_cv"]["mean"] = 0.03
+    cv[2]["val_metrics"]["ece_calibrated_cv"]["mean"] = 0.04
+    assert chosen_rows({"setup": setup, "rows": cv})["two_tower"]["pool"] == 2  # raw ECE would pick 4x
+    cv[1]["val_metrics"]["ece_calibrated_cv"] = None  # one row without it (an older run): the raw ECE for all
+    assert chosen_rows({"setup": setup, "rows": cv})["two_tower"]["pool"] == 4
 
 
 def test_update_markdown_replaces_only_its_section(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import rule_signals, write_cache
 
 from ellm_mkd.calibration import (
     apply_temperature,
+    cross_fitted_ece,
     cross_validate_bias,
     fit_temperature,
     fit_temperature_and_bias,
@@ -118,6 +120,49 @@ def test_cross_validation_keeps_biases_only_where_they_generalise():
         cross_validate_bias(said[:30], labels[:30], [f"q{i % 3}" for i in range(30)])
     with pytest.raises(ValueError, match="groups has 2 entries, labels 30"):
         cross_validate_bias(said[:30], labels[:30], ["a", "b"])
+
+
+def test_cross_fitted_ece_calibrates_each_query_on_the_others():
+    """Each fold's pairs are calibrated by the fit on the other folds' queries (by hand, the fold rule of
+    cross_validate_bias), the ECE taken over all of them; an overconfident model's cross-fitted ECE falls well below
+    its raw ECE; a model whose queries each have a level mix of their own keeps a larger ECE cross-fitted than
+    after a fit on the same pairs (what the validation split's own calibrated ECE would flatter)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    g = torch.Generator().manual_seed(3)
+    n, queries = 1200, 24
+    groups = [i % queries for i in range(n)]
+    truth = torch.randn(n, 4, generator=g, dtype=torch.float64) * 2
+    labels = torch.multinomial(truth.softmax(-1), 1, generator=g)[:, 0]
+    logits = truth * 3.0  # overconfident
+    raw = float(multiclass_calibration_error(logits.softmax(-1).float(), labels, num_classes=4, n_bins=15, norm="l1"))
+    for bias in (False, True):
+        names = sorted(set(groups))
+        random.Random(0).shuffle(names)
+        fold = torch.tensor([names.index(q) % 2 for q in groups])
+        probs = torch.empty_like(logits)
+        for k in range(2):
+            a, h = fold != k, fold == k
+            if bias:
+                t, b = fit_temperature_bias(logits[a], labels[a])
+                probs[h] = (logits[h] / t + b.double()).softmax(-1)
+            else:
+                t = fit_temperature(logits[a].softmax(-1), labels[a]).temperature
+                probs[h] = (logits[h] / t).softmax(-1)
+        hand = float(multiclass_calibration_error(probs.float(), labels, num_classes=4, n_bins=15, norm="l1"))
+        ece = cross_fitted_ece(logits, labels, groups, bias=bias)
+        assert ece == pytest.approx(hand, abs=1e-6) and ece < raw / 3
+    few = [q % 3 for q in groups]  # three queries, each with a level mix of its own
+    shifted = truth - (torch.randn(3, 4, generator=g, dtype=torch.float64) * 2)[torch.tensor(few)]
+    t, b = fit_temperature_bias(shifted, labels)
+    in_sample = float(
+        multiclass_calibration_error((shifted / t + b).softmax(-1).float(), labels, num_classes=4, n_bins=15)
+    )
+    assert cross_fitted_ece(shifted, labels, few, bias=True) > in_sample + 0.02
+    with pytest.raises(ValueError, match="needs at least 2 queries, got 1"):
+        cross_fitted_ece(logits[:10], labels[:10], [0] * 10)
+    with pytest.raises(ValueError, match="groups has 2 entries, labels 10"):
+        cross_fitted_ece(logits[:10], labels[:10], [0, 1])
 
 
 def test_nll_and_ece_by_hand():

@@ -47,6 +47,8 @@ def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
     assert abs(one["val/count"] - two["val/count"]) < 2
     for key in ("val/auc", "val/ndcg10", "val/rmse", "val/macro_f1", "val/spearman", "val/tail/auc"):
         assert two[key] == pytest.approx(one[key], abs=0.02), key
+    # the ECE after calibration on other queries: over every rank's pairs (query ids gathered with the logits)
+    assert two["val/ece_calibrated_cv"] == pytest.approx(one["val/ece_calibrated_cv"], abs=0.03)
     # temperature and level biases (calibration_bias): fitted on every rank's logits, gathered across processes
     b = (*t, "--model.init_args.calibration_bias", "true")
     one_b, two_b = one_and_two("_b", *b)
@@ -55,6 +57,7 @@ def test_two_processes_validate_like_one(tmp_path, tiny_encoder, synth_dir):
     assert two_b["val/temperature"] == pytest.approx(one_b["val/temperature"], rel=0.05)
     for key in biases:
         assert two_b[key] == pytest.approx(one_b[key], abs=0.05), key
+    assert two_b["val/ece_calibrated_cv"] == pytest.approx(one_b["val/ece_calibrated_cv"], abs=0.03)
 
 
 @pytest.mark.slow

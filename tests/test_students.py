@@ -119,7 +119,10 @@ def test_training_lowers_loss_and_checkpoint_reloads(kind, tiny_encoder, synth_d
 def test_temperature_is_fitted_on_validation_and_used_outside_it(tiny_encoder, synth_dir, tmp_path):
     """The temperature after a validation epoch is the grid point with the least NLL of the validation labels
     under the raw logits (by hand); training and validation read the raw logits, test and predict the
-    calibrated ones; the checkpoint keeps it; a checkpoint without one loads with T = 1."""
+    calibrated ones; the checkpoint keeps it; a checkpoint without one loads with T = 1. The ECE after calibration
+    on other validation queries is logged (cross_fitted_ece on the raw logits, by hand)."""
+    from ellm_mkd.calibration import cross_fitted_ece
+
     L.seed_everything(0)
     model, dm = build("cross_encoder", tiny_encoder, synth_dir, temperature_scaling=True, head_dropout=0.0)
     with torch.no_grad():
@@ -129,17 +132,22 @@ def test_temperature_is_fitted_on_validation_and_used_outside_it(tiny_encoder, s
     T = float(model.level_temperature)
     assert float(t.callback_metrics["val/temperature"]) == T
     model.eval()
-    logits, labels = [], []
+    logits, labels, qids = [], [], []
     with torch.no_grad():
         model.level_temperature.fill_(1.0)
         for batch in dm.val_dataloader():
             logits.append(model(batch).level_logits)
             labels.append(batch["labels"])
+            qids.append(batch["query_ids"])
         model.level_temperature.fill_(T)
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    logits, labels, qids = torch.cat(logits), torch.cat(labels), torch.cat(qids)
     keep = labels >= 0
     nll = [float(F.cross_entropy(logits[keep] / g, labels[keep], reduction="sum")) for g in model.TEMPERATURE_GRID]
     assert T == float(model.TEMPERATURE_GRID[min(range(len(nll)), key=nll.__getitem__)]) and T > 1.5
+    # the ECE after calibration on the other validation queries, logged and kept with the validation results
+    cv = cross_fitted_ece(logits[keep], labels[keep], qids[keep].tolist())
+    assert float(t.callback_metrics["val/ece_calibrated_cv"]) == pytest.approx(cv, abs=1e-4)
+    assert model.last_results["val"]["ece_calibrated_cv"] == pytest.approx(cv, abs=1e-4)
     batch = next(iter(dm.val_dataloader()))
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -166,7 +174,7 @@ def test_calibration_bias_is_fitted_with_the_temperature_on_validation(tiny_enco
     """With calibration_bias, the temperature and level biases after a validation epoch are those
     fit_temperature_bias finds on the raw validation logits (by hand); test and predict read raw / T + b; the
     checkpoint keeps the biases, one from before them loads with zeros; a bias without the temperature is refused."""
-    from ellm_mkd.calibration import fit_temperature_bias
+    from ellm_mkd.calibration import cross_fitted_ece, fit_temperature_bias
 
     L.seed_everything(0)
     model, dm = build(
@@ -181,18 +189,21 @@ def test_calibration_bias_is_fitted_with_the_temperature_on_validation(tiny_enco
     assert float(t.callback_metrics["val/temperature"]) == T
     assert float(t.callback_metrics[f"val/level_bias/{model.level_names[0]}"]) == pytest.approx(float(bias[0]))
     model.eval()
-    logits, labels = [], []
+    logits, labels, qids = [], [], []
     with torch.no_grad():
         model.level_temperature.fill_(1.0)
         model.level_bias.zero_()
         for batch in dm.val_dataloader():
             logits.append(model(batch).level_logits)
             labels.append(batch["labels"])
+            qids.append(batch["query_ids"])
         model.level_temperature.fill_(T)
         model.level_bias.copy_(bias)
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    logits, labels, qids = torch.cat(logits), torch.cat(labels), torch.cat(qids)
     keep = labels >= 0
     hand_t, hand_bias = fit_temperature_bias(logits[keep], labels[keep])
+    cv = cross_fitted_ece(logits[keep], labels[keep], qids[keep].tolist(), bias=True)
+    assert float(t.callback_metrics["val/ece_calibrated_cv"]) == pytest.approx(cv, abs=1e-4)
     assert T == pytest.approx(hand_t, rel=1e-4) and torch.allclose(bias, hand_bias, atol=1e-4)
     assert float(bias.abs().max()) > 0.1 and abs(float(bias.sum())) < 1e-4
     batch = next(iter(dm.val_dataloader()))

@@ -107,7 +107,8 @@ class MkdBenchOptions:
         compare_row: the MKD row held against the baseline in the targets, at its pool size with the best
                     validation AUC
         select_tolerance: pool sizes whose mean validation AUC is within this of the best are level with it: of
-                    those, the one with the lowest mean validation ECE is held against the baseline
+                    those, the one with the lowest mean validation ECE is held against the baseline (with
+                    student_calibration: the ECE after a calibration fitted on other validation queries)
         encoder: student encoder
         teacher_steps: teacher LoRA steps
         teacher_batch: teacher examples per step
@@ -219,7 +220,7 @@ def _describe(data: dict[str, Any], opts) -> dict[str, Any]:
 
 
 #: the validation figures a row keeps (the pool size is chosen on them)
-VAL_KEYS = ("auc", "ndcg10", "ece", "macro_f1", "rmse")
+VAL_KEYS = ("auc", "ndcg10", "ece", "macro_f1", "rmse", "ece_calibrated_cv")
 TEACHER_KEYS = ("teacher_model", "teacher_steps", "teacher_batch", "teacher_eval", "teacher_dir", "teacher_readout")
 
 

@@ -31,7 +31,8 @@ def _mean(m: dict[str, Any], key: str) -> float | None:
 def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per student, the compared MKD row at the pool size with the best mean validation AUC (never test); pool sizes
     within ``select_tolerance`` of that AUC (the setup's, default 0) count as level with it, and the one with the
-    lowest mean validation ECE among them is chosen."""
+    lowest mean validation ECE among them is chosen: the cross-fitted ECE after calibration (``ece_calibrated_cv``,
+    what a calibrated student is tested on) where every such row has it, else the raw model's."""
     compare = result["setup"].get("compare_row", "full")
     tolerance = result["setup"].get("select_tolerance") or 0.0
     by_student: dict[str, list[dict[str, Any]]] = {}
@@ -47,8 +48,11 @@ def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         best = max(a for a in aucs if a is not None)
         level = [r for r, a in zip(rows, aucs) if a is not None and a >= best - tolerance]
 
-        def rank(r: dict[str, Any]) -> tuple[float, float]:  # lowest validation ECE (with a tolerance), best AUC
-            ece = _mean(r["val_metrics"], "ece") if tolerance > 0 else None
+        cv = all(_mean(r["val_metrics"], "ece_calibrated_cv") is not None for r in level)
+        key = "ece_calibrated_cv" if cv else "ece"
+
+        def rank(r: dict[str, Any], key: str = key) -> tuple[float, float]:  # lowest validation ECE, best AUC
+            ece = _mean(r["val_metrics"], key) if tolerance > 0 else None
             return (ece if ece is not None else 0.0, -_mean(r["val_metrics"], "auc"))
 
         out[student] = min(level, key=rank)
@@ -279,7 +283,9 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         lines += ["", f"{title}:", ""]
         if chosen:
             tol = s.get("select_tolerance") or 0.0
-            rule = f" (within {tol:g} of the best, the lowest validation ECE)" if tol > 0 else ""
+            cv = all(_mean(r.get("val_metrics") or {}, "ece_calibrated_cv") is not None for r in chosen.values())
+            ece = "validation ECE after calibration on other validation queries" if cv else "validation ECE"
+            rule = f" (within {tol:g} of the best, the lowest {ece})" if tol > 0 else ""
             lines += [
                 f"MKD row held against the baseline, its pool size chosen on validation AUC{rule}: "
                 + ", ".join(f"{k}: {row_label(v)}" for k, v in chosen.items())
