@@ -318,8 +318,10 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
             self.level_bias.copy_(b.to(self.level_bias))
         elif len(labels):  # the grid temperature of the least NLL over every rank's pairs
             grid = self.TEMPERATURE_GRID.to(logits.device)
-            lp = (logits[None] / grid[:, None, None]).log_softmax(-1)  # [G, N, K]
-            nll = -lp.gather(-1, labels[None, :, None].expand(len(grid), -1, 1)).sum((1, 2))
+            nll = torch.zeros(len(grid), device=logits.device)
+            for z, y in zip(logits.split(4096), labels.split(4096)):  # [G, n, K] a chunk at a time
+                lp = (z[None] / grid[:, None, None]).log_softmax(-1)
+                nll += -lp.gather(-1, y[None, :, None].expand(len(grid), -1, 1)).sum((1, 2))
             self.level_temperature.fill_(float(grid[int(nll.argmin())]))
         self.log("val/temperature", self.level_temperature, sync_dist=False)
         if bias:
