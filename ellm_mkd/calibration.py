@@ -67,10 +67,10 @@ def _nll(probs: torch.Tensor, labels: torch.Tensor, temperature: float, bias: li
     return float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
 
 
-def _ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def _ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=15, norm="l1"))
+    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
 def nll_and_ece(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -225,8 +225,6 @@ def cross_fitted_ece(
     and the ECE is taken over every pair so calibrated. The validation split's own ECE after a fit on the same pairs
     flatters every model alike, and its raw ECE is not what a calibrated model is tested on; this one estimates the
     calibrated test ECE, to choose between settings on validation."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     _check("logits", z, y)
@@ -242,4 +240,4 @@ def cross_fitted_ece(
         else:
             t = fit_temperature(torch.softmax(z[fit_on], dim=-1), y[fit_on]).temperature
             probs[held] = torch.softmax(z[held] / t, dim=-1)
-    return float(multiclass_calibration_error(probs.float(), y, num_classes=z.shape[1], n_bins=n_bins, norm="l1"))
+    return _ece(probs.float(), y, n_bins)

@@ -292,7 +292,9 @@ class RelevanceStudent(RelevanceEvaluation, L.LightningModule):
         self.update_eval_metrics(stage, batch, out.probs, out.expected_grade.float(), out.dim_logits)
         if stage == "val" and self.hparams.get("temperature_scaling"):
             keep = batch["labels"] >= 0
-            qids = batch.get("query_ids", torch.full_like(batch["labels"], -1))
+            qids = batch.get("query_ids")
+            if qids is None:  # a hand-built batch: no cross-fitted ECE (-1 marks it)
+                qids = torch.full_like(batch["labels"], -1)
             self._calibration_rows.append((out.level_logits[keep].detach().float(), batch["labels"][keep], qids[keep]))
 
     # -- temperature scaling -------------------------------------------------------------------

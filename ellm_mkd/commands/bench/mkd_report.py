@@ -28,6 +28,13 @@ def _mean(m: dict[str, Any], key: str) -> float | None:
     return v["mean"] if v else None
 
 
+def _selection_ece(rows: list[dict[str, Any]]) -> str:
+    """The validation ECE that breaks ties between ``rows``: the cross-fitted one after calibration
+    (``ece_calibrated_cv``) where every row has it, else the raw model's (``ece``)."""
+    cv = all(_mean(r.get("val_metrics") or {}, "ece_calibrated_cv") is not None for r in rows)
+    return "ece_calibrated_cv" if cv else "ece"
+
+
 def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per student, the compared MKD row at the pool size with the best mean validation AUC (never test); pool sizes
     within ``select_tolerance`` of that AUC (the setup's, default 0) count as level with it, and the one with the
@@ -48,8 +55,7 @@ def chosen_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         best = max(a for a in aucs if a is not None)
         level = [r for r, a in zip(rows, aucs) if a is not None and a >= best - tolerance]
 
-        cv = all(_mean(r["val_metrics"], "ece_calibrated_cv") is not None for r in level)
-        key = "ece_calibrated_cv" if cv else "ece"
+        key = _selection_ece(level)
 
         def rank(r: dict[str, Any], key: str = key) -> tuple[float, float]:  # lowest validation ECE, best AUC
             ece = _mean(r["val_metrics"], key) if tolerance > 0 else None
@@ -283,7 +289,7 @@ def markdown_section(result: dict[str, Any], plot: str | None = None) -> str:
         lines += ["", f"{title}:", ""]
         if chosen:
             tol = s.get("select_tolerance") or 0.0
-            cv = all(_mean(r.get("val_metrics") or {}, "ece_calibrated_cv") is not None for r in chosen.values())
+            cv = _selection_ece(list(chosen.values())) == "ece_calibrated_cv"
             ece = "validation ECE after calibration on other validation queries" if cv else "validation ECE"
             rule = f" (within {tol:g} of the best, the lowest {ece})" if tol > 0 else ""
             lines += [
